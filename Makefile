@@ -1,0 +1,53 @@
+# Beacon: `make run` starts it, `make test` runs the whole suite on the real Docker engine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: run test test-deps lint images bench-registry bench-dns bench-proxy bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/beacon run $(ARGS)
+
+# Debian tools the suite uses as independent clients (dig, curl) and the test images.
+test-deps:
+	@command -v dig >/dev/null && command -v curl >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bind9-dnsutils curl >/dev/null)
+
+images:
+	bash tests/images/build.sh
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check beacon tests bench
+	$(BIN)/mypy
+
+test: $(VENV)/.installed-dev test-deps images
+	$(BIN)/ruff check beacon tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest $(ARGS)
+
+bench-registry: $(VENV)/.installed-dev images
+	$(BIN)/python -m bench.registry $(ARGS)
+
+bench-dns: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.dns $(ARGS)
+
+bench-proxy: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.proxy $(ARGS)
+
+bench: bench-registry bench-dns bench-proxy
+
+clean:
+	rm -rf $(VENV) tests/images/.build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,92 @@
+"""Composition root: builds the components from one Config and runs their lifecycle.
+
+Start order: catalog sources first (Docker, manual registrations, health
+checks), then the listeners that read snapshots (API, DNS, proxy). Stop runs in
+reverse so the listeners drain while the catalog is still being fed, and every
+stop is bounded by `config.shutdown_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Protocol
+
+from beacon.config import Config
+from beacon.dns import DnsServer
+from beacon.proxy import ProxyServer
+from beacon.registry.api import ApiServer
+from beacon.registry.catalog import Catalog
+from beacon.registry.docker import DockerSource
+from beacon.registry.health import HealthChecker
+from beacon.registry.manual import ManualRegistry
+
+log = logging.getLogger("beacon.app")
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node = config.node or socket.gethostname()
+        self.catalog = Catalog()
+        self.docker: DockerSource | None = (
+            DockerSource(config, self.catalog, node=self.node) if config.docker else None
+        )
+        self.manual = ManualRegistry(config, self.catalog, node=self.node)
+        self.health = HealthChecker(config, self.catalog, docker=self.docker)
+        self.api = ApiServer(
+            config, self.catalog, manual=self.manual, docker=self.docker, health=self.health
+        )
+        self.dns = DnsServer(config, self.catalog)
+        self.proxy = ProxyServer(config, self.catalog)
+        self._started: list[Component] = []
+
+    @property
+    def components(self) -> list[Component]:
+        sources: list[Component] = [self.docker] if self.docker is not None else []
+        return [*sources, self.manual, self.health, self.api, self.dns, self.proxy]
+
+    async def start(self) -> None:
+        for component in self.components:
+            try:
+                await component.start()
+            except BaseException:
+                await self.stop()
+                raise
+            self._started.append(component)
+        log.info("started: beacon node=%s", self.node)
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_timeout
+        while self._started:
+            component = self._started.pop()
+            remaining = max(0.1, deadline - loop.time())
+            try:
+                await asyncio.wait_for(component.stop(), remaining)
+            except TimeoutError:
+                log.warning("timeout: stopping %s took over %.1fs", type(component).__name__, remaining)
+            except Exception:
+                log.exception("failed: stopping %s", type(component).__name__)
+        log.info("stopped: beacon")
+
+    async def run_until_signal(self) -> None:
+        """Start, wait for SIGTERM/SIGINT, stop. The signal only sets an event."""
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await self.start()
+        try:
+            await stop_requested.wait()
+            log.info("stopping: signal received")
+        finally:
+            await self.stop()

@@ -1,0 +1,83 @@
+"""Command line: `beacon run` starts the server; other commands talk to its API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from beacon import __version__
+from beacon.config import OPTIONS, Config, ConfigError, build_config
+
+
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser(
+        "run",
+        help="start registry, DNS and proxy in one process",
+        description="Start Beacon. Every flag may also be set as the BEACON_<NAME> environment variable.",
+    )
+    for opt in OPTIONS:
+        run.add_argument(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            action="append" if opt.repeated else "store",
+            metavar=opt.metavar,
+            help=f"{opt.help} [env {opt.env}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beacon", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"beacon {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run_parser(sub)
+    from beacon.client import add_client_commands
+
+    add_client_commands(sub)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_server(config: Config) -> int:
+    from beacon.app import App
+
+    setup_logging(config.log_level)
+    import uvloop
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(App(config).run_until_signal())
+    except OSError as exc:  # e.g. a listener's port is taken
+        print(f"beacon: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "run":
+        try:
+            config = build_config(vars(args))
+        except ConfigError as exc:
+            print(f"beacon: {exc}", file=sys.stderr)
+            return 2
+        return run_server(config)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    return int(handler(args))

@@ -1,0 +1,271 @@
+"""One frozen configuration object, built once at the edge.
+
+Every option is declared once in `OPTIONS`: its flag, its `BEACON_*`
+environment variable, its parser and its default. The CLI builds argparse from
+this table, and `build_config` is the only code in Beacon that reads the
+environment. Precedence: flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad flag or environment value; the message names the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# --------------------------------------------------------------------- parsers
+def parse_hostport(text: str) -> HostPort:
+    """HOST:PORT or [V6]:PORT; port 0 means "any free port"."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    if not m:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return HostPort(host, port)
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '250ms', '5m', '1h' or a bare number of seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 250ms or 5m, got {text!r}")
+    value = float(m.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _ip(text: str) -> str:
+    return str(ipaddress.ip_address(text.strip()))
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+def _dns_domain(text: str) -> str:
+    name = text.strip().strip(".").lower()
+    if not name or not all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", p) for p in name.split(".")):
+        raise ValueError(f"not a valid DNS domain: {text!r}")
+    return name + "."
+
+
+def _recursor(text: str) -> HostPort:
+    text = text.strip()
+    try:
+        return HostPort(str(ipaddress.ip_address(text)), 53)
+    except ValueError:
+        return parse_hostport(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str  # Config field
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    repeated: bool = False  # flag may be given several times; env var is comma-separated
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "BEACON_" + self.name.upper()
+
+
+_LOOPBACK_NETS = ("127.0.0.0/8", "::1/128")
+
+OPTIONS: tuple[Option, ...] = (
+    # --- general
+    Option("log_level", "--log-level", _choice("debug", "info", "warning", "error"), "info", "log verbosity"),
+    Option("shutdown_timeout", "--shutdown-timeout", parse_duration, 10.0, "bound on graceful shutdown"),
+    Option("node", "--node", str, "", "node name reported with endpoints (default: hostname)"),
+    # --- registry
+    Option("api_listen", "--api-listen", parse_hostport, HostPort("127.0.0.1", 8700), "REST API listener", metavar="HOST:PORT"),
+    Option("api_token", "--api-token", str, "", "bearer token required for API writes (empty: none)"),
+    Option("docker_host", "--docker-host", str, "", "Docker engine URL (default: DOCKER_HOST or the local socket)"),
+    Option("docker", "--docker", parse_bool, True, "watch the Docker engine (false: manual registrations only)"),
+    Option("explicit", "--explicit", parse_bool, False, "register only containers labelled beacon.enable=true"),
+    Option("address_mode", "--address-mode", _choice("host", "internal"), "host", "advertise published host ports (host) or container IPs (internal)"),
+    Option("network", "--network", str, "", "Docker network whose container IP is advertised in internal mode"),
+    Option("advertise_ip", "--advertise-ip", _ip, "", "host address advertised for published ports (default: detected)"),
+    Option("resync_interval", "--resync-interval", parse_duration, 30.0, "periodic full resync with Docker (a diff)"),
+    Option("deregister_critical_after", "--deregister-critical-after", parse_duration, 60.0, "remove a manual endpoint critical for this long"),
+    Option("check_concurrency", "--check-concurrency", _positive_int, 64, "active health checks run at once"),
+    # --- dns
+    Option("dns_listen", "--dns-listen", parse_hostport, (HostPort("127.0.0.1", 8600),), "DNS listener, UDP and TCP (repeatable)", repeated=True, metavar="HOST:PORT"),
+    Option("dns_domain", "--dns-domain", _dns_domain, "beacon.", "domain Beacon is authoritative for"),
+    Option("dns_ttl", "--dns-ttl", _non_negative_int, 0, "TTL of service answers, seconds"),
+    Option("dns_negative_ttl", "--dns-negative-ttl", _non_negative_int, 5, "TTL of NXDOMAIN/NODATA (SOA minimum), seconds"),
+    Option("dns_only_passing", "--dns-only-passing", parse_bool, False, "answer with passing endpoints only (not warning)"),
+    Option("dns_recursors", "--dns-recursors", _recursor, None, "upstream resolvers for other names (default: /etc/resolv.conf; 'none': refuse)", repeated=True, metavar="IP[:PORT]"),
+    Option("dns_recursor_timeout", "--dns-recursor-timeout", parse_duration, 2.0, "timeout per upstream try"),
+    Option("dns_allow", "--dns-allow", _network, None, "networks allowed to use forwarding when listening beyond loopback (default: loopback and Docker networks)", repeated=True, metavar="CIDR"),
+    # --- proxy
+    Option("proxy_listen", "--proxy-listen", parse_hostport, HostPort("127.0.0.1", 8080), "HTTP proxy listener", metavar="HOST:PORT"),
+    Option("proxy_domain", "--proxy-domain", _dns_domain, "localhost.", "route Host <service>.<domain> to the service"),
+    Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
+    Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
+    Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
+    Option("proxy_attempts", "--proxy-attempts", _positive_int, 3, "tries per request (first + retries)"),
+    Option("proxy_try_timeout", "--proxy-try-timeout", parse_duration, 30.0, "timeout of one upstream try (until the response header)"),
+    Option("proxy_connect_timeout", "--proxy-connect-timeout", parse_duration, 3.0, "upstream connect timeout"),
+    Option("proxy_idle_timeout", "--proxy-idle-timeout", parse_duration, 60.0, "idle keep-alive timeout, both sides"),
+    Option("proxy_header_timeout", "--proxy-header-timeout", parse_duration, 10.0, "time a client has to send its request header"),
+    Option("proxy_max_header_size", "--proxy-max-header-size", _positive_int, 65536, "largest request header, bytes"),
+    Option("proxy_max_body_size", "--proxy-max-body-size", _non_negative_int, 0, "largest request body, bytes (0: no limit)"),
+    Option("eject_consecutive_failures", "--eject-consecutive-failures", _positive_int, 5, "gateway errors in a row that eject an endpoint"),
+    Option("eject_base_time", "--eject-base-time", parse_duration, 30.0, "first ejection time, grows with each ejection"),
+    Option("eject_max_percent", "--eject-max-percent", _fraction, 0.5, "most of a pool that may be ejected at once (at least one endpoint stays)"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    log_level: str = "info"
+    shutdown_timeout: float = 10.0
+    node: str = ""
+    api_listen: HostPort = HostPort("127.0.0.1", 8700)
+    api_token: str = ""
+    docker_host: str = ""
+    docker: bool = True
+    explicit: bool = False
+    address_mode: str = "host"
+    network: str = ""
+    advertise_ip: str = ""
+    resync_interval: float = 30.0
+    deregister_critical_after: float = 60.0
+    check_concurrency: int = 64
+    dns_listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 8600),)
+    dns_domain: str = "beacon."
+    dns_ttl: int = 0
+    dns_negative_ttl: int = 5
+    dns_only_passing: bool = False
+    # None: read /etc/resolv.conf at start; (): forwarding disabled ('none').
+    dns_recursors: tuple[HostPort, ...] | None = None
+    dns_recursor_timeout: float = 2.0
+    # None: loopback plus the Docker networks, found at start.
+    dns_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    proxy_listen: HostPort = HostPort("127.0.0.1", 8080)
+    proxy_domain: str = "localhost."
+    lb: str = "round_robin"
+    proxy_workers: int = 1
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_attempts: int = 3
+    proxy_try_timeout: float = 30.0
+    proxy_connect_timeout: float = 3.0
+    proxy_idle_timeout: float = 60.0
+    proxy_header_timeout: float = 10.0
+    proxy_max_header_size: int = 65536
+    proxy_max_body_size: int = 0
+    eject_consecutive_failures: int = 5
+    eject_base_time: float = 30.0
+    eject_max_percent: float = 0.5
+    extra: Mapping[str, Any] = field(default_factory=dict)  # reserved for tests
+
+    def validate(self) -> Config:
+        """Check options that depend on each other; raise ConfigError naming them."""
+        if self.address_mode == "host" and self.network:
+            raise ConfigError("--network only applies with --address-mode internal")
+        if self.advertise_ip in ("0.0.0.0", "::"):
+            raise ConfigError("--advertise-ip must be a routable address, not a wildcard")
+        if self.proxy_try_timeout < self.proxy_connect_timeout:
+            raise ConfigError("--proxy-try-timeout must be at least --proxy-connect-timeout")
+        if self.resync_interval < 1:
+            raise ConfigError("--resync-interval must be at least 1s")
+        return self
+
+
+def _parse_value(opt: Option, raw: str | Sequence[str]) -> Any:
+    items = [raw] if isinstance(raw, str) else list(raw)
+    if opt.repeated:
+        split: list[str] = []
+        for item in items:
+            split.extend(p for p in item.split(",") if p.strip())
+        if opt.name == "dns_recursors" and [s.strip().lower() for s in split] == ["none"]:
+            return ()
+        try:
+            return tuple(opt.parse(s) for s in split)
+        except ValueError as exc:
+            raise ConfigError(f"{opt.flag}: {exc}") from None
+    try:
+        return opt.parse(items[-1])
+    except ValueError as exc:
+        raise ConfigError(f"{opt.flag}: {exc}") from None
+
+
+def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from raw flag strings (None when not given) and the environment."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = flags.get(opt.name)
+        source = opt.flag
+        if raw is None and opt.env in env:
+            raw, source = env[opt.env], opt.env
+        if raw is None:
+            continue
+        try:
+            values[opt.name] = _parse_value(opt, raw)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(opt.flag, source, 1)) from None
+    if not values.get("docker_host") and env.get("DOCKER_HOST"):
+        values["docker_host"] = env["DOCKER_HOST"]  # the Docker CLI's own variable
+    known = {f.name for f in fields(Config)}
+    assert set(values) <= known
+    return Config(**values).validate()

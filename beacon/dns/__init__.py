@@ -1,0 +1,5 @@
+"""Embedded DNS server answering <service>.service.<domain> from registry snapshots."""
+
+from beacon.dns.server import DnsServer
+
+__all__ = ["DnsServer"]

@@ -1,0 +1,208 @@
+"""Immutable data the registry publishes: endpoints, services and snapshots.
+
+Everything here is a frozen value. Consumers (DNS, proxy, API watches) hold a
+reference to one `Snapshot` and swap it when a new one arrives, so no reader
+ever sees a half-updated table.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
+
+
+class State(enum.StrEnum):
+    """Health state of one endpoint, worst last (except DRAINING, see `worst`)."""
+
+    PASSING = "passing"
+    WARNING = "warning"
+    CRITICAL = "critical"
+    # The backend was asked to stop (SIGTERM): no new traffic, in-flight work finishes.
+    DRAINING = "draining"
+
+
+_SEVERITY = {State.PASSING: 0, State.WARNING: 1, State.CRITICAL: 2, State.DRAINING: 3}
+
+
+def worst(*states: State) -> State:
+    """Combine states: draining beats critical beats warning beats passing."""
+    return max(states, key=_SEVERITY.__getitem__)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an endpoint came from: a container, or a manual API registration."""
+
+    kind: Literal["container", "manual"]
+    container_id: str | None = None
+    container_name: str | None = None
+
+    def to_json(self) -> dict[str, str]:
+        out: dict[str, str] = {"kind": self.kind}
+        if self.container_id is not None:
+            out["container_id"] = self.container_id
+        if self.container_name is not None:
+            out["container_name"] = self.container_name
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    """An active health check configured by labels (beacon.check.*) or the API.
+
+    Parsed by the label parser / API; executed by `beacon.registry.health`.
+    """
+
+    kind: Literal["http", "tcp", "ttl"]
+    path: str = "/"  # http only
+    method: str = "GET"  # http only
+    status_min: int = 200  # http: passing when status_min <= status <= status_max
+    status_max: int = 399
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 1  # consecutive passes to become passing
+    fall: int = 1  # consecutive failures to become critical
+    ttl: float = 0.0  # ttl only: seconds a heartbeat keeps the endpoint passing
+
+
+@dataclass(frozen=True, slots=True)
+class AutohealSpec:
+    """Opt-in restart of a running-but-unhealthy container (label beacon.autoheal)."""
+
+    after: int = 3  # consecutive failed checks before a restart
+    max_restarts: int = 3  # per window
+    window: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckStatus:
+    """Last outcome of an endpoint's active check (shown in the API)."""
+
+    state: State
+    output: str = ""
+    last_checked: float = 0.0  # wall-clock seconds
+    last_change: float = 0.0  # wall-clock seconds
+    consecutive_passes: int = 0
+    consecutive_failures: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "state": self.state.value,
+            "output": self.output,
+            "last_checked": self.last_checked,
+            "last_change": self.last_change,
+            "consecutive_passes": self.consecutive_passes,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One reachable instance of a service: address:port plus what we know about it.
+
+    `state` is the source's view (Docker: running, paused, HEALTHCHECK, SIGTERM).
+    The catalog publishes endpoints whose `state` already folds in the active
+    check's result (`check_status`), so consumers read `state` and nothing else.
+    """
+
+    id: str
+    service: str
+    address: str
+    port: int
+    source: Source
+    node: str = ""
+    protocol: str = "tcp"
+    state: State = State.PASSING
+    weight: int = 1
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
+    # Per-endpoint settings that consumers read (all from beacon.* labels).
+    dns_ttl: int | None = None  # beacon.dns.ttl
+    lb: str | None = None  # beacon.lb
+    http_hosts: tuple[str, ...] = ()  # beacon.http.host
+    http_path_prefix: str | None = None  # beacon.http.path_prefix
+    http_strip_prefix: bool = False  # beacon.http.strip_prefix
+    check: CheckSpec | None = None  # beacon.check.*
+    autoheal: AutohealSpec | None = None  # beacon.autoheal*
+    check_status: CheckStatus | None = None  # filled in by the catalog
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.address
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "id": self.id,
+            "service": self.service,
+            "address": self.address,
+            "port": self.port,
+            "protocol": self.protocol,
+            "node": self.node,
+            "state": self.state.value,
+            "weight": self.weight,
+            "tags": list(self.tags),
+            "meta": dict(self.meta),
+            "source": self.source.to_json(),
+        }
+        if self.check is not None:
+            out["check"] = {"kind": self.check.kind, "interval": self.check.interval}
+        if self.check_status is not None:
+            out["check_status"] = self.check_status.to_json()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A named group of endpoints. Tags are the union of the endpoints' tags."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]  # sorted by id
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
+
+    @property
+    def passing(self) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.endpoints if e.state is State.PASSING)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in State}
+        for e in self.endpoints:
+            counts[e.state.value] += 1
+        return counts
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "tags": list(self.tags),
+            "meta": dict(self.meta),
+            "endpoints": [e.to_json() for e in self.endpoints],
+        }
+
+    def summary_json(self) -> dict[str, object]:
+        counts = self.counts()
+        return {
+            "name": self.name,
+            "tags": list(self.tags),
+            "passing": counts[State.PASSING.value],
+            "total": len(self.endpoints),
+            "states": counts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The whole catalog at one index. `services` and `endpoints` are read-only maps."""
+
+    index: int
+    services: Mapping[str, Service]
+    endpoints: Mapping[str, Endpoint]
+    created_at: float = 0.0  # monotonic seconds when published
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls(index=0, services=MappingProxyType({}), endpoints=MappingProxyType({}))
