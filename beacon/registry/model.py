@@ -77,6 +77,7 @@ class AutohealSpec:
     after: int = 3  # consecutive failed checks before a restart
     max_restarts: int = 3  # per window
     window: float = 600.0
+    backoff: float = 10.0  # least wait between restarts; doubles with each restart in the window
 
 
 @dataclass(frozen=True, slots=True)
