@@ -269,3 +269,29 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
     known = {f.name for f in fields(Config)}
     assert set(values) <= known
     return Config(**values).validate()
+
+
+# ------------------------------------------------------------ API client side
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Settings of the commands that talk to a running Beacon's API."""
+
+    api: str = "http://127.0.0.1:8700"  # base URL, no trailing slash
+    token: str = ""
+    timeout: float = 10.0
+
+
+def build_client_config(
+    api: str | None, token: str | None, environ: Mapping[str, str] | None = None
+) -> ClientConfig:
+    """Flag > BEACON_API / BEACON_API_TOKEN > default. A bare HOST:PORT gets http://."""
+    env = os.environ if environ is None else environ
+    source = "--api" if api is not None else "BEACON_API"
+    url = (api if api is not None else env.get("BEACON_API", "")).strip() or ClientConfig.api
+    if "://" not in url:
+        url = "http://" + url
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise ConfigError(f"{source}: expected a URL like http://127.0.0.1:8700, got {url!r}")
+    tok = token if token is not None else env.get("BEACON_API_TOKEN", "")
+    return ClientConfig(api=url.rstrip("/"), token=tok)
