@@ -287,7 +287,7 @@ def build_client_config(
     """Flag > BEACON_API / BEACON_API_TOKEN > default. A bare HOST:PORT gets http://."""
     env = os.environ if environ is None else environ
     source = "--api" if api is not None else "BEACON_API"
-    url = (api if api is not None else env.get("BEACON_API", "")).strip() or ClientConfig.api
+    url = (api if api is not None else env.get("BEACON_API", "")).strip() or "http://127.0.0.1:8700"
     if "://" not in url:
         url = "http://" + url
     scheme, _, rest = url.partition("://")
