@@ -1,0 +1,508 @@
+"""Pure: one container's inspect data + labels -> the endpoints it offers.
+
+No Docker, no sockets, no clock. The Docker source inspects a container and
+hands the dict (as the Docker SDK returns it) to `container_endpoints`, which
+decides whether the container is registered, under which service names, at
+which addresses, and with which per-endpoint settings. Every bad label value is
+reported as a problem naming the container and the label, and the container is
+registered with the default for that setting (or skipped when no sensible
+default exists) - a label never makes Beacon crash.
+
+Labels and registrator variables are documented in `beacon/registry/README.md`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from beacon.registry.checks import parse_check_labels
+from beacon.registry.model import EMPTY_MAP, Endpoint, Source, State
+
+LB_POLICIES = ("round_robin", "least_conn", "random", "sticky")
+MAX_DNS_TTL = 86400
+MAX_WEIGHT = 65535  # an SRV weight is 16 bits
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HOSTNAME_PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_TAG = re.compile(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?")
+_META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_PORT_SPEC = re.compile(r"(\d{1,5})(?:/(tcp|udp|sctp))?")
+_DURATION = re.compile(r"(\d+)(s|m|h)?")
+_PER_PORT_SERVICE = re.compile(r"beacon\.(\d{1,5})\.service")
+_REGISTRATOR_PORT_KEY = re.compile(r"SERVICE_(\d{1,5})_(NAME|TAGS|IGNORE)")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelOptions:
+    """What the parser needs from the configuration and the host."""
+
+    address_mode: Literal["host", "internal"] = "host"
+    # Advertised for ports published on a wildcard address (0.0.0.0 / ::) and for
+    # containers on the host network: --advertise-ip, else the detected address.
+    host_ip: str = "127.0.0.1"
+    network: str = ""  # --network (internal mode); the label beacon.network wins
+    explicit: bool = False  # --explicit: only beacon.enable=true containers
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEndpoints:
+    """The parser's verdict on one container."""
+
+    endpoints: tuple[Endpoint, ...] = ()
+    # Invalid label values, each naming the container and the label.
+    problems: tuple[str, ...] = ()
+    # Why a running container has no endpoints (None: it has some, or is not running).
+    ignored: str | None = None
+    # Decisions worth logging once, e.g. which of several networks was chosen.
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Port:
+    number: int
+    protocol: str  # tcp | udp | sctp
+    bindings: tuple[tuple[str, int], ...] = ()  # (host ip, host port), as Docker reports
+
+    @property
+    def key(self) -> str:
+        return f"{self.number}/{self.protocol}"
+
+
+@dataclass(slots=True)
+class _Problems:
+    who: str
+    items: list[str] = field(default_factory=list)
+
+    def add(self, label: str, value: str, why: str, action: str = "ignored") -> None:
+        self.items.append(f"container {self.who}: label {label}={value!r}: {why}; {action}")
+
+
+# ------------------------------------------------------------------ naming
+def image_base_name(image: str) -> str:
+    """'registry.example:5000/team/web:1.2@sha256:..' -> 'web' (no host, tag or digest)."""
+    ref = image.split("@", 1)[0]
+    base = ref.rsplit("/", 1)[-1]
+    return base.split(":", 1)[0]
+
+
+def dns_label(raw: str) -> str:
+    """Normalise a name to one DNS label: lowercase a-z0-9 and '-', at most 63 chars.
+
+    A value that looks like an image reference is reduced to its base name first,
+    so no registry host, tag or digest leaks into a service name. Returns '' when
+    nothing usable is left.
+    """
+    text = raw.strip().lstrip("/")
+    if "/" in text or "@" in text or ":" in text:
+        text = image_base_name(text)
+    text = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return text[:63].rstrip("-")
+
+
+def _with_port(name: str, port: int) -> str:
+    suffix = f"-{port}"
+    return name[: 63 - len(suffix)].rstrip("-") + suffix
+
+
+# ----------------------------------------------------------------- parsing
+def parse_bool(text: str) -> bool | None:
+    t = text.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    return None
+
+
+def _env_map(env: Iterable[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in env or ():
+        key, sep, value = item.partition("=")
+        if sep and key.startswith("SERVICE_"):
+            out[key] = value
+    return out
+
+
+def _split_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _port_number(text: str) -> int | None:
+    if not text.isdigit():
+        return None
+    value = int(text)
+    return value if 1 <= value <= 65535 else None
+
+
+def _container_ports(attrs: Mapping[str, Any]) -> dict[str, _Port]:
+    """Exposed and published ports, keyed '80/tcp'. Unparseable keys are skipped."""
+    exposed = (attrs.get("Config") or {}).get("ExposedPorts") or {}
+    published = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+    ports: dict[str, _Port] = {}
+    for key in [*exposed, *published]:
+        m = _PORT_SPEC.fullmatch(str(key))
+        number = _port_number(m.group(1)) if m else None
+        if m is None or number is None:
+            continue
+        bindings: list[tuple[str, int]] = []
+        for b in published.get(key) or ():
+            host_port = _port_number(str(b.get("HostPort") or ""))
+            if host_port is not None:
+                bindings.append((str(b.get("HostIp") or ""), host_port))
+        proto = m.group(2) or "tcp"
+        ports[f"{number}/{proto}"] = _Port(number, proto, tuple(bindings))
+    return ports
+
+
+def _host_addresses(port: _Port, host_ip: str) -> list[tuple[str, int]]:
+    """Where a published port is reached from outside the container.
+
+    A wildcard binding (0.0.0.0 or ::, which Docker usually reports as a pair
+    for one host port) is the host's advertised address; a specific binding,
+    e.g. 127.0.0.1 or ::1, is advertised as itself.
+    """
+    found: set[tuple[str, int]] = set()
+    for ip, host_port in port.bindings:
+        if ip in ("", "0.0.0.0", "::"):
+            found.add((host_ip, host_port))
+            continue
+        try:
+            found.add((str(ipaddress.ip_address(ip)), host_port))
+        except ValueError:
+            continue
+    return sorted(found, key=_address_order)
+
+
+def _address_order(item: tuple[str, int]) -> tuple[int, str, int]:
+    ip, port = item
+    return (1 if ":" in ip else 0, ip, port)
+
+
+def _choose_network(
+    attrs: Mapping[str, Any], wanted: str, wanted_from: str, notes: list[str], who: str
+) -> tuple[str, Mapping[str, Any]] | str:
+    """The network whose addresses are advertised, or the reason there is none."""
+    networks: Mapping[str, Any] = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    usable = {
+        name: net
+        for name, net in networks.items()
+        if net and (net.get("IPAddress") or net.get("GlobalIPv6Address"))
+    }
+    if wanted:
+        if wanted in usable:
+            return wanted, usable[wanted]
+        # Compose prefixes network names with the project: accept the short name.
+        project = ((attrs.get("Config") or {}).get("Labels") or {}).get("com.docker.compose.project")
+        if project and f"{project}_{wanted}" in usable:
+            full = f"{project}_{wanted}"
+            return full, usable[full]
+        return f"not attached to network {wanted!r} ({wanted_from})"
+    if not usable:
+        return "no container IP address on any network"
+    name = sorted(usable)[0]
+    if len(usable) > 1:
+        notes.append(
+            f"container {who}: on networks {', '.join(sorted(usable))}; chose {name} "
+            "(first by name; set --network or label beacon.network to choose)"
+        )
+    return name, usable[name]
+
+
+def _container_state(attrs: Mapping[str, Any]) -> State | None:
+    """None when the container is not running (it offers nothing)."""
+    st = attrs.get("State") or {}
+    if not st.get("Running") or st.get("Dead"):
+        return None
+    if st.get("Paused") or st.get("Restarting"):
+        return State.CRITICAL
+    health = (st.get("Health") or {}).get("Status")
+    if health in ("starting", "unhealthy"):
+        return State.CRITICAL  # starting: not ready yet, no traffic
+    return State.PASSING
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """Container-wide endpoint settings from beacon.* labels."""
+
+    weight: int = 1
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
+    dns_ttl: int | None = None
+    lb: str | None = None
+    http_hosts: tuple[str, ...] = ()
+    http_path_prefix: str | None = None
+    http_strip_prefix: bool = False
+
+
+def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
+    tags: list[str] = []
+    for raw in _split_list(value):
+        tag = raw.lower()
+        if _TAG.fullmatch(tag):
+            tags.append(tag)
+        else:
+            problems.add(label, value, f"tag {raw!r} is not 1-63 of a-z 0-9 . _ -", "tag dropped")
+    return tags
+
+
+def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings:
+    weight = 1
+    if (raw := labels.get("beacon.weight")) is not None:
+        if raw.strip().isdigit() and 1 <= int(raw) <= MAX_WEIGHT:
+            weight = int(raw)
+        else:
+            problems.add("beacon.weight", raw, f"expected an integer 1-{MAX_WEIGHT}", "using 1")
+
+    tags: list[str] = []
+    if (raw := labels.get("beacon.tags")) is not None:
+        tags += _parse_tags("beacon.tags", raw, problems)
+
+    meta: dict[str, str] = {}
+    for key, value in labels.items():
+        if key.startswith("beacon.meta."):
+            name = key[len("beacon.meta.") :]
+            if _META_KEY.fullmatch(name):
+                meta[name] = value
+            else:
+                problems.add(key, value, "metadata key must be 1-128 of A-Z a-z 0-9 . _ -")
+
+    dns_ttl: int | None = None
+    if (raw := labels.get("beacon.dns.ttl")) is not None:
+        m = _DURATION.fullmatch(raw.strip())
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)] if m else -1
+        if 0 <= seconds <= MAX_DNS_TTL:
+            dns_ttl = seconds
+        else:
+            problems.add("beacon.dns.ttl", raw, f"expected seconds 0-{MAX_DNS_TTL} (e.g. 5 or 30s)", "using --dns-ttl")
+
+    lb: str | None = None
+    if (raw := labels.get("beacon.lb")) is not None:
+        if raw.strip() in LB_POLICIES:
+            lb = raw.strip()
+        else:
+            problems.add("beacon.lb", raw, f"expected one of {', '.join(LB_POLICIES)}", "using --lb")
+
+    hosts: list[str] = []
+    if (raw := labels.get("beacon.http.host")) is not None:
+        for item in _split_list(raw):
+            host = item.lower().rstrip(".")
+            parts = host.split(".")
+            if parts[0] == "*" and len(parts) > 2:
+                parts = parts[1:]  # a wildcard covers one leading label
+            if len(host) <= 253 and all(_HOSTNAME_PART.fullmatch(p) for p in parts):
+                if host not in hosts:
+                    hosts.append(host)
+            else:
+                problems.add("beacon.http.host", raw, f"{item!r} is not a host name", "host dropped")
+
+    prefix: str | None = None
+    if (raw := labels.get("beacon.http.path_prefix")) is not None:
+        value = raw.strip()
+        if value.startswith("/") and not re.search(r"[\s?#]", value) and "//" not in value:
+            prefix = value.rstrip("/") or "/"
+        else:
+            problems.add(
+                "beacon.http.path_prefix", raw, "expected a path starting with '/' (no spaces, ? or #)"
+            )
+
+    strip = False
+    if (raw := labels.get("beacon.http.strip_prefix")) is not None:
+        parsed = parse_bool(raw)
+        if parsed is None:
+            problems.add("beacon.http.strip_prefix", raw, "expected true or false", "using false")
+        else:
+            strip = parsed
+        if strip and prefix is None:
+            problems.add("beacon.http.strip_prefix", raw, "needs beacon.http.path_prefix", "using false")
+            strip = False
+
+    return _Settings(
+        weight=weight,
+        tags=tuple(tags),
+        meta=MappingProxyType(dict(sorted(meta.items()))) if meta else EMPTY_MAP,
+        dns_ttl=dns_ttl,
+        lb=lb,
+        http_hosts=tuple(hosts),
+        http_path_prefix=prefix,
+        http_strip_prefix=strip,
+    )
+
+
+def _explicit_name(label: str, value: str, problems: _Problems) -> str:
+    """A user-chosen name, normalised; a change beyond case is reported."""
+    name = dns_label(value)
+    if not name:
+        problems.add(label, value, "no valid DNS label left after normalising", "ignored")
+    elif name != value.strip().lower():
+        problems.add(label, value, "not a valid DNS label", f"using {name!r}")
+    return name
+
+
+# ------------------------------------------------------------------ entry
+def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> ContainerEndpoints:
+    """Decide what one container offers. Never raises for any label value."""
+    cid = str(attrs.get("Id") or "")
+    cname = str(attrs.get("Name") or "").lstrip("/") or cid[:12]
+    who = f"{cid[:12]} ({cname})"
+    config = attrs.get("Config") or {}
+    labels: Mapping[str, str] = config.get("Labels") or {}
+    problems = _Problems(who)
+    notes: list[str] = []
+
+    def verdict(ignored: str | None, endpoints: tuple[Endpoint, ...] = ()) -> ContainerEndpoints:
+        return ContainerEndpoints(endpoints, tuple(problems.items), ignored, tuple(notes))
+
+    state = _container_state(attrs)
+    if state is None:
+        return verdict(None)
+
+    # registrator variables: environment first, a label of the same name wins.
+    reg = _env_map(config.get("Env"))
+    reg.update({k: v for k, v in labels.items() if k.startswith("SERVICE_")})
+
+    enable: bool | None = None
+    if (raw := labels.get("beacon.enable")) is not None:
+        enable = parse_bool(raw)
+        if enable is None:
+            default = "not registered (--explicit)" if options.explicit else "registered"
+            problems.add("beacon.enable", raw, "expected true or false", default)
+    if enable is False:
+        return verdict("label beacon.enable=false")
+    if options.explicit and enable is not True:
+        return verdict("no label beacon.enable=true (--explicit)")
+    if (raw := reg.get("SERVICE_IGNORE")) is not None and parse_bool(raw) is not False and raw.strip():
+        return verdict("SERVICE_IGNORE is set")
+
+    # On the host network the container's ports are the host's own ports.
+    host_network = (attrs.get("HostConfig") or {}).get("NetworkMode") == "host"
+    ports = _container_ports(attrs)
+
+    # beacon.port picks the one port to register (it need not be exposed).
+    if (raw := labels.get("beacon.port")) is not None:
+        m = _PORT_SPEC.fullmatch(raw.strip())
+        number = _port_number(m.group(1)) if m else None
+        if m is None or number is None:
+            problems.add("beacon.port", raw, "expected a port 1-65535, optionally /tcp or /udp")
+        else:
+            key = f"{number}/{m.group(2) or 'tcp'}"
+            picked = ports.get(key) or _Port(number, m.group(2) or "tcp")
+            if options.address_mode == "host" and not host_network and not picked.bindings:
+                return verdict(f"beacon.port {key} is not published (host address mode)")
+            ports = {key: picked}
+
+    if host_network:
+        candidates = list(ports.values())
+    elif options.address_mode == "host":
+        candidates = [p for p in ports.values() if p.bindings]
+    else:
+        candidates = list(ports.values())
+    if not candidates:
+        why = "published" if options.address_mode == "host" and not host_network else "exposed"
+        return verdict(f"no {why} port")
+
+    # Where the container is reached, per port.
+    network_addrs: list[str] = []
+    if host_network:
+        network_addrs = [options.host_ip]
+    elif options.address_mode == "internal":
+        wanted, wanted_from = options.network, "--network"
+        if (raw := labels.get("beacon.network")) is not None and raw.strip():
+            wanted, wanted_from = raw.strip(), "label beacon.network"
+        chosen = _choose_network(attrs, wanted, wanted_from, notes, who)
+        if isinstance(chosen, str):
+            return verdict(chosen)
+        _, net = chosen
+        network_addrs = [a for a in (net.get("IPAddress"), net.get("GlobalIPv6Address")) if a]
+
+    # Naming: one container-wide base name, then per port.
+    base = ""
+    for label, value in (
+        ("beacon.service", labels.get("beacon.service")),
+        ("SERVICE_NAME", reg.get("SERVICE_NAME")),
+    ):
+        if value is not None and not base:
+            base = _explicit_name(label, value, problems)
+    if not base:
+        base = dns_label(labels.get("com.docker.compose.service", "")) or dns_label(cname)
+    if not base:
+        base = dns_label(image_base_name(str(config.get("Image") or ""))) or cid[:12]
+
+    per_port_names: dict[int, tuple[str, str]] = {}
+    for key, value in labels.items():
+        if m := _PER_PORT_SERVICE.fullmatch(key):
+            per_port_names[int(m.group(1))] = (key, value)
+    per_port_reg: dict[tuple[int, str], str] = {}
+    for key, value in reg.items():
+        if m := _REGISTRATOR_PORT_KEY.fullmatch(key):
+            per_port_reg[(int(m.group(1)), m.group(2))] = value
+
+    settings = _parse_settings(labels, problems)
+    base_tags = list(settings.tags)
+    if (raw := reg.get("SERVICE_TAGS")) is not None:
+        base_tags += _parse_tags("SERVICE_TAGS", raw, problems)
+
+    check, autoheal, check_problems = parse_check_labels(labels)
+    problems.items.extend(f"container {who}: {p}" for p in check_problems)
+
+    source = Source("container", container_id=cid, container_name=cname)
+    several = len({p.number for p in candidates}) > 1
+    endpoints: list[Endpoint] = []
+    for port in sorted(candidates, key=lambda p: (p.number, p.protocol)):
+        ignore = per_port_reg.get((port.number, "IGNORE"))
+        if ignore is not None and ignore.strip() and parse_bool(ignore) is not False:
+            notes.append(f"container {who}: port {port.key} ignored (SERVICE_{port.number}_IGNORE)")
+            continue
+        name = ""
+        if (item := per_port_names.get(port.number)) is not None:
+            name = _explicit_name(item[0], item[1], problems)
+        if not name and (value := per_port_reg.get((port.number, "NAME"))) is not None:
+            name = _explicit_name(f"SERVICE_{port.number}_NAME", value, problems)
+        if not name:
+            name = _with_port(base, port.number) if several else base
+        tags = list(base_tags)
+        if (value := per_port_reg.get((port.number, "TAGS"))) is not None:
+            tags += _parse_tags(f"SERVICE_{port.number}_TAGS", value, problems)
+
+        if host_network:
+            addresses = [(options.host_ip, port.number)]
+        elif options.address_mode == "host":
+            addresses = _host_addresses(port, options.host_ip)
+        else:
+            addresses = sorted(((a, port.number) for a in network_addrs), key=_address_order)
+
+        base_id = f"{cid[:12]}-{port.number}" + ("" if port.protocol == "tcp" else f"-{port.protocol}")
+        for i, (address, number) in enumerate(addresses):
+            endpoints.append(
+                Endpoint(
+                    id=base_id if i == 0 else f"{base_id}-{i}",
+                    service=name,
+                    address=address,
+                    port=number,
+                    source=source,
+                    node=options.node,
+                    protocol=port.protocol,
+                    state=state,
+                    weight=settings.weight,
+                    tags=tuple(sorted(set(tags))),
+                    meta=settings.meta,
+                    dns_ttl=settings.dns_ttl,
+                    lb=settings.lb,
+                    http_hosts=settings.http_hosts,
+                    http_path_prefix=settings.http_path_prefix,
+                    http_strip_prefix=settings.http_strip_prefix,
+                    check=check,
+                    autoheal=autoheal,
+                )
+            )
+    if not endpoints:
+        return verdict("every port is ignored (SERVICE_<port>_IGNORE)")
+    return verdict(None, tuple(endpoints))
