@@ -1,18 +1,473 @@
-"""PLACEHOLDER: DockerSource is not built yet (replaced by its issue's work)."""
+"""The Docker source: watch the engine and keep the catalog equal to Docker's truth.
+
+Lifecycle of one connection ("session"):
+1. subscribe to the events stream (so nothing that happens from now on is missed),
+2. list the running containers and inspect each one (events are buffered meanwhile),
+3. apply the buffered events, then each new event as it arrives: an event
+   re-inspects only its own container (no full re-list per event),
+4. every `resync_interval`, list again and apply the difference (a diff: nothing
+   changes, nothing is published), removing sources whose container is gone.
+When the stream fails or ends, the session ends and a new one starts after a
+capped exponential backoff - the watcher never exits on its own.
+
+The Docker SDK is synchronous: the events stream is read by a daemon thread that
+hands each event to the loop (`call_soon_threadsafe`), and every other API call
+runs in a small thread pool. Container data is turned into endpoints by the pure
+`beacon.registry.labels.container_endpoints`.
+
+Races between an event and an in-flight inspect are settled with a per-container
+generation number: every event bumps it, and an inspect result is applied only
+if no event for that container arrived while it was in flight.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import itertools
+import logging
+import random
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+
+from beacon.config import Config
+from beacon.registry.catalog import Catalog, EndpointConflict
+from beacon.registry.labels import ContainerEndpoints, LabelOptions, container_endpoints
+from beacon.registry.model import Endpoint, State
+
+log = logging.getLogger("beacon.registry.docker")
+
+T = TypeVar("T")
+
+SOURCE_PREFIX = "container:"
+# Actions that change what a running container offers: re-inspect it.
+REFRESH_ACTIONS = frozenset({"start", "unpause", "pause", "health_status", "rename", "update", "restart"})
+# Actions after which the container offers nothing.
+REMOVE_ACTIONS = frozenset({"die", "stop", "destroy"})
+EVENT_FILTERS: dict[str, list[str]] = {
+    "type": ["container", "network"],
+    "event": sorted(REFRESH_ACTIONS | REMOVE_ACTIONS | {"kill", "connect", "disconnect"}),
+}
+TERM_SIGNALS = frozenset({"15", "SIGTERM", "TERM"})
+# Where the "UDP connect" probe points to find the primary interface. connect()
+# on a UDP socket only asks the kernel for a route; no packet is sent.
+_ROUTE_PROBES = (("198.51.100.1", socket.AF_INET),)
+
+
+class DockerUnavailable(RuntimeError):
+    """The Docker engine cannot be reached right now."""
+
+
+class _EndOfStream:
+    """Queued by the reader thread when the events stream ends or fails."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+def usable_host_ip(ip: str) -> bool:
+    """An address other hosts could use: not a wildcard, loopback or link-local."""
+    return bool(ip) and not ip.startswith(("127.", "0.", "169.254.")) and ip not in ("::", "::1")
+
+
+def detect_host_ip() -> str | None:
+    """The primary interface's address (the source of the default route), if any."""
+    for target, family in _ROUTE_PROBES:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((target, 9))
+                ip = str(s.getsockname()[0])
+        except OSError:
+            continue
+        if usable_host_ip(ip):
+            return ip
+    try:
+        for ip in socket.gethostbyname_ex(socket.gethostname())[2]:
+            if usable_host_ip(ip):
+                return ip
+    except OSError:
+        pass
+    return None
+
+
+def event_container_id(event: Mapping[str, Any]) -> str | None:
+    """The container an event is about (network events name it in an attribute)."""
+    actor = event.get("Actor") or {}
+    if event.get("Type") == "network":
+        cid = (actor.get("Attributes") or {}).get("container")
+    else:
+        cid = actor.get("ID") or event.get("id")
+    return str(cid) if cid else None
+
+
+def event_action(event: Mapping[str, Any]) -> str:
+    """'health_status: healthy' -> 'health_status'."""
+    action = str(event.get("Action") or event.get("status") or "")
+    return action.split(":", 1)[0].strip()
 
 
 class DockerSource:
-    connected = False
+    """Feeds the catalog with one source per running container ("container:<id>")."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog,
+        *,
+        node: str,
+        client_factory: Callable[[], docker.DockerClient] | None = None,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        start_timeout: float = 10.0,
+        inspect_workers: int = 8,
+    ) -> None:
+        self._config = config
+        self._catalog = catalog
+        self._node = node
+        self._client_factory = client_factory or self._default_client
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._start_timeout = start_timeout
+        self._pool = ThreadPoolExecutor(max_workers=inspect_workers, thread_name_prefix="beacon-docker")
+        self._options = LabelOptions()
+        self._client: docker.DockerClient | None = None
+        self._stream: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+        self._stopping = False
+        self._connected = False
+        self._generation = itertools.count(1)
+        self._gen: dict[str, int] = {}  # container id -> generation of its last event
+        self._started_at: dict[str, str] = {}  # container id -> State.StartedAt last seen
+        # Containers told to stop (SIGTERM): their endpoints stay draining until the
+        # container is gone or started again (value: StartedAt when the signal came).
+        self._draining: dict[str, str] = {}
+        self._names: dict[str, str] = {}  # container id -> name, for log lines
+        self._reported: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {}
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.sessions = 0  # successful (re)connections, for tests and /healthz
+
+    # --------------------------------------------------------------- public
+    @property
+    def connected(self) -> bool:
+        """True while the events stream is up and the first list has been applied."""
+        return self._connected
 
     async def start(self) -> None:
-        pass
+        ip = self._config.advertise_ip or detect_host_ip()
+        if not ip:
+            ip = "127.0.0.1"
+            log.warning("failed: no routable host address found; advertising 127.0.0.1 (set --advertise-ip)")
+        self._options = LabelOptions(
+            address_mode="internal" if self._config.address_mode == "internal" else "host",
+            host_ip=ip,
+            network=self._config.network,
+            explicit=self._config.explicit,
+            node=self._node,
+        )
+        log.info(
+            "starting: docker watcher address_mode=%s host_ip=%s network=%s explicit=%s",
+            self._options.address_mode, ip, self._options.network or "-", self._options.explicit,
+        )
+        self._task = asyncio.create_task(self._run(), name="beacon-docker-watch")
+        # Let the first list land before listeners start serving, but never hang
+        # start-up on an unreachable engine: the watcher keeps retrying.
+        try:
+            await asyncio.wait_for(self._first_attempt.wait(), self._start_timeout)
+        except TimeoutError:
+            log.warning("failed: docker not synced within %.0fs; still trying", self._start_timeout)
 
     async def stop(self) -> None:
-        pass
+        self._stopping = True
+        self._close_stream()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for task in list(self._inflight):
+            task.cancel()
+        self._connected = False
+        self._close_client()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped: docker watcher")
+
+    async def inspect_container(self, container_id: str) -> dict[str, Any] | None:
+        """Docker's inspect data, or None if there is no such container.
+
+        Raises DockerUnavailable when the engine cannot be reached.
+        """
+        client = self._require_client()
+        try:
+            attrs: dict[str, Any] = await self._call(client.api.inspect_container, container_id)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailable(str(exc)) from exc
+        except OSError as exc:
+            raise DockerUnavailable(str(exc)) from exc
+        return attrs
+
+    async def restart_container(self, container_id: str, timeout: float = 10) -> None:
+        """`docker restart` (SIGTERM, `timeout` seconds, SIGKILL, start)."""
+        client = self._require_client()
+        grace = max(0, round(timeout))
+        try:
+            await self._call(client.api.restart, container_id, timeout=grace)
+        except docker.errors.NotFound:
+            raise
+        except (docker.errors.DockerException, OSError) as exc:
+            raise DockerUnavailable(str(exc)) from exc
+
+    # ------------------------------------------------------------ plumbing
+    def _default_client(self) -> docker.DockerClient:
+        if self._config.docker_host:
+            return docker.DockerClient(base_url=self._config.docker_host, version="auto", timeout=30)
+        return docker.from_env(version="auto", timeout=30)
+
+    def _require_client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise DockerUnavailable("not connected to the Docker engine")
+        return self._client
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()  # shuts the socket down: the reader thread sees EOF
+            except Exception:  # already closed or half torn down: nothing to release
+                pass
+
+    def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    # --------------------------------------------------------- watch loop
+    async def _run(self) -> None:
+        delay = self._backoff_initial
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            began = loop.time()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._stopping:
+                    log.warning("failed: docker watch: %s", exc or type(exc).__name__)
+            finally:
+                self._connected = False
+                self._close_stream()
+                self._close_client()
+                self._first_attempt.set()
+            if self._stopping:
+                return
+            if loop.time() - began > 30:
+                delay = self._backoff_initial  # a long healthy session resets the backoff
+            pause = delay * random.uniform(0.8, 1.2)
+            log.info("reconnecting: docker in %.2fs", pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, self._backoff_max)
+
+    async def _session(self) -> None:
+        loop = asyncio.get_running_loop()
+        client = await self._call(self._client_factory)
+        self._client = client
+        # Subscribe first: anything that happens while we list is then in the stream.
+        stream = await self._call(client.api.events, decode=True, filters=EVENT_FILTERS)
+        self._stream = stream
+        queue: asyncio.Queue[dict[str, Any] | _EndOfStream] = asyncio.Queue()
+        reader = threading.Thread(
+            target=self._read_events, args=(stream, loop, queue), name="beacon-docker-events", daemon=True
+        )
+        reader.start()
+        await self._sync(client, initial=True)
+        self._connected = True
+        self.sessions += 1
+        self._first_attempt.set()
+        log.info("connected: docker engine (api %s)", client.api.api_version)
+        resync = asyncio.create_task(self._resync_loop(client), name="beacon-docker-resync")
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _EndOfStream):
+                    raise ConnectionError(f"events stream ended ({item.error or 'EOF'})")
+                self._on_event(item)
+        finally:
+            resync.cancel()
+
+    @staticmethod
+    def _read_events(
+        stream: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[dict[str, Any] | _EndOfStream]
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            for event in stream:
+                if isinstance(event, dict):
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+        except Exception as exc:  # a cut connection mid-event, bad JSON: end of this session
+            error = exc
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, _EndOfStream(error))
+        except RuntimeError:
+            pass  # the loop is closed: Beacon is shutting down
+
+    async def _resync_loop(self, client: docker.DockerClient) -> None:
+        while True:
+            await asyncio.sleep(self._config.resync_interval)
+            await self._sync(client, initial=False)
+
+    async def _sync(self, client: docker.DockerClient, *, initial: bool) -> None:
+        """List running containers and apply the difference to the catalog."""
+        marker = next(self._generation)  # events processed after this get higher numbers
+        listed = await self._call(client.api.containers)
+        ids = [str(c["Id"]) for c in listed]
+
+        async def inspect(cid: str) -> tuple[str, int, dict[str, Any] | None]:
+            gen = self._gen.get(cid, 0)
+            try:
+                attrs = await self._call(client.api.inspect_container, cid)
+            except docker.errors.NotFound:
+                attrs = None
+            return cid, gen, attrs
+
+        changes = 0
+        for cid, gen, attrs in await asyncio.gather(*(inspect(cid) for cid in ids)):
+            if self._gen.get(cid, 0) == gen:  # else an event overtook this inspect
+                changes += self._apply(cid, attrs)
+        running = set(ids)
+        for key in sorted(self._catalog.sources(SOURCE_PREFIX)):
+            cid = key[len(SOURCE_PREFIX) :]
+            if cid not in running and self._gen.get(cid, 0) <= marker:
+                changes += self._apply(cid, None)  # gone while we were not looking: no ghosts
+        # Forget per-container state of containers that are gone (bounded memory).
+        for table in (self._gen, self._started_at, self._draining, self._names, self._reported):
+            for cid in [c for c in table if c not in running and self._gen.get(c, 0) <= marker]:
+                del table[cid]
+        if initial or changes:
+            log.info("synced: %d running containers, %d changes", len(ids), changes)
+
+    # --------------------------------------------------------------- events
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        cid = event_container_id(event)
+        if cid is None:
+            return
+        action = event_action(event)
+        kind = event.get("Type") or "container"
+        if kind == "network" and action not in ("connect", "disconnect"):
+            return
+        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+        if kind == "container" and attributes.get("name"):
+            self._names[cid] = str(attributes["name"])
+        if action == "kill":
+            # Any signal produces a kill event (SIGHUP for a reload...): only a
+            # SIGTERM means "about to stop", and then no new traffic at once.
+            if str(attributes.get("signal", "")).upper() in TERM_SIGNALS:
+                self._drain(cid)
+            return
+        self._gen[cid] = next(self._generation)
+        if action in REMOVE_ACTIONS:
+            self._draining.pop(cid, None)
+            self._apply(cid, None)
+        elif action in REFRESH_ACTIONS or kind == "network":
+            if action == "start":
+                self._draining.pop(cid, None)
+            self._spawn_refresh(cid, self._gen[cid])
+
+    def _drain(self, cid: str) -> None:
+        self._draining[cid] = self._started_at.get(cid, "")
+        if self._catalog.set_source_state(SOURCE_PREFIX + cid, State.DRAINING):
+            log.info("draining: %s %s (SIGTERM)", cid[:12], self._names.get(cid, ""))
+
+    def _spawn_refresh(self, cid: str, gen: int) -> None:
+        task = asyncio.create_task(self._refresh(cid, gen))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _refresh(self, cid: str, gen: int) -> None:
+        client = self._client
+        if client is None:
+            return  # disconnected: the next session's list covers this container
+        try:
+            attrs = await self._call(client.api.inspect_container, cid)
+        except docker.errors.NotFound:
+            attrs = None
+        except Exception as exc:
+            log.warning("failed: inspect %s: %s (the next resync retries)", cid[:12], exc)
+            return
+        if self._gen.get(cid) == gen:
+            self._apply(cid, attrs)
+
+    # ---------------------------------------------------------------- apply
+    def _apply(self, cid: str, attrs: Mapping[str, Any] | None) -> int:
+        """Set the container's endpoints in the catalog; return 1 if anything changed."""
+        key = SOURCE_PREFIX + cid
+        result = ContainerEndpoints() if attrs is None else container_endpoints(attrs, self._options)
+        if attrs is not None:
+            self._names[cid] = str(attrs.get("Name") or "").lstrip("/")
+            self._report(cid, result)
+        endpoints = list(result.endpoints)
+        if endpoints and cid in self._draining:
+            started = str((attrs or {}).get("State", {}).get("StartedAt") or "")
+            if self._draining[cid] and started and self._draining[cid] != started:
+                del self._draining[cid]  # started again since the SIGTERM
+            else:
+                endpoints = [replace(e, state=State.DRAINING) for e in endpoints]
+        if attrs is not None:
+            self._started_at[cid] = str((attrs.get("State") or {}).get("StartedAt") or "")
+        before = self._catalog.source_endpoints(key)
+        had = bool(before)
+        try:
+            changed = self._catalog.set_source(key, endpoints)
+        except EndpointConflict as exc:
+            log.warning("failed: container %s %s: %s", cid[:12], self._names.get(cid, ""), exc)
+            return 0
+        if not changed:
+            return 0
+        name = self._names.get(cid, "")
+        if endpoints and not had:
+            log.info("added: %s %s %s", cid[:12], name, _describe(endpoints))
+        elif had and not endpoints:
+            log.info("removed: %s %s", cid[:12], name)
+        else:
+            log.info("updated: %s %s %s", cid[:12], name, _describe(endpoints))
+        return 1
+
+    def _report(self, cid: str, result: ContainerEndpoints) -> None:
+        """Log why a container is ignored and its bad labels - once, not every resync."""
+        summary = (result.ignored, result.problems, result.notes)
+        if self._reported.get(cid) == summary:
+            return
+        self._reported[cid] = summary
+        name = self._names.get(cid, "")
+        if result.ignored:
+            log.info("ignored: %s %s: %s", cid[:12], name, result.ignored)
+        for problem in result.problems:
+            log.warning("invalid: %s", problem)
+        for note in result.notes:
+            log.info("chose: %s", note)
+
+
+def _describe(endpoints: list[Endpoint]) -> str:
+    return ", ".join(
+        f"{e.service}={'[' + e.address + ']' if e.is_ipv6 else e.address}:{e.port}"
+        + ("" if e.protocol == "tcp" else f"/{e.protocol}")
+        + ("" if e.state is State.PASSING else f" ({e.state.value})")
+        for e in endpoints
+    )
