@@ -1,18 +1,516 @@
-"""PLACEHOLDER: DnsServer is not built yet (replaced by its issue's work)."""
+"""The DNS transports: UDP and TCP listeners, the answer cache, forwarding.
+
+The hot path is a cache of packed answers keyed on the query bytes minus the
+2-byte ID. The catalog listener swaps the whole cache (and the zone) for an
+empty one on each new snapshot, in the loop thread, so every answer comes from
+exactly one snapshot. A UDP hit is: read a datagram, one dict lookup, patch
+the ID, `sendto`. Reads are batched per readiness event (raw non-blocking
+socket + `add_reader`), which is what lets one Python thread keep up with
+dnsmasq. Answers whose RRset may rotate keep a few pre-packed rotations that
+are handed out in turn.
+
+A miss parses the query with dnslib, resolves it against the zone
+(`beacon.dns.resolver`, pure) and packs it; a name that is not ours goes to the
+forwarder, and the "forward this" decision is cached too.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+from dnslib import DNSRecord
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+
+from beacon.config import Config, HostPort
+from beacon.dns import metrics as dns_metrics
+from beacon.dns import wire
+from beacon.dns.allow import AllowList, list_docker_subnets
+from beacon.dns.forward import Forwarder, system_upstreams, without_self
+from beacon.dns.metrics import INVALID_QTYPE, DnsMetrics
+from beacon.dns.resolver import Zone, ZoneSettings, resolve, rotations, truncated
+from beacon.registry.catalog import Catalog
+from beacon.registry.model import Snapshot
+
+log = logging.getLogger("beacon.dns")
+
+MAX_ROTATIONS = 16  # pre-packed orders per answer: every endpoint of a small pool comes first in turn
+MAX_CACHE_ENTRIES = 20000  # bound against random names; cleared (not evicted) when reached
+UDP_READ_BATCH = 256  # datagrams per readiness event before yielding to the loop
+TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 asks servers to close idle connections after seconds
+TCP_MAX_INFLIGHT = 64  # forwarded queries pipelined on one connection
+TCP_MAX_WRITE_BUFFER = 1 << 20
+_RECV_SIZE = wire.MAX_QUERY_LEN + 1  # one more: a datagram this long is oversized
+
+
+class _Entry:
+    """A cached answer: its packed forms (minus the ID), handed out in turn."""
+
+    __slots__ = ("hits", "next", "qtype", "rcode")
+
+    def __init__(self, packed: list[bytes], qtype: int, rcode: int) -> None:
+        self.next: Callable[[], bytes] = itertools.cycle(packed).__next__
+        self.hits = 0
+        self.qtype = qtype
+        self.rcode = rcode
+
+
+class _Forward:
+    """A cached decision: this query is not ours, send it upstream."""
+
+    __slots__ = ("qend", "qtype")
+
+    def __init__(self, qend: int, qtype: int) -> None:
+        self.qend = qend
+        self.qtype = qtype
+
+
+_Lookup = _Entry | _Forward | bytes | None
 
 
 class DnsServer:
-    connected = False
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog,
+        *,
+        resolv_conf: Path = Path("/etc/resolv.conf"),
+        metrics_registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.addresses: list[HostPort] = []
+        self.metrics = DnsMetrics()
+        self._resolv_conf = resolv_conf
+        self._registry = metrics_registry
+        self._snapshot: Snapshot = catalog.snapshot
+        self._zone: Zone | None = None
+        self._settings = ZoneSettings()
+        self._cache: dict[bytes, _Entry] = {}
+        self._tcp_cache: dict[bytes, _Entry] = {}
+        self._fwd: dict[bytes, _Forward] = {}
+        self._udp: list[socket.socket] = []
+        self._tcp_servers: list[asyncio.Server] = []
+        self._tcp_conns: set[_TcpConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._forwarder = Forwarder((), config.dns_recursor_timeout, self.metrics)
+        self._allow = AllowList(())
+        self._unlisten: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
+    # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        pass
+        self._loop = asyncio.get_running_loop()
+        try:
+            for hp in self.config.dns_listen:
+                udp, server, bound = await self._bind(hp)
+                self._udp.append(udp)
+                self._tcp_servers.append(server)
+                self.addresses.append(bound)
+            await self._start_forwarding()
+        except BaseException:
+            await self.stop()
+            raise
+        cfg = self.config
+        self._settings = ZoneSettings(
+            domain=cfg.dns_domain,
+            ttl=cfg.dns_ttl,
+            negative_ttl=cfg.dns_negative_ttl,
+            only_passing=cfg.dns_only_passing,
+            ns_addresses=tuple(a.host for a in self.addresses if a.host not in ("0.0.0.0", "::")),
+            recursion_available=self._forwarder.enabled,
+        )
+        self._on_snapshot(self.catalog.snapshot)
+        self._unlisten = self.catalog.add_listener(self._on_snapshot)
+        self.metrics.live_hits = self._live_hits
+        self.metrics.cache_entries = lambda: len(self._cache) + len(self._tcp_cache)
+        if self._registry is not None:
+            dns_metrics.register(self.metrics, self._registry)
+        for sock in self._udp:
+            self._loop.add_reader(sock.fileno(), self._on_udp_readable, sock)
+        for a in self.addresses:
+            log.info("listening: dns udp+tcp on %s (domain %s)", a, cfg.dns_domain)
+
+    async def _start_forwarding(self) -> None:
+        cfg = self.config
+        upstreams = system_upstreams(self._resolv_conf) if cfg.dns_recursors is None else cfg.dns_recursors
+        upstreams = without_self(upstreams, self.addresses)
+        self._forwarder = Forwarder(upstreams, cfg.dns_recursor_timeout, self.metrics)
+        await self._forwarder.start()
+        if not upstreams:
+            log.info("refusing: names outside %s (no upstream resolvers)", cfg.dns_domain)
+        if cfg.dns_allow is not None:
+            self._allow = AllowList(cfg.dns_allow)
+        elif cfg.docker:
+            docker_host = cfg.docker_host
+            self._allow = AllowList((), discover=lambda: list_docker_subnets(docker_host))
+            beyond_loopback = any(not _is_loopback(a.host) for a in self.addresses)
+            if upstreams and beyond_loopback:
+                await self._allow.refresh()  # only worth a Docker call when others can reach us
 
     async def stop(self) -> None:
-        pass
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        for sock in self._udp:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._udp.clear()
+        for server in self._tcp_servers:
+            server.close()
+        for conn in list(self._tcp_conns):
+            conn.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._tcp_servers:
+            await server.wait_closed()
+        self._tcp_servers.clear()
+        await self._forwarder.stop()
+        self._fold(self._cache)
+        self._fold(self._tcp_cache)
+        self._cache, self._tcp_cache = {}, {}
+        dns_metrics.unregister(self.metrics)
+        if self.addresses:
+            log.info("stopped: dns on %s", ", ".join(map(str, self.addresses)))
+
+    async def _bind(self, hp: HostPort) -> tuple[socket.socket, asyncio.Server, HostPort]:
+        """UDP first, then TCP on the same port; with port 0 retry when TCP's is taken."""
+        assert self._loop is not None
+        infos = await self._loop.getaddrinfo(hp.host, hp.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        attempts = 20 if hp.port == 0 else 1
+        for attempt in range(attempts):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if family == socket.AF_INET6:
+                    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                udp.setblocking(False)
+                try:  # room for bursts; the kernel caps it at net.core.rmem_max
+                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+                except OSError:
+                    pass
+                udp.bind(sockaddr)
+                bound_host, port = udp.getsockname()[:2]
+                tcp = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    tcp.bind((sockaddr[0], port, *sockaddr[2:]))
+                    tcp.listen(1024)
+                    tcp.setblocking(False)
+                except OSError as exc:
+                    tcp.close()
+                    if exc.errno == errno.EADDRINUSE and attempt < attempts - 1:
+                        udp.close()
+                        continue
+                    raise
+            except BaseException:
+                udp.close()
+                raise
+            server = await self._loop.create_server(lambda: _TcpConnection(self), sock=tcp)
+            return udp, server, HostPort(bound_host, port)
+        raise OSError(errno.EADDRINUSE, f"no free port pair for DNS on {hp.host}")
+
+    # -------------------------------------------------------------- snapshots
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        # Swap references only; the zone is built on the first miss.
+        self._fold(self._cache)
+        self._fold(self._tcp_cache)
+        self._snapshot = snapshot
+        self._zone = None
+        self._cache = {}
+        self._tcp_cache = {}
+        self._fwd = {}
+
+    def _fold(self, cache: dict[bytes, _Entry]) -> None:
+        count = self.metrics.count
+        for e in cache.values():
+            if e.hits:
+                count(e.qtype, e.rcode, e.hits)
+                e.hits = 0
+
+    def _live_hits(self) -> Iterator[tuple[int, int, int]]:
+        for cache in (self._cache, self._tcp_cache):
+            for e in list(cache.values()):
+                yield e.qtype, e.rcode, e.hits
+
+    @property
+    def zone(self) -> Zone:
+        zone = self._zone
+        if zone is None:
+            zone = self._zone = Zone(self._snapshot, self._settings)
+        return zone
+
+    # --------------------------------------------------------------------- UDP
+    def _on_udp_readable(self, sock: socket.socket) -> None:
+        recv = sock.recvfrom
+        send = sock.sendto
+        cache = self._cache
+        perf = time.perf_counter
+        started = perf()
+        n = 0
+        slow = 0.0
+        slow_n = 0
+        while n < UDP_READ_BATCH:
+            try:
+                data, addr = recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. an ICMP error queued on the socket: skip it
+                n += 1
+                continue
+            n += 1
+            entry = cache.get(data[2:])
+            if entry is not None:
+                entry.hits += 1
+                try:
+                    send(data[:2] + entry.next(), addr)
+                except OSError:
+                    self.metrics.drop("send_error")
+                continue
+            t0 = perf()
+            if self._udp_miss(sock, data, addr):
+                self.metrics.latency["resolve"].observe(perf() - t0)
+            slow += perf() - t0
+            slow_n += 1
+            cache = self._cache  # the miss may have cleared a full cache
+        hits = n - slow_n
+        if hits > 0:
+            self.metrics.latency["cache"].observe(max(0.0, perf() - started - slow) / hits, hits)
+
+    def _udp_miss(self, sock: socket.socket, data: bytes, addr: Any) -> bool:
+        """Answer a query the cache did not have. True when answered locally."""
+        fwd = self._fwd.get(data[2:])
+        if fwd is None:
+            found = self._lookup(data, tcp=False)
+            if found is None:
+                return False
+            if isinstance(found, _Forward):
+                fwd = found
+            else:
+                if isinstance(found, _Entry):
+                    found.hits += 1
+                    reply = data[:2] + found.next()
+                else:
+                    reply = found
+                try:
+                    sock.sendto(reply, addr)
+                except OSError:
+                    self.metrics.drop("send_error")
+                return True
+        self._forward_udp(sock, data, addr, fwd)
+        return False
+
+    def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, fwd: _Forward) -> None:
+        def done(reply: bytes) -> None:
+            self.metrics.count(fwd.qtype, wire.rcode_of(reply))
+            try:
+                sock.sendto(reply, addr)
+            except OSError:
+                self.metrics.drop("send_error")
+
+        if not self._forwarder.enabled:
+            done(wire.question_reply(data, fwd.qend, wire.REFUSED, ra=False))
+        elif self._allow.allows(addr[0]):
+            self._forwarder.forward(data, fwd.qend, done)
+        elif self._allow.can_refresh():
+            self._spawn(self._forward_after_refresh(data, addr[0], fwd, done))
+        else:
+            done(wire.question_reply(data, fwd.qend, wire.REFUSED, ra=True))
+
+    async def _forward_after_refresh(
+        self, data: bytes, host: str, fwd: _Forward, done: Callable[[bytes], None]
+    ) -> None:
+        await self._allow.refresh()
+        if self._allow.allows(host):
+            self._forwarder.forward(data, fwd.qend, done)
+        else:
+            done(wire.question_reply(data, fwd.qend, wire.REFUSED, ra=True))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ shared miss
+    def _lookup(self, data: bytes, *, tcp: bool) -> _Lookup:
+        """Parse, resolve and pack one query; cache what can be cached."""
+        if len(data) < wire.HEADER_LEN:
+            self.metrics.drop("short")
+            return None
+        if wire.is_response(data):
+            self.metrics.drop("response")
+            return None
+        if len(data) > wire.MAX_QUERY_LEN:
+            return self._invalid(data)
+        try:
+            request = DNSRecord.parse(data)
+        except Exception:  # dnslib raises several types for malformed input
+            return self._invalid(data)
+        zone = self.zone
+        try:
+            answer = resolve(request, zone)
+            if answer is None:
+                qend = wire.question_end(data)
+                if qend is None:
+                    return self._invalid(data)
+                fwd = _Forward(qend, wire.qtype_at(data, qend))
+                self._fwd[data[2:]] = fwd
+                return fwd
+            packed = [r.pack()[2:] for r in rotations(answer, MAX_ROTATIONS)]
+            limit = 65535 if tcp else answer.udp_limit
+            if max(map(len, packed)) + 2 > limit:
+                packed = [truncated(answer).pack()[2:]]
+        except Exception:
+            log.exception("failed: answering a DNS query (%d bytes)", len(data))
+            reply = wire.header_reply(data, wire.SERVFAIL)
+            self.metrics.count(INVALID_QTYPE, wire.SERVFAIL)
+            return reply
+        qtype = request.questions[0].qtype if request.questions else INVALID_QTYPE
+        entry = _Entry(packed, qtype, answer.reply.header.rcode)
+        cache = self._tcp_cache if tcp else self._cache
+        if len(cache) >= MAX_CACHE_ENTRIES:
+            self._fold(cache)
+            cache.clear()
+            self._fwd.clear()
+        cache[data[2:]] = entry
+        return entry
+
+    def _invalid(self, data: bytes) -> bytes | None:
+        reply = wire.header_reply(data, wire.FORMERR)
+        if reply is None:
+            self.metrics.drop("response")
+        else:
+            self.metrics.count(INVALID_QTYPE, wire.FORMERR)
+        return reply
+
+    # --------------------------------------------------------------------- TCP
+    def _tcp_query(self, conn: _TcpConnection, msg: bytes) -> None:
+        entry = self._tcp_cache.get(msg[2:])
+        if entry is None:
+            fwd = self._fwd.get(msg[2:])
+            if fwd is None:
+                found = self._lookup(msg, tcp=True)
+                if found is None:
+                    conn.abort()  # not a query on a stream: nothing sensible to answer
+                    return
+                if isinstance(found, bytes):
+                    conn.send(found)
+                    return
+                if isinstance(found, _Forward):
+                    fwd = found
+                else:
+                    entry = found
+            if fwd is not None:
+                self._forward_tcp(conn, msg, fwd)
+                return
+        assert entry is not None
+        entry.hits += 1
+        conn.send(msg[:2] + entry.next())
+
+    def _forward_tcp(self, conn: _TcpConnection, msg: bytes, fwd: _Forward) -> None:
+        if not self._forwarder.enabled:
+            self.metrics.count(fwd.qtype, wire.REFUSED)
+            conn.send(wire.question_reply(msg, fwd.qend, wire.REFUSED, ra=False))
+            return
+        if len(conn.tasks) >= TCP_MAX_INFLIGHT:
+            self.metrics.count(fwd.qtype, wire.SERVFAIL)
+            conn.send(wire.question_reply(msg, fwd.qend, wire.SERVFAIL, ra=True))
+            return
+
+        async def run() -> None:
+            if not self._allow.allows(conn.host) and self._allow.can_refresh():
+                await self._allow.refresh()
+            if self._allow.allows(conn.host):
+                reply = await self._forwarder.forward_tcp(msg, fwd.qend)
+            else:
+                reply = wire.question_reply(msg, fwd.qend, wire.REFUSED, ra=True)
+            self.metrics.count(fwd.qtype, wire.rcode_of(reply))
+            conn.send(reply)
+
+        task = asyncio.ensure_future(run())
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
+
+
+class _TcpConnection(asyncio.Protocol):
+    """One DNS-over-TCP client: 2-byte length-prefixed messages, pipelined."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.host = ""
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.host = str(peer[0]) if peer else ""
+        self.server._tcp_conns.add(self)
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(TCP_IDLE_TIMEOUT, self.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        buf = self.buf
+        while len(buf) >= 2:
+            size = int.from_bytes(buf[:2], "big")
+            if len(buf) < 2 + size:
+                break
+            msg = bytes(buf[2 : 2 + size])
+            del buf[: 2 + size]
+            try:
+                self.server._tcp_query(self, msg)
+            except Exception:
+                log.exception("failed: answering a DNS query over TCP")
+                self.abort()
+                return
+            if self.transport is None or self.transport.is_closing():
+                return
+        self._arm_idle()
+
+    def send(self, reply: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if t.get_write_buffer_size() > TCP_MAX_WRITE_BUFFER:
+            self.abort()  # the client does not read its answers
+            return
+        t.write(len(reply).to_bytes(2, "big") + reply)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        for task in self.tasks:
+            task.cancel()
+        self.server._tcp_conns.discard(self)
+        self.transport = None
+
+
+__all__ = ["DnsServer"]

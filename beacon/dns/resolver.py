@@ -1,0 +1,378 @@
+"""Pure answer building: (query, zone) -> reply. No sockets, no clock.
+
+A `Zone` holds the lookup tables for one catalog snapshot; `resolve` turns a
+parsed query into a reply from it, or returns None when the name is not ours
+(the server then forwards it). Everything here is deterministic for a given
+query and snapshot, which is what lets the server cache packed answers keyed
+on the query bytes.
+
+Names under the domain (default `beacon.`):
+  <service>.service.D             A / AAAA / SRV of the service's usable endpoints
+  <tag>.<service>.service.D       the same, filtered by tag
+  _<service>._tcp.service.D       RFC 2782 (also _udp, or _<tag> for a tag filter)
+  <container>.container.D         A / AAAA of one container, whatever its health
+  <hex-address>.addr.D            A / AAAA spelled in hex: the target of every SRV
+  ns.D                            the server's own non-wildcard listen addresses
+  D                               SOA, NS
+and PTR for the reverse name of any endpoint address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from dnslib import AAAA, EDNS0, NS, PTR, QTYPE, RD, RR, SOA, SRV, A, DNSHeader, DNSLabel, DNSRecord
+
+from beacon.dns.wire import FORMERR, NOERROR, NOTIMP, NXDOMAIN, REFUSED
+from beacon.registry.model import Endpoint, Service, Snapshot, State
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Our receive limit, advertised in every OPT; also the cap on what we send over
+# UDP whatever the client claims (larger datagrams fragment).
+MAX_UDP_PAYLOAD = 4096
+MIN_UDP_PAYLOAD = 512  # RFC 1035: what a client without EDNS accepts
+
+CLASS_IN = 1
+OPCODE_QUERY = 0
+BADVERS = 16  # extended rcode: upper 8 bits go in the OPT TTL
+
+T_A, T_NS, T_SOA, T_PTR, T_HINFO = 1, 2, 6, 12, 13
+T_AAAA, T_SRV, T_OPT, T_AXFR, T_IXFR, T_ANY = 28, 33, 41, 252, 251, 255
+
+# RFC 8482 section 4.2: answer ANY with one synthesized HINFO record.
+_RFC8482_HINFO = RD(b"\x07RFC8482\x00")
+
+_SOA_REFRESH, _SOA_RETRY, _SOA_EXPIRE = 3600, 600, 86400
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSettings:
+    domain: str = "beacon."
+    ttl: int = 0
+    negative_ttl: int = 5
+    only_passing: bool = False
+    # Non-wildcard addresses the server listens on: the A/AAAA of ns.<domain>.
+    ns_addresses: tuple[str, ...] = ()
+    recursion_available: bool = False
+
+
+@dataclass(slots=True)
+class Answer:
+    """A reply plus what the transport needs to send it."""
+
+    reply: DNSRecord
+    udp_limit: int  # largest reply the client accepts over UDP
+    rotate: bool = False  # the answer section is one RRset whose order may rotate
+
+
+def addr_label(address: IPAddress) -> str:
+    """The hex spelling of an address used under addr.<domain> (like Consul's)."""
+    return address.packed.hex()
+
+
+def parse_addr_label(label: str) -> IPAddress | None:
+    if len(label) not in (8, 32):
+        return None
+    try:
+        packed = bytes.fromhex(label)
+    except ValueError:
+        return None
+    return ipaddress.ip_address(packed)
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _labels(name: str) -> tuple[bytes, ...]:
+    return tuple(p.encode() for p in name.strip(".").lower().split(".") if p)
+
+
+class Zone:
+    """Lookup tables for one snapshot, built once and shared by every query."""
+
+    def __init__(self, snapshot: Snapshot, settings: ZoneSettings) -> None:
+        self.snapshot = snapshot
+        self.settings = settings
+        self.domain = settings.domain if settings.domain.endswith(".") else settings.domain + "."
+        self.domain_labels = _labels(self.domain)
+        self.serial = snapshot.index & 0xFFFFFFFF
+        self.services: dict[str, Service] = {n.lower(): s for n, s in snapshot.services.items()}
+        # Parsed addresses once per snapshot; endpoints with an unparsable
+        # address (not an IP) are invisible to DNS.
+        self.ips: dict[str, IPAddress] = {}
+        containers: dict[str, list[IPAddress]] = {}
+        reverse: dict[tuple[bytes, ...], set[str]] = {}
+        for ep in snapshot.endpoints.values():
+            ip = _ip(ep.address)
+            if ip is None:
+                continue
+            self.ips[ep.id] = ip
+            cname = (ep.source.container_name or "").lstrip("/").lower()
+            if cname:
+                addrs = containers.setdefault(cname, [])
+                if ip not in addrs:
+                    addrs.append(ip)
+                target = f"{cname}.container.{self.domain}"
+            else:
+                target = f"{addr_label(ip)}.addr.{self.domain}"
+            reverse.setdefault(_labels(ip.reverse_pointer), set()).add(target)
+        self.containers = {k: sorted(v, key=_ip_sort_key) for k, v in containers.items()}
+        self.reverse = {k: sorted(v) for k, v in reverse.items()}
+        self.ns_name = f"ns.{self.domain}"
+        self.ns_ips = [ip for ip in (_ip(a) for a in settings.ns_addresses) if ip is not None]
+
+    def usable(self, ep: Endpoint) -> bool:
+        return ep.state is State.PASSING or (ep.state is State.WARNING and not self.settings.only_passing)
+
+    def service_ttl(self, svc: Service) -> int:
+        # One TTL per RRset (RFC 2181): the smallest beacon.dns.ttl any endpoint sets.
+        ttls = [e.dns_ttl for e in svc.endpoints if e.dns_ttl is not None]
+        return max(0, min(ttls)) if ttls else self.settings.ttl
+
+    def soa(self) -> SOA:
+        return SOA(
+            self.ns_name,
+            f"hostmaster.{self.domain}",
+            (self.serial, _SOA_REFRESH, _SOA_RETRY, _SOA_EXPIRE, self.settings.negative_ttl),
+        )
+
+
+def _ip_sort_key(ip: IPAddress) -> tuple[int, bytes]:
+    return (ip.version, ip.packed)
+
+
+def _rr_for_ip(name: object, ip: IPAddress, ttl: int) -> RR:
+    if ip.version == 4:
+        return RR(name, T_A, ttl=ttl, rdata=A(str(ip)))
+    return RR(name, T_AAAA, ttl=ttl, rdata=AAAA(str(ip)))
+
+
+class _Reply:
+    """Accumulates one reply; `finish` returns it as an Answer."""
+
+    def __init__(self, request: DNSRecord, zone: Zone | None, ra: bool) -> None:
+        h = request.header
+        self.zone = zone
+        self.record = DNSRecord(
+            DNSHeader(id=h.id, bitmap=0, qr=1, opcode=h.opcode, rd=h.rd, cd=h.cd, ra=int(ra))
+        )
+        self.record.questions = list(request.questions)
+        self.udp_limit = MIN_UDP_PAYLOAD
+        self.opt: RR | None = None
+        self.rotate = False
+
+    def rcode(self, rcode: int) -> _Reply:
+        self.record.header.rcode = rcode
+        return self
+
+    def negative(self, rcode: int) -> _Reply:
+        """NXDOMAIN or NODATA: the SOA in authority gives the negative TTL (RFC 2308)."""
+        self.record.header.rcode = rcode
+        if self.zone is not None:
+            self.record.header.aa = 1
+            self.record.add_auth(
+                RR(self.zone.domain, T_SOA, ttl=self.zone.settings.negative_ttl, rdata=self.zone.soa())
+            )
+        return self
+
+    def finish(self) -> Answer:
+        if self.opt is not None:
+            self.record.add_ar(self.opt)
+        self.record.set_header_qa()
+        return Answer(self.record, self.udp_limit, self.rotate)
+
+
+def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
+    """Answer `request` from `zone`; None when the name is not ours (forward it)."""
+    settings = zone.settings
+    out = _Reply(request, zone, settings.recursion_available)
+    h = request.header
+    if h.opcode != OPCODE_QUERY:
+        return out.rcode(NOTIMP).finish()
+    opts = [rr for rr in request.ar if rr.rtype == T_OPT]
+    if len(opts) > 1:
+        return out.rcode(FORMERR).finish()
+    if opts:
+        opt = opts[0]
+        out.udp_limit = max(MIN_UDP_PAYLOAD, min(opt.rclass, MAX_UDP_PAYLOAD))
+        if (opt.ttl >> 16) & 0xFF != 0:
+            # RFC 6891: an EDNS version we do not speak gets BADVERS, version 0.
+            out.opt = EDNS0(udp_len=MAX_UDP_PAYLOAD, ext_rcode=BADVERS >> 4)
+            return out.finish()
+        out.opt = EDNS0(udp_len=MAX_UDP_PAYLOAD)
+    if h.q != 1 or len(request.questions) != 1:
+        return out.rcode(FORMERR).finish()
+    q = request.questions[0]
+    labels = tuple(label.lower() for label in q.qname.label)
+    if sum(len(label) + 1 for label in labels) + 1 > 255:
+        return out.rcode(FORMERR).finish()
+    dl = zone.domain_labels
+    if len(labels) >= len(dl) and labels[len(labels) - len(dl) :] == dl:
+        out.record.header.aa = 1
+        if q.qclass != CLASS_IN or q.qtype in (T_AXFR, T_IXFR):
+            out.record.header.aa = 0
+            return out.rcode(REFUSED).finish()
+        _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)])
+        return out.finish()
+    targets = zone.reverse.get(labels)
+    if targets is not None and q.qclass == CLASS_IN:
+        out.record.header.aa = 1
+        if q.qtype in (T_PTR, T_ANY):
+            out.record.add_answer(*(RR(q.qname, T_PTR, ttl=settings.ttl, rdata=PTR(t)) for t in targets))
+            out.rotate = len(targets) > 1
+        else:
+            out.negative(NOERROR)
+        return out.finish()
+    return None
+
+
+def _answer_local(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, rel: tuple[bytes, ...]) -> None:
+    rec = out.record
+    if not rel:  # the apex
+        if qtype == T_SOA:
+            rec.add_answer(RR(qname, T_SOA, ttl=zone.settings.negative_ttl, rdata=zone.soa()))
+        elif qtype == T_NS:
+            rec.add_answer(RR(qname, T_NS, ttl=zone.settings.ttl, rdata=NS(zone.ns_name)))
+            rec.add_ar(*(_rr_for_ip(zone.ns_name, ip, zone.settings.ttl) for ip in zone.ns_ips))
+        elif qtype == T_ANY:
+            rec.add_answer(RR(qname, T_HINFO, ttl=zone.settings.ttl, rdata=_RFC8482_HINFO))
+        else:
+            out.negative(NOERROR)
+        return
+    kind = rel[-1]
+    if len(rel) == 1 and kind in (b"service", b"container", b"addr", b"ns"):
+        if kind == b"ns":
+            _answer_addresses(out, zone, qname, qtype, zone.ns_ips, zone.settings.ttl)
+        else:
+            out.negative(NOERROR)  # an empty non-terminal: names exist below it (RFC 8020)
+        return
+    if kind == b"service" and len(rel) in (2, 3):
+        _answer_service(out, zone, qname, qtype, rel[:-1])
+        return
+    if kind == b"container":
+        name = b".".join(rel[:-1]).decode("utf-8", "replace")
+        ips = zone.containers.get(name)
+        if ips is None:
+            out.negative(NXDOMAIN)
+        else:
+            _answer_addresses(out, zone, qname, qtype, ips, zone.settings.ttl)
+        return
+    if kind == b"addr" and len(rel) == 2:
+        ip = parse_addr_label(rel[0].decode("ascii", "replace"))
+        if ip is None:
+            out.negative(NXDOMAIN)
+        else:
+            _answer_addresses(out, zone, qname, qtype, [ip], zone.settings.ttl)
+        return
+    out.negative(NXDOMAIN)
+
+
+def _answer_addresses(
+    out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, ips: Sequence[IPAddress], ttl: int
+) -> None:
+    if qtype == T_ANY:
+        if not ips:
+            out.negative(NOERROR)
+        else:
+            out.record.add_answer(RR(qname, T_HINFO, ttl=ttl, rdata=_RFC8482_HINFO))
+        return
+    want = 4 if qtype == T_A else 6 if qtype == T_AAAA else 0
+    records = [_rr_for_ip(qname, ip, ttl) for ip in ips if ip.version == want]
+    if not records:
+        out.negative(NOERROR)
+        return
+    out.record.add_answer(*records)
+    out.rotate = len(records) > 1
+
+
+def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts: tuple[bytes, ...]) -> None:
+    tag: str | None = None
+    protocol: str | None = None
+    if len(parts) == 1:
+        name = parts[0]
+    elif parts[0].startswith(b"_") and parts[1].startswith(b"_"):
+        # RFC 2782: _<service>._<proto> (tcp/udp) or _<service>._<tag>.
+        name = parts[0][1:]
+        second = parts[1][1:].decode("utf-8", "replace")
+        if second in ("tcp", "udp"):
+            protocol = second
+        else:
+            tag = second
+    else:
+        tag, name = parts[0].decode("utf-8", "replace"), parts[1]
+    svc = zone.services.get(name.decode("utf-8", "replace"))
+    if svc is None:
+        out.negative(NXDOMAIN)
+        return
+    members: Iterable[Endpoint] = svc.endpoints
+    if tag is not None:
+        members = [e for e in members if tag in (t.lower() for t in e.tags)]
+    if protocol is not None:
+        members = [e for e in members if e.protocol.lower() == protocol]
+    members = list(members)
+    if not members:
+        out.negative(NXDOMAIN)  # no endpoint has this tag or protocol: the name does not exist
+        return
+    # A known name with no usable endpoint answers NODATA, not SERVFAIL (README:
+    # SERVFAIL makes stub resolvers fail over to other servers and retry).
+    usable = [(e, zone.ips[e.id]) for e in members if zone.usable(e) and e.id in zone.ips]
+    ttl = zone.service_ttl(svc)
+    if qtype == T_SRV:
+        if not usable:
+            out.negative(NOERROR)
+            return
+        targets: dict[str, IPAddress] = {}
+        answers = []
+        for ep, ip in usable:
+            target = f"{addr_label(ip)}.addr.{zone.domain}"
+            targets[target] = ip
+            srv = SRV(priority=1, weight=max(0, min(ep.weight, 0xFFFF)), port=ep.port, target=target)
+            answers.append(RR(qname, T_SRV, ttl=ttl, rdata=srv))
+        out.record.add_answer(*answers)
+        out.record.add_ar(*(_rr_for_ip(t, ip, ttl) for t, ip in targets.items()))
+        out.rotate = len(answers) > 1
+        return
+    unique: list[IPAddress] = []
+    for _, ip in usable:
+        if ip not in unique:  # two ports of one address: one A record (no duplicate RRs)
+            unique.append(ip)
+    _answer_addresses(out, zone, qname, qtype, unique, ttl)
+
+
+def rotations(answer: Answer, limit: int) -> list[DNSRecord]:
+    """Up to `limit` copies of the reply with the answer RRset rotated evenly."""
+    rr = answer.reply.rr
+    n = len(rr)
+    if not answer.rotate or n < 2 or limit < 2:
+        return [answer.reply]
+    k = min(n, limit)
+    out = []
+    for i in range(k):
+        shift = i * n // k
+        copy = DNSRecord(answer.reply.header, answer.reply.questions, rr[shift:] + rr[:shift])
+        copy.auth = answer.reply.auth
+        copy.ar = answer.reply.ar
+        out.append(copy)
+    return out
+
+
+def truncated(answer: Answer) -> DNSRecord:
+    """The UDP reply when the full one does not fit: TC set, question and OPT only."""
+    src = answer.reply
+    header = DNSHeader(id=src.header.id, bitmap=src.header.bitmap, tc=1)
+    record = DNSRecord(header, list(src.questions))
+    record.ar = [rr for rr in src.ar if rr.rtype == T_OPT]
+    record.set_header_qa()
+    return record
+
+
+def qtype_name(qtype: int) -> str:
+    name = QTYPE.get(qtype)
+    return str(name)

@@ -1,0 +1,93 @@
+"""Byte-level helpers for the paths that must not pay for a full parse.
+
+Error replies for packets dnslib cannot parse, REFUSED / SERVFAIL for
+forwarded queries, and finding where the question ends. Pure functions over
+bytes: no sockets, no clock.
+"""
+
+from __future__ import annotations
+
+NOERROR = 0
+FORMERR = 1
+SERVFAIL = 2
+NXDOMAIN = 3
+NOTIMP = 4
+REFUSED = 5
+
+HEADER_LEN = 12
+# A real query is a header, one name of at most 255 bytes, type, class and an
+# OPT record with a few options; anything this large is not a query.
+MAX_QUERY_LEN = 4096
+
+_QR = 0x80  # in the third byte
+_OPCODE_MASK = 0x78
+_RD = 0x01
+_RA = 0x80  # in the fourth byte
+
+
+def is_response(data: bytes) -> bool:
+    return len(data) >= 3 and bool(data[2] & _QR)
+
+
+def header_reply(data: bytes, rcode: int) -> bytes | None:
+    """A bare reply (no sections) to a query we could not parse.
+
+    None when there is nothing to answer: shorter than a header (no ID to
+    echo) or itself a response (answering it could start a loop between two
+    servers).
+    """
+    if len(data) < HEADER_LEN or data[2] & _QR:
+        return None
+    flags = bytes((_QR | (data[2] & (_OPCODE_MASK | _RD)), rcode & 0x0F))
+    return data[:2] + flags + b"\x00" * 8
+
+
+def question_end(data: bytes) -> int | None:
+    """Offset just past the first question (name, type, class), or None.
+
+    Follows no compression pointer (a query's first name has nothing before
+    it to point at); a pointer ends the name, as on the wire.
+    """
+    pos = HEADER_LEN
+    end = len(data)
+    if end < HEADER_LEN or data[4:6] == b"\x00\x00":
+        return None
+    total = 0
+    while True:
+        if pos >= end:
+            return None
+        length = data[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length & 0xC0 == 0xC0:
+            pos += 2
+            break
+        if length & 0xC0:
+            return None
+        total += length + 1
+        if total > 255:
+            return None
+        pos += 1 + length
+    pos += 4
+    return pos if pos <= end else None
+
+
+def question_reply(data: bytes, qend: int, rcode: int, *, ra: bool) -> bytes:
+    """A reply carrying the query's question and `rcode`, nothing else.
+
+    Used for REFUSED (forwarding not allowed) and SERVFAIL (every upstream
+    failed): cheap enough for the forwarding path, no parse.
+    """
+    flags = bytes(
+        (_QR | (data[2] & (_OPCODE_MASK | _RD)), (_RA if ra else 0) | (data[3] & 0x10) | (rcode & 0x0F))
+    )
+    return data[:2] + flags + b"\x00\x01\x00\x00\x00\x00\x00\x00" + data[HEADER_LEN:qend]
+
+
+def rcode_of(reply: bytes) -> int:
+    return reply[3] & 0x0F if len(reply) >= 4 else SERVFAIL
+
+
+def qtype_at(data: bytes, qend: int) -> int:
+    return int.from_bytes(data[qend - 4 : qend - 2], "big")
