@@ -305,7 +305,11 @@ class ApiServer:
             response = error_response(exc.status, exc.message, exc.field, exc.headers)
         except web.HTTPException as exc:
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            message = {404: f"no route {request.path}", 405: f"method {request.method} not allowed here"}
+            message = {
+                404: f"no route {request.path}",
+                405: f"method {request.method} not allowed here",
+                413: f"the body is larger than {MAX_BODY} bytes",
+            }
             response = error_response(exc.status, message.get(exc.status, exc.reason), None, headers)
         except Exception:
             log.exception("failed: %s %s", request.method, request.path)
@@ -369,8 +373,9 @@ class ApiServer:
         raw = request.match_info["name"]
         try:
             name = validate_service_name(raw, "name")
-        except RegistrationError:
-            raise ApiError(404, f"no service named {raw!r}", "name") from None
+        except RegistrationError:  # not a DNS label, so no such service can exist
+            snap = self._catalog.snapshot
+            return json_response({"error": f"no service named {raw!r}", "field": "name"}, snap, status=404)
         snap = await self._block(request, lambda s: self._service_modified(name))
         svc = snap.services.get(name)
         if svc is None:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from beacon.config import Config, parse_duration
 from beacon.registry.catalog import Catalog, EndpointConflict
+from beacon.registry.checks import CheckSpecError, check_spec_from_json, truncate_output
 from beacon.registry.model import CheckSpec, CheckStatus, Endpoint, Snapshot, Source, State
 
 log = logging.getLogger("beacon.registry.manual")
@@ -41,8 +42,6 @@ log = logging.getLogger("beacon.registry.manual")
 SOURCE_PREFIX = "manual:"
 OUTPUT_LIMIT = 4096  # characters of heartbeat output kept (Consul keeps 4 KB)
 MIN_TTL, MAX_TTL = 0.1, 86400.0
-MIN_INTERVAL, MAX_INTERVAL = 0.1, 86400.0
-MAX_TIMEOUT = 300.0
 MAX_TAGS, MAX_META = 64, 64
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
@@ -50,7 +49,6 @@ _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TAG = re.compile(r"[^\s,\x00-\x1f\x7f]{1,255}")
 _FIELDS = frozenset({"id", "service", "address", "port", "tags", "meta", "weight", "protocol", "ttl", "check"})
-_CHECK_FIELDS = frozenset({"http", "tcp", "method", "interval", "timeout", "rise", "fall"})
 
 
 # ----------------------------------------------------------------- errors
@@ -156,33 +154,11 @@ def _meta(value: object) -> Mapping[str, str]:
 
 
 def _check(value: object) -> CheckSpec:
-    if not isinstance(value, dict):
-        raise RegistrationError('check must be an object like {"http": "/health"} or {"tcp": true}', "check")
-    unknown = sorted(set(value) - _CHECK_FIELDS)
-    if unknown:
-        raise RegistrationError(f"check: unknown field {unknown[0]!r}", f"check.{unknown[0]}")
-    has_http, has_tcp = "http" in value, value.get("tcp") is not None
-    if has_http == has_tcp:
-        raise RegistrationError('check needs exactly one of "http" (a path) or "tcp": true', "check")
-    kind: Literal["http", "tcp"]
-    path = "/"
-    if has_http:
-        kind = "http"
-        path = value["http"]
-        if not isinstance(path, str) or not path.startswith("/") or any(c.isspace() for c in path):
-            raise RegistrationError("check.http must be a path starting with '/' without spaces", "check.http")
-    else:
-        kind = "tcp"
-        if value["tcp"] is not True:
-            raise RegistrationError("check.tcp must be true", "check.tcp")
-    method = value.get("method", "GET")
-    if not isinstance(method, str) or not re.fullmatch(r"[A-Z]{1,16}", method):
-        raise RegistrationError("check.method must be an HTTP method like GET or HEAD", "check.method")
-    interval = _duration(value.get("interval", 5.0), "check.interval", MIN_INTERVAL, MAX_INTERVAL)
-    timeout = _duration(value.get("timeout", 2.0), "check.timeout", 0.001, MAX_TIMEOUT)
-    rise = _int(value.get("rise", 1), "check.rise", 1, 100)
-    fall = _int(value.get("fall", 1), "check.fall", 1, 100)
-    return CheckSpec(kind=kind, path=path, method=method, interval=interval, timeout=timeout, rise=rise, fall=fall)
+    # One parser for label and API checks (beacon.registry.checks): same fields, same defaults.
+    try:
+        return check_spec_from_json(value, "check")
+    except CheckSpecError as exc:
+        raise RegistrationError(str(exc), exc.field) from None
 
 
 def parse_registration(endpoint_id: str, body: object, *, node: str) -> Endpoint:
@@ -241,7 +217,7 @@ def parse_heartbeat(data: Mapping[str, Any]) -> tuple[State, str]:
     output = data.get("output", "")
     if not isinstance(output, str):
         raise RegistrationError("output must be a string", "output")
-    return State(status), output[:OUTPUT_LIMIT]
+    return State(status), truncate_output(output, OUTPUT_LIMIT)
 
 
 # ---------------------------------------------------------------- registry
@@ -347,7 +323,7 @@ class ManualRegistry:
         check = entry.endpoint.check
         if check is None or check.kind != "ttl":
             raise Conflict(f"endpoint {endpoint_id!r} has no ttl; heartbeats apply to ttl endpoints", "ttl")
-        self._set_status(endpoint_id, entry, state, output[:OUTPUT_LIMIT])
+        self._set_status(endpoint_id, entry, state, truncate_output(output, OUTPUT_LIMIT))
         entry.deadline = self._clock() + check.ttl
         self._push(entry.deadline, endpoint_id, "ttl")
 

@@ -122,10 +122,15 @@ _SCHEMAS: dict[str, Any] = {
             "http": {"type": "string", "pattern": "^/", "description": "Path probed with HTTP; 2xx/3xx pass"},
             "tcp": {"type": "boolean", "enum": [True], "description": "Probe by TCP connect"},
             "method": {"type": "string", "default": "GET"},
+            "status": {
+                "type": ["string", "integer"],
+                "description": "Passing HTTP status: 200, 200-399 or 2xx",
+                "default": "200-399",
+            },
             "interval": {"$ref": "#/components/schemas/Duration"},
             "timeout": {"$ref": "#/components/schemas/Duration"},
-            "rise": {"type": "integer", "minimum": 1, "maximum": 100, "default": 1},
-            "fall": {"type": "integer", "minimum": 1, "maximum": 100, "default": 1},
+            "rise": {"type": "integer", "minimum": 1, "maximum": 100, "default": 2},
+            "fall": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
         },
     },
     "Duration": {

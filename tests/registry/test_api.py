@@ -1,0 +1,593 @@
+"""The REST API over real sockets: a real ApiServer on port 0, a real Catalog and
+ManualRegistry, a real aiohttp client. Container endpoints are written straight
+into the catalog (the seam the Docker source uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from openapi_spec_validator import validate as validate_openapi
+from prometheus_client import REGISTRY
+
+from beacon.registry import Catalog, Endpoint, Source, State
+from beacon.registry.api import ApiServer, parse_blocking
+from beacon.registry.manual import ManualRegistry
+from tests.helpers import eventually
+from tests.helpers import test_config as make_config
+
+
+@dataclass
+class Harness:
+    catalog: Catalog
+    manual: ManualRegistry
+    server: ApiServer
+    http: aiohttp.ClientSession
+
+    def container(self, cid: str, service: str, port: int = 80, **kw: Any) -> Endpoint:
+        """Put one container endpoint in the catalog, as the Docker source would."""
+        ep = Endpoint(
+            id=f"{cid}:{port}",
+            service=service,
+            address="172.17.0.9",
+            port=port,
+            source=Source("container", container_id=cid, container_name=f"{service}-{cid}"),
+            **kw,
+        )
+        self.catalog.set_source(f"container:{cid}", [ep])
+        self.catalog.publish()
+        return ep
+
+
+@asynccontextmanager
+async def serve(*, docker: object | None = None, health: object | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+    config = make_config(docker=False, **overrides)
+    catalog = Catalog()
+    manual = ManualRegistry(config, catalog, node="test-node")
+    server = ApiServer(config, catalog, manual=manual, docker=docker, health=health, heartbeat_interval=0.2)
+    await manual.start()
+    await server.start()
+    try:
+        assert server.address is not None and server.address.port > 0
+        async with aiohttp.ClientSession(base_url=f"http://{server.address}") as http:
+            yield Harness(catalog, manual, server, http)
+    finally:
+        await server.stop()
+        await manual.stop()
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Harness]:
+    async with serve() as h:
+        yield h
+
+
+async def get(h: Harness, path: str, **params: str) -> tuple[int, Any, int]:
+    async with h.http.get(path, params=params) as resp:
+        assert resp.content_type == "application/json"
+        return resp.status, await resp.json(), int(resp.headers["X-Beacon-Index"])
+
+
+async def send(h: Harness, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    async with h.http.request(method, path, data=data, headers=headers) as resp:
+        assert resp.content_type == "application/json", await resp.text()
+        return resp.status, await resp.json()
+
+
+DB = {"service": "db", "address": "10.0.0.5", "port": 5432}
+
+
+# -------------------------------------------------------------------- reads
+async def test_services_list_with_tags_and_counts(api: Harness) -> None:
+    api.container("c1", "web", tags=("blue",))
+    api.container("c2", "web", tags=("green",), state=State.CRITICAL)
+    api.container("c3", "cache")
+    status, body, index = await get(api, "/v1/services")
+    assert status == 200
+    assert index == api.catalog.snapshot.index
+    by_name = {s["name"]: s for s in body}
+    assert [s["name"] for s in body] == ["cache", "web"]
+    assert by_name["web"]["tags"] == ["blue", "green"]
+    assert (by_name["web"]["passing"], by_name["web"]["total"]) == (1, 2)
+    assert (by_name["cache"]["passing"], by_name["cache"]["total"]) == (1, 1)
+
+
+async def test_service_detail_has_the_contract_fields(api: Harness) -> None:
+    api.container("c1", "web", tags=("blue",), meta={"v": "2"}, weight=3)
+    status, body, _ = await get(api, "/v1/services/web")
+    assert status == 200
+    assert body["name"] == "web" and body["tags"] == ["blue"]
+    (ep,) = body["endpoints"]
+    assert {"id", "address", "port", "state", "weight", "tags", "meta", "source"} <= ep.keys()
+    assert ep["id"] == "c1:80" and ep["address"] == "172.17.0.9" and ep["port"] == 80
+    assert ep["state"] == "passing" and ep["weight"] == 3
+    assert ep["tags"] == ["blue"] and ep["meta"] == {"v": "2"}
+    assert ep["source"] == {"kind": "container", "container_id": "c1", "container_name": "web-c1"}
+    # Service names are DNS labels: case-insensitive.
+    assert (await get(api, "/v1/services/WEB"))[1]["name"] == "web"
+
+
+async def test_unknown_service_is_404_json(api: Harness) -> None:
+    status, body, index = await get(api, "/v1/services/nope")
+    assert status == 404
+    assert body["field"] == "name" and "nope" in body["error"]
+    assert index == api.catalog.snapshot.index
+    status, body, _ = await get(api, "/v1/services/not_a_label")
+    assert status == 404 and body["field"] == "name"
+    status, body, _ = await get(api, "/v1/endpoints/nope")
+    assert status == 404 and body["field"] == "id"
+
+
+async def test_endpoint_filters(api: Harness) -> None:
+    api.container("c1", "web", tags=("blue",))
+    api.container("c2", "web", tags=("green",), state=State.DRAINING)
+    api.container("c3", "cache", tags=("blue",), state=State.WARNING)
+
+    async def ids(**params: str) -> list[str]:
+        status, body, _ = await get(api, "/v1/endpoints", **params)
+        assert status == 200
+        return [e["id"] for e in body]
+
+    assert await ids() == ["c3:80", "c1:80", "c2:80"]  # by service name, then id
+    assert await ids(service="web") == ["c1:80", "c2:80"]
+    assert await ids(tag="blue") == ["c3:80", "c1:80"]
+    assert await ids(state="draining") == ["c2:80"]
+    assert await ids(state="passing,warning") == ["c3:80", "c1:80"]
+    assert await ids(service="web", tag="blue", state="passing") == ["c1:80"]
+    assert await ids(service="absent") == []
+    status, body, _ = await get(api, "/v1/endpoints/c2:80")
+    assert status == 200 and body["state"] == "draining"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"state": "sleeping"}, "state"),
+        ({"service": "bad_name"}, "service"),
+        ({"index": "-1"}, "index"),
+        ({"index": "abc"}, "index"),
+        ({"index": "1", "wait": "soon"}, "wait"),
+        ({"index": "1", "wait": "10x"}, "wait"),
+    ],
+)
+async def test_bad_query_parameters_are_400(api: Harness, params: dict[str, str], field: str) -> None:
+    status, body = 0, None
+    async with api.http.get("/v1/endpoints", params=params) as resp:
+        status, body = resp.status, await resp.json()
+    assert status == 400
+    assert body["field"] == field and body["error"]
+
+
+# --------------------------------------------------------- blocking queries
+def test_blocking_query_parameters() -> None:
+    assert parse_blocking({}) is None
+    assert parse_blocking({"wait": "10s"}) is None  # wait alone is a plain read
+    q = parse_blocking({"index": "7", "wait": "30s"}, rand=lambda: 0.0)
+    assert q is not None and (q.index, q.wait) == (7, 30.0)
+    full_jitter = parse_blocking({"index": "7", "wait": "16s"}, rand=lambda: 1.0)
+    assert full_jitter is not None and full_jitter.wait == 17.0  # at most wait/16 extra
+    default = parse_blocking({"index": "7"}, rand=lambda: 0.0)
+    assert default is not None and default.wait == 300.0  # 5 min, like Consul
+    capped = parse_blocking({"index": "7", "wait": "2h"}, rand=lambda: 0.0)
+    assert capped is not None and capped.wait == 600.0  # capped at 10 min
+
+
+async def test_blocking_query_returns_early_on_change(api: Harness) -> None:
+    api.container("c1", "web")
+    _, _, index = await get(api, "/v1/services/web")
+    started = time.monotonic()
+    task = asyncio.create_task(get(api, "/v1/services/web", index=str(index), wait="20s"))
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    assert REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1
+    api.container("c2", "web")
+    status, body, new_index = await asyncio.wait_for(task, 5)
+    assert status == 200 and new_index > index
+    assert [e["id"] for e in body["endpoints"]] == ["c1:80", "c2:80"]
+    assert time.monotonic() - started < 5
+    assert REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 0
+
+
+async def test_blocking_query_returns_at_the_wait_with_the_same_index(api: Harness) -> None:
+    api.container("c1", "web")
+    _, _, index = await get(api, "/v1/services")
+    started = time.monotonic()
+    status, body, same = await get(api, "/v1/services", index=str(index), wait="300ms")
+    elapsed = time.monotonic() - started
+    assert status == 200 and same == index
+    assert [s["name"] for s in body] == ["web"]
+    assert 0.3 <= elapsed < 3
+
+
+async def test_blocking_on_one_service_ignores_changes_to_others(api: Harness) -> None:
+    api.container("c1", "web")
+    _, _, index = await get(api, "/v1/endpoints", service="web")
+    task = asyncio.create_task(get(api, "/v1/endpoints", service="web", index=str(index), wait="20s"))
+    await asyncio.sleep(0.2)
+    api.container("c9", "other")  # the catalog index moves, web does not change
+    await asyncio.sleep(0.4)
+    assert not task.done()
+    api.container("c1", "web", state=State.DRAINING)
+    status, body, new_index = await asyncio.wait_for(task, 5)
+    assert [e["state"] for e in body] == ["draining"]
+    assert new_index == api.catalog.snapshot.index
+
+
+async def test_index_from_an_earlier_process_answers_at_once(api: Harness) -> None:
+    started = time.monotonic()
+    status, _, index = await get(api, "/v1/services", index="999999", wait="30s")
+    assert status == 200 and index < 999999
+    assert time.monotonic() - started < 2
+
+
+async def test_blocking_query_for_a_missing_service_wakes_when_it_appears(api: Harness) -> None:
+    status, _, index = await get(api, "/v1/services/late")
+    assert status == 404
+    task = asyncio.create_task(get(api, "/v1/services/late", index=str(index), wait="20s"))
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    api.container("c1", "late")
+    status, body, _ = await asyncio.wait_for(task, 5)
+    assert status == 200 and body["name"] == "late"
+
+
+async def test_client_hanging_up_ends_its_blocking_query(api: Harness) -> None:
+    _, _, index = await get(api, "/v1/services")
+    task = asyncio.create_task(get(api, "/v1/services", index=str(index), wait="60s"))
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
+    task.cancel()  # closes the client connection
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 0)
+
+
+async def test_stop_ends_blocking_queries_promptly() -> None:
+    async with serve() as h:
+        _, _, index = await get(h, "/v1/services")
+        task = asyncio.create_task(get(h, "/v1/services", index=str(index), wait="60s"))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await h.server.stop()
+        status, _, same = await asyncio.wait_for(task, 5)
+        assert status == 200 and same == index
+        assert time.monotonic() - started < 3
+
+
+# -------------------------------------------------------------------- watch
+async def next_event(resp: aiohttp.ClientResponse, timeout: float = 5.0) -> dict[str, Any]:
+    """Read one server-sent event (or one comment) from the stream."""
+
+    async def read() -> dict[str, Any]:
+        event: dict[str, Any] = {}
+        while True:
+            line = (await resp.content.readline()).decode()
+            if line == "":
+                return {"eof": True}
+            line = line.rstrip("\n")
+            if line == "":
+                if event:
+                    return event
+                continue
+            if line.startswith(":"):
+                return {"comment": line[1:].strip()}
+            key, _, value = line.partition(": ")
+            event[key] = json.loads(value) if key == "data" else value
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_watch_streams_the_state_then_each_change(api: Harness) -> None:
+    api.container("c1", "web")
+    async with api.http.get("/v1/watch") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        first = await next_event(resp)
+        assert first["event"] == "snapshot"
+        assert [s["name"] for s in first["data"]["services"]] == ["web"]
+        assert int(first["id"]) == first["data"]["index"] == api.catalog.snapshot.index
+
+        status, _ = await send(api, "PUT", "/v1/endpoints/db1", DB)
+        assert status == 201
+        change = await next_event(resp)
+        while "comment" in change:
+            change = await next_event(resp)
+        assert change["event"] == "change"
+        assert [s["name"] for s in change["data"]["services"]] == ["db"]
+        assert change["data"]["services"][0]["endpoints"][0]["id"] == "db1"
+        assert change["data"]["removed"] == []
+
+        await send(api, "DELETE", "/v1/endpoints/db1")
+        change = await next_event(resp)
+        while "comment" in change:
+            change = await next_event(resp)
+        assert change["data"]["services"] == [] and change["data"]["removed"] == ["db"]
+        assert int(change["id"]) == api.catalog.snapshot.index
+
+
+async def test_watch_filter_and_heartbeats(api: Harness) -> None:
+    api.container("c1", "web")
+    async with api.http.get("/v1/watch", params={"service": "db"}) as resp:
+        first = await next_event(resp)
+        assert first["event"] == "snapshot" and first["data"]["services"] == []
+        api.container("c2", "web")  # not the watched service: no event, only keep-alives
+        seen = [await next_event(resp, timeout=3) for _ in range(2)]
+        assert all("comment" in e for e in seen), seen
+        await send(api, "PUT", "/v1/endpoints/db1", DB)
+        event = await next_event(resp)
+        while "comment" in event:
+            event = await next_event(resp)
+        assert [s["name"] for s in event["data"]["services"]] == ["db"]
+    async with api.http.get("/v1/watch", params={"service": "bad_name"}) as resp:
+        assert resp.status == 400 and (await resp.json())["field"] == "service"
+
+
+async def test_watch_ends_cleanly_on_shutdown() -> None:
+    async with serve() as h, h.http.get("/v1/watch") as resp:
+        assert (await next_event(resp))["event"] == "snapshot"
+        assert REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 1
+        started = time.monotonic()
+        await h.server.stop()
+        event = await next_event(resp)
+        while "comment" in event:
+            event = await next_event(resp)
+        assert event == {"eof": True}
+        assert time.monotonic() - started < 3
+        assert REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0
+
+
+# ------------------------------------------------------ manual registration
+async def test_register_read_replace_deregister(api: Harness) -> None:
+    status, ep = await send(api, "PUT", "/v1/endpoints/db1", {**DB, "tags": ["primary"], "meta": {"az": "b"}})
+    assert status == 201
+    assert ep["id"] == "db1" and ep["state"] == "passing" and ep["source"] == {"kind": "manual"}
+    assert ep["node"] == "test-node"
+    # Read-your-writes: the registration is in the catalog as soon as the PUT returns.
+    status, svc, index = await get(api, "/v1/services/db")
+    assert status == 200 and [e["id"] for e in svc["endpoints"]] == ["db1"]
+    assert svc["endpoints"][0]["tags"] == ["primary"] and svc["endpoints"][0]["meta"] == {"az": "b"}
+
+    status, _ = await send(api, "PUT", "/v1/endpoints/db1", {**DB, "tags": ["primary"], "meta": {"az": "b"}})
+    assert status == 200
+    assert api.catalog.snapshot.index == index  # same registration again: nothing republished
+
+    status, ep = await send(api, "PUT", "/v1/endpoints/db1", {**DB, "port": 6432})
+    assert status == 200 and ep["port"] == 6432
+
+    status, body = await send(api, "DELETE", "/v1/endpoints/db1")
+    assert status == 200 and body == {"id": "db1", "deregistered": True}
+    assert (await get(api, "/v1/services/db"))[0] == 404
+    status, body = await send(api, "DELETE", "/v1/endpoints/db1")
+    assert status == 404 and body["field"] == "id"
+
+
+async def test_ttl_expiry_critical_then_removed() -> None:
+    async with serve(deregister_critical_after=0.6) as h:
+        status, ep = await send(h, "PUT", "/v1/endpoints/db1", {**DB, "ttl": "300ms"})
+        assert status == 201 and ep["state"] == "critical"  # critical until the first heartbeat
+
+        status, ep = await send(h, "PUT", "/v1/endpoints/db1/heartbeat")
+        assert status == 200 and ep["state"] == "passing"
+        status, ep = await send(h, "PUT", "/v1/endpoints/db1/heartbeat?status=warning&output=slow%20disk")
+        assert ep["state"] == "warning" and ep["check_status"]["output"] == "slow disk"
+        status, ep = await send(h, "PUT", "/v1/endpoints/db1/heartbeat", {"status": "passing", "output": "ok"})
+        assert ep["state"] == "passing"
+
+        def state() -> str | None:
+            e = h.catalog.snapshot.endpoints.get("db1")
+            return e.state.value if e is not None else None
+
+        await eventually(lambda: state() == "critical", timeout=5)
+        status, ep, _ = await get(h, "/v1/endpoints/db1")
+        assert "ttl expired" in ep["check_status"]["output"]
+        await eventually(lambda: state() is None, timeout=5)
+        assert (await get(h, "/v1/services/db"))[0] == 404
+        status, body = await send(h, "PUT", "/v1/endpoints/db1/heartbeat")
+        assert status == 404
+
+
+async def test_heartbeat_errors(api: Harness) -> None:
+    await send(api, "PUT", "/v1/endpoints/plain", DB)
+    status, body = await send(api, "PUT", "/v1/endpoints/plain/heartbeat")
+    assert status == 409 and body["field"] == "ttl"
+    await send(api, "PUT", "/v1/endpoints/ttl1", {**DB, "ttl": "10s"})
+    status, body = await send(api, "PUT", "/v1/endpoints/ttl1/heartbeat", {"status": "great"})
+    assert status == 422 and body["field"] == "status"
+    status, body = await send(api, "PUT", "/v1/endpoints/ttl1/heartbeat", raw=b"[1]")
+    assert status == 422 and body["field"] == "body"
+    status, body = await send(api, "PUT", "/v1/endpoints/ttl1/heartbeat", raw=b"{oops")
+    assert status == 400 and body["field"] == "body"
+    assert api.catalog.snapshot.endpoints["ttl1"].state is State.CRITICAL  # no rejected heartbeat counted
+    status, body = await send(api, "PUT", "/v1/endpoints/ghost/heartbeat")
+    assert status == 404
+
+
+async def test_manual_endpoint_with_http_check_starts_critical(api: Harness) -> None:
+    status, ep = await send(api, "PUT", "/v1/endpoints/web1", {**DB, "check": {"http": "/health", "interval": "1s"}})
+    assert status == 201
+    assert ep["state"] == "critical" and ep["check"]["kind"] == "http"
+
+
+# ---------------------------------------------------------------- security
+async def test_writes_need_the_token_when_set() -> None:
+    async with serve(api_token="s3cret") as h:
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "Bearer s3cret-and-more"}):
+            async with h.http.put("/v1/endpoints/db1", json=DB, headers=headers) as resp:
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await resp.json())["field"] == "Authorization"
+        assert "db1" not in h.catalog.snapshot.endpoints
+        good = {"Authorization": "Bearer s3cret"}
+        assert (await send(h, "PUT", "/v1/endpoints/db1", DB, headers=good))[0] == 201
+        assert (await get(h, "/v1/services/db"))[0] == 200  # reads need no token
+        assert (await send(h, "DELETE", "/v1/endpoints/db1"))[0] == 401
+        assert (await send(h, "PUT", "/v1/endpoints/db1/heartbeat"))[0] == 401
+        assert "db1" in h.catalog.snapshot.endpoints
+        assert (await send(h, "DELETE", "/v1/endpoints/db1", headers=good))[0] == 200
+
+
+# --------------------------------------------------------------- bad input
+BAD_WRITES: list[tuple[str, bytes, int, str]] = [
+    ("db1", b'{"service": "db",', 400, "body"),
+    ("db1", b"", 400, "body"),
+    ("db1", b'{"service": "db", "address": "10.0.0.5", "port": NaN}', 400, "body"),
+    ("db1", b"[" * 5000 + b"]" * 5000, 400, "body"),
+    ("db1", b"\xff\xfe", 400, "body"),
+    ("db1", b'["db"]', 422, "body"),
+    ("db1", json.dumps({"address": "10.0.0.5", "port": 1}).encode(), 422, "service"),
+    ("db1", json.dumps({**DB, "service": "Not_A_Label"}).encode(), 422, "service"),
+    ("db1", json.dumps({**DB, "port": 0}).encode(), 422, "port"),
+    ("db1", json.dumps({**DB, "port": 99999}).encode(), 422, "port"),
+    ("db1", json.dumps({**DB, "address": "db.internal"}).encode(), 422, "address"),
+    ("db1", json.dumps({**DB, "ttl": "forever"}).encode(), 422, "ttl"),
+    ("db1", json.dumps({**DB, "ttl": "0s"}).encode(), 422, "ttl"),
+    ("db1", json.dumps({**DB, "tgas": ["x"]}).encode(), 422, "tgas"),
+    ("db1", json.dumps({**DB, "check": {"http": "/h", "interval": "0s"}}).encode(), 422, "check.interval"),
+    ("db1", json.dumps({**DB, "id": "db2"}).encode(), 422, "id"),
+    ("bad%20id", json.dumps(DB).encode(), 422, "id"),
+    ("db1", b"{" + b'"a": "' + b"x" * 70_000 + b'"}', 413, None),  # over the 64 KiB body limit
+]
+
+
+@pytest.mark.parametrize(("eid", "raw", "status", "field"), BAD_WRITES)
+async def test_bad_writes_are_rejected_and_change_nothing(
+    api: Harness, eid: str, raw: bytes, status: int, field: str | None
+) -> None:
+    await send(api, "PUT", "/v1/endpoints/db1", {**DB, "ttl": "10s"})
+    before = api.catalog.snapshot
+    got, body = await send(api, "PUT", f"/v1/endpoints/{eid}", raw=raw)
+    assert got == status
+    assert set(body) == {"error", "field"} and body["error"] and body["field"] == field
+    assert "Traceback" not in body["error"]
+    await asyncio.sleep(0.06)  # past the catalog's coalescing window
+    assert api.catalog.snapshot is before  # a rejected request changes nothing
+    assert api.catalog.snapshot.endpoints["db1"].check is not None
+
+
+async def test_container_endpoints_cannot_be_changed_through_the_api(api: Harness) -> None:
+    api.container("c1", "web")
+    before = api.catalog.snapshot
+    for method, path, body in (
+        ("PUT", "/v1/endpoints/c1:80", {**DB, "service": "web"}),
+        ("DELETE", "/v1/endpoints/c1:80", None),
+        ("PUT", "/v1/endpoints/c1:80/heartbeat", None),
+    ):
+        status, answer = await send(api, method, path, body)
+        assert status == 409, (method, path)
+        assert "container" in answer["error"] and answer["field"] == "id"
+    await asyncio.sleep(0.06)
+    assert api.catalog.snapshot is before
+
+
+async def test_unknown_routes_and_methods_are_json(api: Harness) -> None:
+    status, body = await send(api, "GET", "/v2/nothing")
+    assert status == 404 and body == {"error": "no route /v2/nothing", "field": None}
+    async with api.http.post("/v1/services") as resp:
+        assert resp.status == 405
+        assert "GET" in resp.headers["Allow"]
+        assert (await resp.json())["error"].startswith("method POST")
+    async with api.http.delete("/v1/endpoints/x/heartbeat") as resp:
+        assert resp.status == 405 and resp.content_type == "application/json"
+
+
+async def test_unexpected_errors_become_a_logged_json_500(caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenHealth:
+        def autoheal_log(self) -> list[object]:
+            raise RuntimeError("boom")
+
+    async with serve(health=BrokenHealth()) as h:
+        status, body = await send(h, "GET", "/v1/autoheal")
+    assert status == 500 and body["error"] == "internal error (logged)"
+    assert "boom" not in json.dumps(body)
+    assert any("failed: GET /v1/autoheal" in r.getMessage() for r in caplog.records)
+
+
+# -------------------------------------------------------------------- misc
+def _refs(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _refs(item)
+
+
+async def test_openapi_document_is_valid_and_covers_every_route(api: Harness) -> None:
+    async with api.http.get("/v1/openapi.json") as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    validate_openapi(doc)
+    assert doc["openapi"].startswith("3.")
+    served = {
+        (route.resource.canonical, route.method.lower())
+        for route in api.server.app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert served == documented
+    for ref in _refs(doc):
+        node: Any = doc
+        for part in ref.removeprefix("#/").split("/"):
+            node = node[part]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op["responses"] and op["summary"], (path, method)
+
+
+class FakeDocker:
+    connected = True
+
+
+async def test_healthz_reports_the_docker_connection() -> None:
+    async with serve() as h:
+        status, body, _ = await get(h, "/healthz")
+        assert status == 200 and body == {"status": "ok", "docker": "disabled"}
+    docker = FakeDocker()
+    async with serve(docker=docker) as h:
+        status, body, _ = await get(h, "/healthz")
+        assert status == 200 and body == {"status": "ok", "docker": "connected"}
+        docker.connected = False
+        status, body, _ = await get(h, "/healthz")
+        assert status == 503 and body == {"status": "degraded", "docker": "disconnected"}
+
+
+async def test_autoheal_log_is_listed() -> None:
+    class Health:
+        def autoheal_log(self) -> list[dict[str, object]]:
+            return [{"container": "web-1", "action": "restarted", "at": 1.0}]
+
+    async with serve(health=Health()) as h:
+        status, body, _ = await get(h, "/v1/autoheal")
+        assert status == 200 and body == [{"container": "web-1", "action": "restarted", "at": 1.0}]
+    async with serve(health=object()) as h:
+        assert (await get(h, "/v1/autoheal"))[1] == []
+
+
+async def test_metrics_endpoint(api: Harness) -> None:
+    api.container("c1", "web")
+    api.container("c2", "web", state=State.DRAINING)
+    await get(api, "/v1/services")
+    async with api.http.get("/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    lines = set(text.splitlines())
+    assert f"beacon_registry_snapshot_index {float(api.catalog.snapshot.index)}" in lines
+    assert "beacon_registry_services 1.0" in lines
+    assert 'beacon_registry_endpoints{state="draining"} 1.0' in lines
+    assert 'beacon_registry_endpoints{state="passing"} 1.0' in lines
+    assert any(
+        line.startswith('beacon_registry_api_requests_total{method="GET",route="/v1/services",status="200"}')
+        for line in lines
+    )
+    assert "_created" not in text
