@@ -217,7 +217,7 @@ async def test_blocking_on_one_service_ignores_changes_to_others(api: Harness) -
     await asyncio.sleep(0.4)
     assert not task.done()
     api.container("c1", "web", state=State.DRAINING)
-    status, body, new_index = await asyncio.wait_for(task, 5)
+    _status, body, new_index = await asyncio.wait_for(task, 5)
     assert [e["state"] for e in body] == ["draining"]
     assert new_index == api.catalog.snapshot.index
 
@@ -388,7 +388,7 @@ async def test_ttl_expiry_critical_then_removed() -> None:
         assert "ttl expired" in ep["check_status"]["output"]
         await eventually(lambda: state() is None, timeout=5)
         assert (await get(h, "/v1/services/db"))[0] == 404
-        status, body = await send(h, "PUT", "/v1/endpoints/db1/heartbeat")
+        status, _body = await send(h, "PUT", "/v1/endpoints/db1/heartbeat")
         assert status == 404
 
 

@@ -166,7 +166,7 @@ def test_any_json_body_is_accepted_or_rejected_with_a_field(body: Any) -> None:
 def test_parse_heartbeat() -> None:
     assert parse_heartbeat({}) == (State.PASSING, "")
     assert parse_heartbeat({"status": "warning", "output": "slow"}) == (State.WARNING, "slow")
-    state, output = parse_heartbeat({"output": "x" * 10_000})
+    _state, output = parse_heartbeat({"output": "x" * 10_000})
     assert len(output) == 4096
     for bad, field in (({"status": "draining"}, "status"), ({"output": 3}, "output"), ({"x": 1}, "x")):
         with pytest.raises(RegistrationError) as info:
@@ -176,7 +176,7 @@ def test_parse_heartbeat() -> None:
 
 # -------------------------------------------------------------------- timer
 def test_ttl_endpoint_is_critical_until_the_first_heartbeat() -> None:
-    catalog, registry, clock = make_registry()
+    catalog, registry, _clock = make_registry()
     assert registry.register(reg(ttl="10s")) is True
     snap = catalog.publish()
     assert snap.endpoints["db1"].state is State.CRITICAL
@@ -268,7 +268,7 @@ def test_zero_window_disables_removal() -> None:
 
 
 def test_reregistering_keeps_status_unless_the_check_changes() -> None:
-    catalog, registry, clock = make_registry()
+    catalog, registry, _clock = make_registry()
     registry.register(reg(ttl="10s"))
     registry.heartbeat("db1")
     first = catalog.publish()
@@ -281,7 +281,7 @@ def test_reregistering_keeps_status_unless_the_check_changes() -> None:
 
 
 def test_container_ids_cannot_be_taken_over() -> None:
-    catalog, registry, clock = make_registry()
+    catalog, registry, _clock = make_registry()
     container = Endpoint("c1:80", "web", "172.17.0.2", 80, Source("container", "c1", "web-1"))
     catalog.set_source("container:c1", [container])
     before = catalog.publish()
@@ -295,7 +295,7 @@ def test_container_ids_cannot_be_taken_over() -> None:
 
 
 def test_heartbeat_needs_a_ttl() -> None:
-    catalog, registry, clock = make_registry()
+    _catalog, registry, _clock = make_registry()
     registry.register(reg())
     with pytest.raises(Conflict) as info:
         registry.heartbeat("db1")
