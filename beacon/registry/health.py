@@ -1,18 +1,686 @@
-"""PLACEHOLDER: HealthChecker is not built yet (replaced by its issue's work)."""
+"""Active health checks, readiness and autoheal.
+
+The checker follows the catalog's snapshots and runs exactly one check per
+endpoint that has an HTTP or TCP `CheckSpec`, whoever registered it (container
+labels or the API) and however many consumers read it. Results go back to the
+catalog with `set_check_status`; the catalog folds them into the published
+state, so DNS, proxy and API agree on who is healthy.
+
+Scheduling: one scheduler task owns a heap of due times. Popping a due job
+takes a slot of a semaphore (`config.check_concurrency`) and runs that one
+probe in a short-lived task; the next run is pushed when it finishes (so a
+slow endpoint never has two probes in flight). Times carry jitter so endpoints
+registered together do not stay in step. Nothing per endpoint lives forever
+except a small record, so thousands of endpoints cost a heap and a dict.
+
+Snapshot churn: a status is written to the catalog only when something an
+operator would see changes - the state, the output, or a consecutive count
+still below the threshold that matters (rise, fall, autoheal.after). A steady
+endpoint therefore causes no new snapshot and wakes no watcher; its
+`last_checked` is the time of the last such change.
+
+Autoheal (opt-in per container, `beacon.autoheal=true`), two signals:
+- Beacon's own check: `after` consecutive failures of any of the container's
+  checked endpoints.
+- Docker HEALTHCHECK: while the container's source-side state is critical
+  (Docker says unhealthy or starting, or it is paused), the container is
+  inspected at its healthcheck interval; Docker must say `unhealthy` with a
+  `FailingStreak` of at least `after`. Docker already counted the failures, so
+  Beacon does not re-derive them from snapshots.
+Before any restart the container is inspected again: only a running, unpaused
+container is restarted. Restarts are spaced by `backoff`, doubling with each
+restart in the window, and at most `max_restarts` happen per `window`; past
+that the container is left alone (logged `limited:` once per window).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+from prometheus_client import Counter, Gauge, Histogram
+from yarl import URL
+
+from beacon.config import Config
+from beacon.registry.catalog import Catalog
+from beacon.registry.checks import OUTPUT_LIMIT, truncate_output
+from beacon.registry.model import AutohealSpec, CheckSpec, CheckStatus, Endpoint, Snapshot, State
+
+log = logging.getLogger("beacon.registry.health")
+
+# Metrics live at module level: prometheus' default registry accepts each name
+# once per process, and several checkers may exist in one process (tests).
+CHECKS_RUN = Counter(
+    "beacon_registry_checks_total", "Active health checks run, by kind and result", ["kind", "result"]
+)
+CHECK_LATENCY = Histogram(
+    "beacon_registry_check_duration_seconds",
+    "Time one active health check took, by kind",
+    ["kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CHECKED_ENDPOINTS = Gauge("beacon_registry_checked_endpoints", "Endpoints with an active HTTP or TCP check")
+CHECKS_IN_FLIGHT = Gauge("beacon_registry_checks_in_flight", "Active health checks running now")
+AUTOHEAL_RESTARTS = Counter(
+    "beacon_registry_autoheal_restarts_total", "Unhealthy containers restarted by autoheal"
+)
+AUTOHEAL_LIMITED = Counter(
+    "beacon_registry_autoheal_limited_total",
+    "Autoheal restarts withheld because a container reached its limit per window",
+)
+
+# After a TCP connect, how long to watch for an immediate close. Docker's
+# userland proxy accepts on a published port even when nothing listens in the
+# container, then closes at once; a live server keeps the connection open.
+TCP_SETTLE = 0.1
+AUTOHEAL_LOG_SIZE = 200
+_DOCKER_POLL_RANGE = (0.5, 30.0)  # seconds between inspects of an unhealthy container
+_USER_AGENT = "beacon-health/1"
+
+
+class DockerControl(Protocol):
+    """What autoheal needs from the Docker source."""
+
+    async def inspect_container(self, container_id: str) -> Mapping[str, Any] | None: ...
+
+    async def restart_container(self, container_id: str, timeout: float = 10) -> None: ...
+
+
+# ------------------------------------------------------------------ pure core
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An endpoint's checked state after applying rise/fall to its results."""
+
+    state: State
+    passes: int = 0  # consecutive passing (or warning) results
+    failures: int = 0  # consecutive critical results
+    ready: bool = False  # has passed at least once
+
+
+def judge(prev: Verdict | None, result: State, rise: int, fall: int) -> Verdict:
+    """Fold one probe result into the verdict.
+
+    Readiness: until the endpoint has passed once it is critical, and its first
+    pass makes it passing at once (no rise wait for a fresh start). Afterwards
+    `fall` failures in a row make it critical and `rise` passes in a row bring it
+    back; a warning result (HTTP 429) counts as alive and shows at once.
+    """
+    if prev is None:
+        prev = Verdict(State.CRITICAL)
+    if result is State.CRITICAL:
+        failures = prev.failures + 1
+        down = prev.state is State.CRITICAL or failures >= fall
+        return Verdict(State.CRITICAL if down else prev.state, 0, failures, prev.ready)
+    passes = prev.passes + 1
+    if prev.state is State.CRITICAL and prev.ready and passes < rise:
+        return Verdict(State.CRITICAL, passes, 0, True)
+    return Verdict(result, passes, 0, True)
+
+
+def classify_http(status: int, spec: CheckSpec) -> State:
+    """Expected range -> passing; 429 Too Many Requests -> warning (as Consul); else critical."""
+    if spec.status_min <= status <= spec.status_max:
+        return State.PASSING
+    if status == 429:
+        return State.WARNING
+    return State.CRITICAL
+
+
+def backoff_delay(spec: AutohealSpec, restarts_in_window: int) -> float:
+    """Least wait after the latest restart: backoff, doubling per restart, capped at the window."""
+    if restarts_in_window <= 0:
+        return 0.0
+    return float(min(spec.window, spec.backoff * 2 ** (restarts_in_window - 1)))
+
+
+def docker_health(info: Mapping[str, Any]) -> tuple[str, int, float | None, str]:
+    """(status, failing streak, healthcheck interval in seconds or None, last output)
+    from a container inspect document."""
+    state = info.get("State") or {}
+    health = state.get("Health") or {}
+    status = str(health.get("Status") or "")
+    streak = health.get("FailingStreak")
+    streak = streak if isinstance(streak, int) else 0
+    logs = health.get("Log") or []
+    output = str(logs[-1].get("Output") or "").strip() if logs and isinstance(logs[-1], dict) else ""
+    interval_ns = ((info.get("Config") or {}).get("Healthcheck") or {}).get("Interval")
+    interval = interval_ns / 1e9 if isinstance(interval_ns, int) and interval_ns > 0 else None
+    return status, streak, interval, output
+
+
+# ---------------------------------------------------------------- the checker
+@dataclass(eq=False, slots=True)
+class _Job:
+    """Something in the scheduler heap. A heap entry is live only while
+    `seq` matches the job's current one (rescheduling or removal orphans it)."""
+
+    seq: int = -1
+    alive: bool = True
+
+
+@dataclass(eq=False, slots=True)
+class _Target(_Job):
+    endpoint_id: str = ""
+    address: str = ""
+    port: int = 0
+    spec: CheckSpec = field(default_factory=lambda: CheckSpec(kind="tcp"))
+    container_id: str | None = None
+    container_name: str | None = None
+    autoheal: AutohealSpec | None = None
+    verdict: Verdict | None = None
+    published: tuple[object, ...] | None = None
+    last_change: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class _DockerWatch(_Job):
+    container_id: str = ""
+    container_name: str = ""
+    source_key: str = ""
+    spec: AutohealSpec = field(default_factory=AutohealSpec)
+    next_delay: float = _DOCKER_POLL_RANGE[0]
+
+
+@dataclass(slots=True)
+class _HealState:
+    window: float
+    history: collections.deque[float] = field(default_factory=collections.deque)  # restart times
+    restarting: bool = False
+    limited_until: float = 0.0  # no repeated "limited" log before this
+
+
+@dataclass(slots=True)
+class _Container:
+    """An autoheal container we follow: its catalog source and tracked endpoints."""
+
+    source_key: str
+    endpoint_ids: set[str] = field(default_factory=set)
+
+
+def _relevant(ep: Endpoint) -> bool:
+    has_check = ep.check is not None and ep.check.kind in ("http", "tcp")
+    return has_check or (ep.autoheal is not None and ep.source.container_id is not None)
+
+
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 class HealthChecker:
-    connected = False
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog,
+        *,
+        docker: DockerControl | None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._catalog = catalog
+        self._docker = docker
+        self._rng = rng or random.Random()
+        self._slots = asyncio.Semaphore(config.check_concurrency)
+        self._heap: list[tuple[float, int, _Job]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._targets: dict[str, _Target] = {}
+        self._watches: dict[str, _DockerWatch] = {}  # container id -> Docker health watch
+        self._heal: dict[str, _HealState] = {}  # container id -> restart history
+        self._autoheal_log: collections.deque[dict[str, object]] = collections.deque(maxlen=AUTOHEAL_LOG_SIZE)
+        # Snapshot diffing: services are compared by identity (the catalog reuses
+        # unchanged Service objects), then only changed services are walked.
+        self._seen_services: Mapping[str, object] = {}
+        self._tracked_by_service: dict[str, set[str]] = {}
+        self._containers: dict[str, _Container] = {}  # autoheal containers by id
+        self._container_of: dict[str, str] = {}  # endpoint id -> autoheal container id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._unlisten: Callable[[], None] | None = None
+        self._in_flight = 0
+        self.max_in_flight = 0  # high-water mark, for tests and the curious
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
+    # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        pass
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            headers={"User-Agent": _USER_AGENT},
+        )
+        self._scheduler = asyncio.create_task(self._schedule_loop(), name="beacon-health-scheduler")
+        self._unlisten = self._catalog.add_listener(self._on_snapshot)
+        self._on_snapshot(self._catalog.snapshot)
+        log.info("started: health checker (concurrency %d)", self._config.check_concurrency)
 
     async def stop(self) -> None:
-        pass
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        pending = [t for t in (self._scheduler, *self._tasks) if t is not None]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._scheduler = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        log.info("stopped: health checker")
+
+    # ---------------------------------------------------------------- reads
+    def autoheal_log(self) -> list[dict[str, object]]:
+        """Autoheal actions, oldest first: restarted, failed (restart error) and limited."""
+        return [dict(entry) for entry in self._autoheal_log]
+
+    @property
+    def checked_endpoints(self) -> int:
+        return len(self._targets)
+
+    # ------------------------------------------------------ following snapshots
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        seen = self._seen_services
+        changed = [name for name, svc in snap.services.items() if seen.get(name) is not svc]
+        changed += [name for name in seen if name not in snap.services]
+        self._seen_services = snap.services
+        containers: set[str] = set()
+        for name in changed:
+            old_ids = self._tracked_by_service.pop(name, set())
+            new_ids: set[str] = set()
+            svc = snap.services.get(name)
+            for ep in svc.endpoints if svc is not None else ():
+                if _relevant(ep):
+                    new_ids.add(ep.id)
+                    self._upsert(ep, containers)
+            if new_ids:
+                self._tracked_by_service[name] = new_ids
+            for eid in old_ids - new_ids:
+                now = snap.endpoints.get(eid)
+                if now is None or not _relevant(now):
+                    self._forget(eid, containers)
+        for cid in containers:
+            self._update_watch(cid)
+        CHECKED_ENDPOINTS.set(len(self._targets))
+
+    def _upsert(self, ep: Endpoint, containers: set[str]) -> None:
+        cid = ep.source.container_id
+        if cid is not None and ep.autoheal is not None:
+            key = self._catalog.owner_of(ep.id) or f"container:{cid}"
+            info = self._containers.setdefault(cid, _Container(key))
+            info.source_key = key
+            info.endpoint_ids.add(ep.id)
+            self._container_of[ep.id] = cid
+            containers.add(cid)
+        elif ep.id in self._container_of:
+            self._untrack_container(ep.id, containers)
+        target = self._targets.get(ep.id)
+        check = ep.check if ep.check is not None and ep.check.kind in ("http", "tcp") else None
+        if check is None:
+            if target is not None:
+                self._drop_target(ep.id)
+            return
+        if target is not None and (target.address, target.port) != (ep.address, ep.port):
+            # A new address is a new backend: what we knew no longer applies.
+            self._drop_target(ep.id)
+            self._catalog.set_check_status(ep.id, None)
+            target = None
+        if target is None:
+            target = _Target(endpoint_id=ep.id, address=ep.address, port=ep.port, spec=check)
+            self._targets[ep.id] = target
+            # First probe soon (readiness), spread so a burst does not fire in step.
+            self._push(target, self._rng.uniform(0.0, min(check.interval, 0.5)))
+        elif target.spec != check:
+            # Keep the state (no traffic blip), restart counting under the new rules.
+            target.spec = check
+            if target.verdict is not None:
+                v = target.verdict
+                target.verdict = Verdict(v.state, 0, 0, v.ready)
+            if target.seq >= 0:  # not in flight: run the new check soon
+                self._push(target, self._rng.uniform(0.0, min(check.interval, 0.5)))
+        target.container_id = cid
+        target.container_name = ep.source.container_name
+        target.autoheal = ep.autoheal if cid is not None else None
+
+    def _forget(self, eid: str, containers: set[str]) -> None:
+        self._drop_target(eid)
+        if eid in self._container_of:
+            self._untrack_container(eid, containers)
+
+    def _untrack_container(self, eid: str, containers: set[str]) -> None:
+        cid = self._container_of.pop(eid)
+        containers.add(cid)
+        info = self._containers.get(cid)
+        if info is not None:
+            info.endpoint_ids.discard(eid)
+            if not info.endpoint_ids:
+                del self._containers[cid]
+
+    def _drop_target(self, eid: str) -> None:
+        target = self._targets.pop(eid, None)
+        if target is not None:
+            target.alive = False
+
+    def _update_watch(self, cid: str) -> None:
+        """Watch a container's Docker health while autoheal is on and its
+        source-side state is critical (unhealthy, starting or paused)."""
+        info = self._containers.get(cid)
+        eps = self._catalog.source_endpoints(info.source_key) if info is not None else {}
+        spec = next((e.autoheal for e in eps.values() if e.autoheal is not None), None)
+        watch = self._watches.get(cid)
+        if (
+            info is not None
+            and spec is not None
+            and self._docker is not None
+            and any(e.state is State.CRITICAL for e in eps.values())
+        ):
+            if watch is None:
+                name = next((e.source.container_name or "" for e in eps.values()), "")
+                watch = _DockerWatch(container_id=cid, container_name=name, source_key=info.source_key)
+                self._watches[cid] = watch
+                self._push(watch, 0.0)
+            watch.spec = spec
+        elif watch is not None:
+            watch.alive = False
+            del self._watches[cid]
+        heal = self._heal.get(cid)
+        if info is None and heal is not None and not heal.restarting:
+            # The container is gone (or between stop and start of a restart):
+            # keep its history only while it still counts against the limit.
+            self._prune(heal)
+            if not heal.history:
+                del self._heal[cid]
+
+    # ------------------------------------------------------------ scheduling
+    def _push(self, job: _Job, delay: float) -> None:
+        seq = next(self._seq)
+        job.seq = seq
+        due = asyncio.get_running_loop().time() + delay
+        heapq.heappush(self._heap, (due, seq, job))
+        if self._heap[0][1] == seq:
+            self._wake.set()  # new earliest job: the scheduler's sleep is too long
+
+    async def _schedule_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        popped = 0
+        while True:
+            if not self._heap:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            due, seq, job = self._heap[0]
+            delay = due - loop.time()
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                continue
+            heapq.heappop(self._heap)
+            popped += 1
+            if popped % 512 == 0:
+                await asyncio.sleep(0)  # a flood of due or stale jobs must not hog the loop
+            if not job.alive or job.seq != seq:
+                continue
+            await self._slots.acquire()  # bounded concurrency: wait here for a free slot
+            if not job.alive or job.seq != seq:
+                self._slots.release()
+                continue
+            job.seq = -1  # in flight: not in the heap until it finishes
+            task = asyncio.create_task(self._run_job(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_job(self, job: _Job) -> None:
+        self._in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        CHECKS_IN_FLIGHT.inc()
+        next_delay: float | None = None
+        try:
+            if isinstance(job, _Target):
+                await self._check(job)
+                # Jitter each interval by +-10 % so endpoints drift out of step.
+                next_delay = job.spec.interval * self._rng.uniform(0.9, 1.1)
+            elif isinstance(job, _DockerWatch):
+                await self._inspect_health(job)
+                next_delay = job.next_delay
+        except Exception:  # a bug in one probe must not stop the scheduler
+            log.exception("failed: health job %r", job)
+            next_delay = 5.0
+        finally:
+            self._in_flight -= 1
+            CHECKS_IN_FLIGHT.dec()
+            self._slots.release()
+        if job.alive and job.seq == -1 and next_delay is not None:
+            self._push(job, next_delay)
+
+    # --------------------------------------------------------------- probes
+    async def _check(self, target: _Target) -> None:
+        spec = target.spec
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if spec.kind == "http":
+            result, output = await self._probe_http(target.address, target.port, spec)
+        else:
+            result, output = await self._probe_tcp(target.address, target.port, spec)
+        CHECK_LATENCY.labels(spec.kind).observe(loop.time() - started)
+        CHECKS_RUN.labels(spec.kind, result.value).inc()
+        if target.alive and target.spec == spec:
+            self._record(target, result, truncate_output(output))
+
+    async def _probe_http(self, address: str, port: int, spec: CheckSpec) -> tuple[State, str]:
+        assert self._session is not None
+        what = f"HTTP {spec.method} {spec.path}"
+        try:
+            url = URL(f"http://{_hostport(address, port)}{spec.path}")
+            async with (
+                asyncio.timeout(spec.timeout),
+                self._session.request(spec.method, url, allow_redirects=False) as resp,
+            ):
+                result = classify_http(resp.status, spec)
+                output = f"{what}: {resp.status} {resp.reason or ''}".rstrip()
+                if result is not State.PASSING:
+                    # The body explains a failure; for a pass it would only churn snapshots.
+                    body = await _read_upto(resp.content, OUTPUT_LIMIT)
+                    if body:
+                        output += "\n" + body.decode("utf-8", "replace")
+                return result, output
+        except TimeoutError:
+            return State.CRITICAL, f"{what}: timed out after {spec.timeout:g}s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return State.CRITICAL, f"{what}: {_describe(exc)}"
+
+    async def _probe_tcp(self, address: str, port: int, spec: CheckSpec) -> tuple[State, str]:
+        what = f"TCP connect {_hostport(address, port)}"
+        try:
+            async with asyncio.timeout(spec.timeout):
+                reader, writer = await asyncio.open_connection(address, port)
+        except TimeoutError:
+            return State.CRITICAL, f"{what}: timed out after {spec.timeout:g}s"
+        except (OSError, ValueError) as exc:
+            return State.CRITICAL, f"{what}: {_describe(exc)}"
+        try:
+            try:
+                async with asyncio.timeout(min(TCP_SETTLE, spec.timeout / 2)):
+                    first = await reader.read(1)
+            except TimeoutError:
+                return State.PASSING, f"{what}: connected"
+            except OSError as exc:
+                return State.CRITICAL, f"{what}: {_describe(exc)}"
+            if first:
+                return State.PASSING, f"{what}: connected"
+            return State.CRITICAL, f"{what}: closed at once (nothing listening behind a published port?)"
+        finally:
+            writer.close()
+
+    # --------------------------------------------------------------- results
+    def _record(self, target: _Target, result: State, output: str) -> None:
+        spec = target.spec
+        before = target.verdict
+        verdict = judge(before, result, spec.rise, spec.fall)
+        target.verdict = verdict
+        now = time.time()
+        if before is None or before.state is not verdict.state:
+            target.last_change = now
+            if before is not None or verdict.state is not State.CRITICAL:
+                log.info(
+                    "changed: %s %s -> %s (%s)",
+                    target.endpoint_id,
+                    before.state.value if before else "new",
+                    verdict.state.value,
+                    output.splitlines()[0] if output else "",
+                )
+        # Counts are shown up to the threshold that matters; beyond it they
+        # would republish a snapshot on every probe for nobody's benefit.
+        fail_cap = max(spec.fall, target.autoheal.after if target.autoheal else 0)
+        passes, failures = min(verdict.passes, spec.rise), min(verdict.failures, fail_cap)
+        visible = (verdict.state, output, passes, failures)
+        if visible != target.published:
+            target.published = visible
+            self._catalog.set_check_status(
+                target.endpoint_id,
+                CheckStatus(
+                    state=verdict.state,
+                    output=output,
+                    last_checked=now,
+                    last_change=target.last_change,
+                    consecutive_passes=passes,
+                    consecutive_failures=failures,
+                ),
+            )
+        if (
+            target.autoheal is not None
+            and target.container_id is not None
+            and verdict.failures >= target.autoheal.after
+        ):
+            self._consider_restart(
+                target.container_id,
+                target.container_name or "",
+                target.autoheal,
+                f"check failed {verdict.failures} times in a row: {output.splitlines()[0] if output else ''}",
+                endpoint_id=target.endpoint_id,
+            )
+
+    # --------------------------------------------------------------- autoheal
+    async def _inspect_health(self, watch: _DockerWatch) -> None:
+        assert self._docker is not None
+        try:
+            info = await self._docker.inspect_container(watch.container_id)
+        except Exception as exc:  # Docker unreachable: try again at the slow pace
+            log.warning("failed: inspect of %s %s: %s", watch.container_id[:12], watch.container_name, _describe(exc))
+            watch.next_delay = _DOCKER_POLL_RANGE[1]
+            return
+        if info is None or not watch.alive:
+            return
+        status, streak, interval, output = docker_health(info)
+        lo, hi = _DOCKER_POLL_RANGE
+        watch.next_delay = min(hi, max(lo, interval if interval is not None else hi))
+        if status == "unhealthy" and streak >= watch.spec.after:
+            self._consider_restart(
+                watch.container_id,
+                watch.container_name,
+                watch.spec,
+                f"Docker HEALTHCHECK unhealthy, {streak} failures in a row: {output.splitlines()[0] if output else ''}",
+            )
+
+    def _consider_restart(
+        self, cid: str, name: str, spec: AutohealSpec, reason: str, *, endpoint_id: str | None = None
+    ) -> None:
+        if self._docker is None:
+            return
+        heal = self._heal.setdefault(cid, _HealState(spec.window))
+        heal.window = spec.window
+        if heal.restarting:
+            return
+        now = asyncio.get_running_loop().time()
+        self._prune(heal)
+        if len(heal.history) >= spec.max_restarts:
+            if now >= heal.limited_until:
+                heal.limited_until = heal.history[0] + spec.window
+                AUTOHEAL_LIMITED.inc()
+                log.warning(
+                    "limited: %s %s not restarted, %d restarts within %gs already (%s)",
+                    cid[:12], name, len(heal.history), spec.window, reason,
+                )
+                self._log_action("limited", cid, name, reason, endpoint_id, len(heal.history))
+            return
+        if heal.history and now < heal.history[-1] + backoff_delay(spec, len(heal.history)):
+            return
+        heal.restarting = True
+        task = asyncio.create_task(self._restart(cid, name, heal, reason, endpoint_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(
+        self, cid: str, name: str, heal: _HealState, reason: str, endpoint_id: str | None
+    ) -> None:
+        assert self._docker is not None
+        loop = asyncio.get_running_loop()
+        try:
+            # Docker's word is final: never restart a container someone paused,
+            # stopped or that Docker is already restarting.
+            info = await self._docker.inspect_container(cid)
+            state = (info or {}).get("State") or {}
+            if not state.get("Running") or state.get("Paused") or state.get("Restarting"):
+                log.info("skipped: autoheal of %s %s, container is not running", cid[:12], name)
+                return
+            heal.history.append(loop.time())
+            await self._docker.restart_container(cid)
+        except Exception as exc:
+            log.warning("failed: autoheal restart of %s %s: %s", cid[:12], name, _describe(exc))
+            self._log_action("failed", cid, name, f"{reason}; restart failed: {_describe(exc)}", endpoint_id, len(heal.history))
+            return
+        finally:
+            heal.restarting = False
+        AUTOHEAL_RESTARTS.inc()
+        log.warning("restarted: %s %s (%s)", cid[:12], name, reason)
+        self._log_action("restarted", cid, name, reason, endpoint_id, len(heal.history))
+        # A fresh process earns a fresh count: `after` new failures before the next restart.
+        for target in self._targets.values():
+            if target.container_id == cid and target.verdict is not None:
+                v = target.verdict
+                target.verdict = Verdict(v.state, v.passes, 0, v.ready)
+
+    def _prune(self, heal: _HealState) -> None:
+        cutoff = asyncio.get_running_loop().time() - heal.window
+        while heal.history and heal.history[0] <= cutoff:
+            heal.history.popleft()
+
+    def _log_action(
+        self, action: str, cid: str, name: str, reason: str, endpoint_id: str | None, restarts: int
+    ) -> None:
+        self._autoheal_log.append(
+            {
+                "time": time.time(),
+                "action": action,
+                "container_id": cid,
+                "container_name": name,
+                "endpoint_id": endpoint_id,
+                "reason": truncate_output(reason, 1024),
+                "restarts_in_window": restarts,
+            }
+        )
+
+
+async def _read_upto(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read at most `limit` bytes of a body (a health page may be endless)."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = await stream.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
