@@ -373,6 +373,11 @@ def truncated(answer: Answer) -> DNSRecord:
     return record
 
 
+def pack(record: DNSRecord) -> bytes:
+    """Wire form (dnslib packs into a bytearray)."""
+    return bytes(record.pack())
+
+
 def qtype_name(qtype: int) -> str:
     name = QTYPE.get(qtype)
     return str(name)

@@ -35,7 +35,7 @@ from beacon.dns import wire
 from beacon.dns.allow import AllowList, list_docker_subnets
 from beacon.dns.forward import Forwarder, system_upstreams, without_self
 from beacon.dns.metrics import INVALID_QTYPE, DnsMetrics
-from beacon.dns.resolver import Zone, ZoneSettings, resolve, rotations, truncated
+from beacon.dns.resolver import Zone, ZoneSettings, pack, resolve, rotations, truncated
 from beacon.registry.catalog import Catalog
 from beacon.registry.model import Snapshot
 
@@ -368,10 +368,10 @@ class DnsServer:
                 fwd = _Forward(qend, wire.qtype_at(data, qend))
                 self._fwd[data[2:]] = fwd
                 return fwd
-            packed = [r.pack()[2:] for r in rotations(answer, MAX_ROTATIONS)]
+            packed = [pack(r)[2:] for r in rotations(answer, MAX_ROTATIONS)]
             limit = 65535 if tcp else answer.udp_limit
             if max(map(len, packed)) + 2 > limit:
-                packed = [truncated(answer).pack()[2:]]
+                packed = [pack(truncated(answer))[2:]]
         except Exception:
             log.exception("failed: answering a DNS query (%d bytes)", len(data))
             reply = wire.header_reply(data, wire.SERVFAIL)
