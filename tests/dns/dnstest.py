@@ -7,7 +7,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import dns.asyncquery
 import dns.message
@@ -88,7 +88,8 @@ async def raw_udp(addr: HostPort, payload: bytes, *, timeout: float = 0.5) -> by
 
 
 class FakeUpstream:
-    """A scripted upstream resolver on 127.0.0.1:0, UDP and TCP (the forwarding seam).
+    """A scripted upstream resolver on loopback (default 127.0.0.1:0), UDP and TCP:
+    the forwarding seam.
 
     Answers A queries for `records`, NXDOMAIN otherwise; `rcode` forces a
     response code, `delay` holds every answer back, `silent` never answers,
@@ -103,14 +104,17 @@ class FakeUpstream:
         rcode: int | None = None,
         silent: bool = False,
         wrong_question: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
+        self.host, self.port = host, port
         self.records = {k.rstrip(".").lower(): v for k, v in (records or {}).items()}
         self.delay = delay
         self.rcode = rcode
         self.silent = silent
         self.wrong_question = wrong_question
         self.queries: list[tuple[str, str]] = []  # (transport, qname)
-        self.address = HostPort("127.0.0.1", 0)
+        self.address = HostPort(host, port)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
 
@@ -138,17 +142,12 @@ class FakeUpstream:
 
         class Udp(asyncio.DatagramProtocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                assert isinstance(transport, asyncio.DatagramTransport)
-                upstream._udp = transport
+                upstream._udp = cast(asyncio.DatagramTransport, transport)
 
             def datagram_received(self, data: bytes, addr: Any) -> None:
                 reply = upstream.answer(data, "udp")
                 if reply is not None:
                     loop.call_later(upstream.delay, upstream._send_udp, reply, addr)
-
-        await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", 0))
-        assert self._udp is not None
-        port = self._udp.get_extra_info("sockname")[1]
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -165,9 +164,20 @@ class FakeUpstream:
             finally:
                 writer.close()
 
-        self._tcp = await asyncio.start_server(handle, "127.0.0.1", port)
-        self.address = HostPort("127.0.0.1", port)
-        return self
+        for attempt in range(20):  # UDP on a free port, then TCP on the same one
+            await loop.create_datagram_endpoint(Udp, local_addr=(self.host, self.port))
+            assert self._udp is not None
+            port = self._udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(handle, self.host, port)
+            except OSError:
+                self._udp.close()
+                if self.port or attempt == 19:
+                    raise
+                continue
+            self.address = HostPort(self.host, port)
+            return self
+        raise AssertionError("unreachable")
 
     def _send_udp(self, reply: bytes, addr: Any) -> None:
         if self._udp is not None and not self._udp.is_closing():

@@ -18,7 +18,6 @@ from prometheus_client.registry import CollectorRegistry
 
 from beacon.config import HostPort
 from beacon.dns import DnsServer
-from beacon.dns import metrics as dns_metrics
 from beacon.metrics import metric_name_problems
 from beacon.registry import Catalog, State
 from tests.dns.dnstest import addresses, dns_server, ep, put, raw_udp, tcp, udp
@@ -334,7 +333,6 @@ async def test_metrics_count_queries_by_type_and_rcode_including_cache_hits() ->
         assert metric_name_problems(registry) == []
     finally:
         await server.stop()
-        dns_metrics.unregister(server.metrics)
 
 
 async def test_the_app_wires_the_dns_server_to_its_catalog() -> None:
