@@ -227,6 +227,10 @@ class _Entry:
     deadline: float | None = None  # monotonic: when the TTL runs out (None: not armed)
     critical_since: float | None = None  # monotonic: when the published state turned critical
     status: CheckStatus | None = None  # last TTL status this registry set
+    # Due time of this entry's pending heap item per kind; at most one each, so
+    # the heap stays small however often heartbeats arrive.
+    ttl_due: float | None = None
+    deregister_due: float | None = None
     seen: Endpoint | None = None  # last published version (identity check in the listener)
 
 
@@ -325,7 +329,7 @@ class ManualRegistry:
             raise Conflict(f"endpoint {endpoint_id!r} has no ttl; heartbeats apply to ttl endpoints", "ttl")
         self._set_status(endpoint_id, entry, state, truncate_output(output, OUTPUT_LIMIT))
         entry.deadline = self._clock() + check.ttl
-        self._push(entry.deadline, endpoint_id, "ttl")
+        self._schedule(entry, "ttl", entry.deadline)
 
     def _require(self, endpoint_id: str) -> _Entry:
         entry = self._entries.get(endpoint_id)
@@ -363,10 +367,23 @@ class ManualRegistry:
         self._catalog.set_check_status(endpoint_id, status)
 
     # ---------------------------------------------------------------- timer
-    def _push(self, due: float, endpoint_id: str, what: Literal["ttl", "deregister"]) -> None:
+    def _schedule(self, entry: _Entry, what: Literal["ttl", "deregister"], due: float) -> None:
+        """Make sure the timer looks at `entry` by `due`.
+
+        A pending item that is due earlier is enough: when it pops, `tick`
+        sees the later time and schedules again. Only an earlier time pushes a
+        new item (the old one then no longer matches and is skipped).
+        """
+        pending = entry.ttl_due if what == "ttl" else entry.deregister_due
+        if pending is not None and pending <= due:
+            return
+        if what == "ttl":
+            entry.ttl_due = due
+        else:
+            entry.deregister_due = due
         earliest = self._heap[0][0] if self._heap else math.inf
         self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, endpoint_id, what))
+        heapq.heappush(self._heap, (due, self._seq, entry.endpoint.id, what))
         if due < earliest:
             self._wake.set()  # the timer sleeps until a later time: wake it to re-plan
 
@@ -381,17 +398,26 @@ class ManualRegistry:
             entry = self._entries.get(eid)
             if entry is None:
                 continue
-            if what == "ttl" and entry.deadline == due:
+            if what == "ttl" and entry.ttl_due == due:
+                entry.ttl_due = None
+                if entry.deadline is None:
+                    continue  # disarmed (re-registered with another check)
+                if entry.deadline > now:
+                    self._schedule(entry, "ttl", entry.deadline)  # heartbeats moved it on
+                    continue
                 entry.deadline = None
                 check = entry.endpoint.check
                 ttl = check.ttl if check is not None else 0.0
                 self._set_status(eid, entry, State.CRITICAL, f"ttl expired: no heartbeat within {ttl:g}s")
                 log.info("expired: manual endpoint %s (no heartbeat within %gs)", eid, ttl)
-            elif (
-                what == "deregister"
-                and entry.critical_since is not None
-                and entry.critical_since + self._deregister_after == due
-            ):
+            elif what == "deregister" and entry.deregister_due == due:
+                entry.deregister_due = None
+                if entry.critical_since is None or self._deregister_after <= 0:
+                    continue  # recovered in the meantime
+                at = entry.critical_since + self._deregister_after
+                if at > now:
+                    self._schedule(entry, "deregister", at)  # critical again since a later time
+                    continue
                 self._drop(eid, entry, f"critical for {self._deregister_after:g}s")
         return self._heap[0][0] if self._heap else None
 
@@ -410,7 +436,7 @@ class ManualRegistry:
                     now = self._clock() if now is None else now
                     entry.critical_since = now
                     if self._deregister_after > 0:
-                        self._push(now + self._deregister_after, eid, "deregister")
+                        self._schedule(entry, "deregister", now + self._deregister_after)
             else:
                 entry.critical_since = None
 

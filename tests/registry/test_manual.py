@@ -300,3 +300,24 @@ def test_heartbeat_needs_a_ttl() -> None:
     with pytest.raises(Conflict) as info:
         registry.heartbeat("db1")
     assert info.value.field == "ttl"
+
+
+def test_the_timer_heap_stays_small_under_frequent_heartbeats() -> None:
+    catalog, registry, clock = make_registry(deregister_after=30)
+    for i in range(50):
+        registry.register(reg(f"db{i}", ttl="10s"))
+    catalog.publish()
+    for _ in range(200):
+        for i in range(50):
+            registry.heartbeat(f"db{i}")
+        clock.now += 1
+        registry.tick(clock.now)
+        catalog.publish()
+    assert len(registry._heap) <= 2 * 50
+    assert all(e.state is State.PASSING for e in catalog.snapshot.endpoints.values())
+    clock.now += 10
+    registry.tick(clock.now)
+    assert all(e.state is State.CRITICAL for e in catalog.publish().endpoints.values())
+    clock.now += 30
+    registry.tick(clock.now)
+    assert catalog.publish().endpoints == {}
