@@ -273,6 +273,17 @@ class HealthChecker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         self._scheduler = None
+        # Forget what was followed, so a later start() begins from the then-current snapshot.
+        for job in (*self._targets.values(), *self._watches.values()):
+            job.alive = False
+        self._heap.clear()
+        self._targets.clear()
+        self._watches.clear()
+        self._seen_services = {}
+        self._tracked_by_service.clear()
+        self._containers.clear()
+        self._container_of.clear()
+        CHECKED_ENDPOINTS.set(0)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -594,7 +605,7 @@ class HealthChecker:
     def _consider_restart(
         self, cid: str, name: str, spec: AutohealSpec, reason: str, *, endpoint_id: str | None = None
     ) -> None:
-        if self._docker is None:
+        if self._docker is None or self._draining(cid):
             return
         heal = self._heal.setdefault(cid, _HealState(spec.window))
         heal.window = spec.window
@@ -632,6 +643,8 @@ class HealthChecker:
             if not state.get("Running") or state.get("Paused") or state.get("Restarting"):
                 log.info("skipped: autoheal of %s %s, container is not running", cid[:12], name)
                 return
+            if self._draining(cid):  # `docker stop` began while we looked
+                return
             heal.history.append(loop.time())
             await self._docker.restart_container(cid)
         except Exception as exc:
@@ -648,6 +661,13 @@ class HealthChecker:
             if target.container_id == cid and target.verdict is not None:
                 v = target.verdict
                 target.verdict = Verdict(v.state, v.passes, 0, v.ready)
+
+    def _draining(self, cid: str) -> bool:
+        """Someone is stopping the container (SIGTERM seen): failing checks are expected."""
+        info = self._containers.get(cid)
+        if info is None:
+            return False
+        return any(e.state is State.DRAINING for e in self._catalog.source_endpoints(info.source_key).values())
 
     def _prune(self, heal: _HealState) -> None:
         cutoff = asyncio.get_running_loop().time() - heal.window

@@ -485,19 +485,33 @@ async def test_autoheal_restarts_after_consecutive_failures_then_stops_at_the_li
     assert metric("beacon_registry_autoheal_restarts_total") == before + 2
 
 
-async def test_autoheal_leaves_healthy_paused_and_unlabelled_containers_alone(upstream: Upstream) -> None:
+async def test_autoheal_leaves_a_paused_container_alone(upstream: Upstream) -> None:
     catalog = Catalog()
     docker = FakeDocker({"State": {"Running": True, "Paused": True}})
     upstream.status = 500
-    heal = AutohealSpec(after=1, backoff=0.0)
     async with running_checker(catalog, docker=docker) as checker:
+        heal = AutohealSpec(after=1, backoff=0.0)
         catalog.set_source("container:c1", [container_endpoint(upstream.port, http_check(interval=0.05), heal)])
-        other = endpoint("c2-80", upstream.port, http_check(interval=0.05),
+        await eventually(lambda: docker.inspects >= 3, timeout=5)  # it looked, and each time saw the pause
+    assert docker.restarts == []  # someone paused it on purpose
+    assert checker.autoheal_log() == []
+
+
+async def test_autoheal_leaves_stopping_and_unlabelled_containers_alone(upstream: Upstream) -> None:
+    catalog = Catalog()
+    docker = FakeDocker()  # running, not paused: only Beacon's own rules hold it back
+    upstream.status = 500
+    async with running_checker(catalog, docker=docker) as checker:
+        plain = endpoint("c2-80", upstream.port, http_check(interval=0.05),
                          source=Source("container", container_id="c2" * 32, container_name="plain"))
-        catalog.set_source("container:c2", [other])
-        await eventually(lambda: upstream.hits["/health"] >= 10, timeout=5)
-        await eventually(lambda: docker.inspects >= 1, timeout=5)
-    assert docker.restarts == []  # paused: someone meant it; unlabelled: not opted in
+        catalog.set_source("container:c2", [plain])
+        # Being stopped (SIGTERM seen): its check fails because it is going away.
+        stopping = endpoint("c3-80", upstream.port, http_check(interval=0.05), state=State.DRAINING,
+                            autoheal=AutohealSpec(after=1, backoff=0.0),
+                            source=Source("container", container_id="c3" * 32, container_name="stopping"))
+        catalog.set_source("container:c3", [stopping])
+        await eventually(lambda: upstream.hits["/health"] >= 15, timeout=5)
+    assert docker.restarts == []
     assert checker.autoheal_log() == []
 
 
