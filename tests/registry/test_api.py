@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from prometheus_client import REGISTRY
 from beacon.registry import Catalog, Endpoint, Source, State
 from beacon.registry.api import ApiServer, parse_blocking
 from beacon.registry.manual import ManualRegistry
-from tests.helpers import eventually
+from tests.conftest import ContainerFactory
+from tests.helpers import eventually, running_app
 from tests.helpers import test_config as make_config
 
 
@@ -591,3 +593,39 @@ async def test_metrics_endpoint(api: Harness) -> None:
         for line in lines
     )
     assert "_created" not in text
+
+
+# ------------------------------------------------ end to end, real Docker
+@pytest.mark.docker
+async def test_container_lifecycle_through_the_api(run_container: ContainerFactory) -> None:
+    """Whole Beacon (Docker source included): a blocking query on a service wakes
+    when its container starts, and the endpoint leaves when it is stopped."""
+    name = f"bt-api-{uuid.uuid4().hex[:8]}"
+    async with running_app(docker=True) as app, aiohttp.ClientSession(base_url=f"http://{app.api.address}") as http:
+        await eventually(lambda: getattr(app.docker, "connected", False))
+        async with http.get(f"/v1/services/{name}") as resp:
+            assert resp.status == 404
+            index = resp.headers["X-Beacon-Index"]
+        pending = asyncio.create_task(http.get(f"/v1/services/{name}", params={"index": index, "wait": "30s"}))
+        await asyncio.sleep(0.1)
+        container = await asyncio.to_thread(
+            run_container, labels={"beacon.service": name}, ports={"80/tcp": ("127.0.0.1", None)}
+        )
+        async with await asyncio.wait_for(pending, 20) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        (ep,) = body["endpoints"]
+        assert ep["source"]["kind"] == "container"
+        assert container.id.startswith(ep["source"]["container_id"])
+        assert ep["address"] == "127.0.0.1" and ep["port"] > 0
+
+        await asyncio.to_thread(container.stop, timeout=5)
+
+        async def gone() -> bool:
+            async with http.get(f"/v1/services/{name}") as resp:
+                return resp.status == 404
+
+        deadline = time.monotonic() + 20
+        while not await gone():
+            assert time.monotonic() < deadline, "the stopped container's endpoint stayed in the API"
+            await asyncio.sleep(0.1)
