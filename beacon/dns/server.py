@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from dnslib import DNSRecord
 from prometheus_client.registry import REGISTRY, CollectorRegistry
@@ -460,9 +460,9 @@ class _TcpConnection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
+        # A stream transport (uvloop's does not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
         self.host = str(peer[0]) if peer else ""
         self.server._tcp_conns.add(self)
         self._arm_idle()
