@@ -473,6 +473,25 @@ async def test_bad_writes_are_rejected_and_change_nothing(
     assert api.catalog.snapshot.endpoints["db1"].check is not None
 
 
+JUNK: list[Any] = [None, True, -1, 0, 1e308, 2**70, "", "x" * 300, "🙂", [], {}, [1], {"a": 1}, "10s", "/h"]
+FIELDS = ["service", "address", "port", "tags", "meta", "weight", "protocol", "ttl", "check", "id"]
+CHECK_FIELDS = ["http", "tcp", "method", "status", "interval", "timeout", "rise", "fall"]
+
+
+async def test_junk_in_any_field_is_a_4xx_never_a_500(api: Harness) -> None:
+    """Every field of a valid registration (and of its check) replaced by every kind of junk."""
+    bodies = [{**DB, "tags": ["a"], "meta": {"k": "v"}, field: junk} for field in FIELDS for junk in JUNK]
+    bodies += [{**DB, "check": {"http": "/h", field: junk}} for field in CHECK_FIELDS for junk in JUNK]
+    seen: set[int] = set()
+    for body in bodies:
+        status, answer = await send(api, "PUT", "/v1/endpoints/fuzz", body)
+        seen.add(status)
+        assert status in (200, 201, 422), (body, status, answer)
+        if status == 422:
+            assert set(answer) == {"error", "field"} and answer["error"] and answer["field"]
+    assert {200, 201, 422} <= seen
+
+
 async def test_container_endpoints_cannot_be_changed_through_the_api(api: Harness) -> None:
     api.container("c1", "web")
     before = api.catalog.snapshot
