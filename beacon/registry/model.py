@@ -151,7 +151,11 @@ class Endpoint:
             "source": self.source.to_json(),
         }
         if self.check is not None:
-            out["check"] = {"kind": self.check.kind, "interval": self.check.interval}
+            out["check"] = (
+                {"kind": "ttl", "ttl": self.check.ttl}  # a TTL check has no interval
+                if self.check.kind == "ttl"
+                else {"kind": self.check.kind, "interval": self.check.interval}
+            )
         if self.check_status is not None:
             out["check_status"] = self.check_status.to_json()
         return out

@@ -373,6 +373,7 @@ async def test_ttl_expiry_critical_then_removed() -> None:
     async with serve(deregister_critical_after=0.6) as h:
         status, ep = await send(h, "PUT", "/v1/endpoints/db1", {**DB, "ttl": "300ms"})
         assert status == 201 and ep["state"] == "critical"  # critical until the first heartbeat
+        assert ep["check"] == {"kind": "ttl", "ttl": 0.3}
 
         status, ep = await send(h, "PUT", "/v1/endpoints/db1/heartbeat")
         assert status == 200 and ep["state"] == "passing"
