@@ -52,19 +52,31 @@ async def dns_server(catalog: Catalog | None = None, **overrides: Any) -> AsyncI
 
 
 async def udp(
-    server: DnsServer | HostPort, name: str, rdtype: str = "A", *, timeout: float = 2.0, **make: Any
+    server: DnsServer | HostPort,
+    name: str,
+    rdtype: str = "A",
+    *,
+    timeout: float = 2.0,
+    source: str | None = None,
+    **make: Any,
 ) -> dns.message.Message:
     addr = server if isinstance(server, HostPort) else server.addresses[0]
     q = dns.message.make_query(name, rdtype, **make)
-    return await dns.asyncquery.udp(q, addr.host, port=addr.port, timeout=timeout, ignore_trailing=False)
+    return await dns.asyncquery.udp(q, addr.host, port=addr.port, timeout=timeout, source=source)
 
 
 async def tcp(
-    server: DnsServer | HostPort, name: str, rdtype: str = "A", *, timeout: float = 2.0, **make: Any
+    server: DnsServer | HostPort,
+    name: str,
+    rdtype: str = "A",
+    *,
+    timeout: float = 2.0,
+    source: str | None = None,
+    **make: Any,
 ) -> dns.message.Message:
     addr = server if isinstance(server, HostPort) else server.addresses[0]
     q = dns.message.make_query(name, rdtype, **make)
-    return await dns.asyncquery.tcp(q, addr.host, port=addr.port, timeout=timeout)
+    return await dns.asyncquery.tcp(q, addr.host, port=addr.port, timeout=timeout, source=source)
 
 
 def addresses(msg: dns.message.Message) -> list[str]:

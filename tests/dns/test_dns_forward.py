@@ -23,21 +23,21 @@ from beacon.registry import Catalog
 from tests.dns.dnstest import FakeUpstream, addresses, dns_server, ep, put, tcp, udp, upstreams
 from tests.helpers import test_config as make_config
 
-EXT = {"ext.example.test": "192.0.2.10"}  # data only: nothing connects to it
+EXT = {"ext.example.test": "198.51.100.10"}  # data only: nothing connects to it
 
 
 async def test_forwards_over_udp_and_tcp_and_passes_the_upstream_answer_through() -> None:
     up = FakeUpstream(EXT)
     async with upstreams(up) as ups, dns_server(dns_recursors=ups) as srv:
         msg = await udp(srv, "Ext.Example.Test")
-        assert addresses(msg) == ["192.0.2.10"] and msg.flags & dns.flags.RA
+        assert addresses(msg) == ["198.51.100.10"] and msg.flags & dns.flags.RA
         assert msg.question[0].name.to_text() == "Ext.Example.Test."
-        assert addresses(await tcp(srv, "ext.example.test")) == ["192.0.2.10"]
+        assert addresses(await tcp(srv, "ext.example.test")) == ["198.51.100.10"]
         assert (await udp(srv, "missing.example.test")).rcode() == dns.rcode.NXDOMAIN
         # with EDNS, the option goes upstream unchanged
-        assert addresses(await udp(srv, "ext.example.test", use_edns=0, payload=1232)) == ["192.0.2.10"]
+        assert addresses(await udp(srv, "ext.example.test", use_edns=0, payload=1232)) == ["198.51.100.10"]
         # answers are not cached: each query goes upstream
-        assert addresses(await udp(srv, "ext.example.test")) == ["192.0.2.10"]
+        assert addresses(await udp(srv, "ext.example.test")) == ["198.51.100.10"]
     assert [t for t, _ in up.queries].count("udp") == 4
     assert ("tcp", "ext.example.test") in up.queries
 
@@ -46,12 +46,12 @@ async def test_a_silent_upstream_times_out_fails_over_and_loses_its_preference()
     dead, good = FakeUpstream(EXT, silent=True), FakeUpstream(EXT)
     async with upstreams(dead, good) as ups, dns_server(dns_recursors=ups, dns_recursor_timeout=0.3) as srv:
         t0 = time.monotonic()
-        assert addresses(await udp(srv, "ext.example.test")) == ["192.0.2.10"]
+        assert addresses(await udp(srv, "ext.example.test")) == ["198.51.100.10"]
         assert time.monotonic() - t0 >= 0.25  # it waited for the dead one first
         t1 = time.monotonic()
-        assert addresses(await udp(srv, "ext.example.test")) == ["192.0.2.10"]
+        assert addresses(await udp(srv, "ext.example.test")) == ["198.51.100.10"]
         assert time.monotonic() - t1 < 0.25  # the live one is preferred now
-        assert addresses(await tcp(srv, "ext.example.test")) == ["192.0.2.10"]
+        assert addresses(await tcp(srv, "ext.example.test")) == ["198.51.100.10"]
     assert len(dead.queries) == 1
 
 
@@ -59,8 +59,8 @@ async def test_a_silent_upstream_times_out_fails_over_and_loses_its_preference()
 async def test_servfail_or_refused_upstream_fails_over(rcode: int) -> None:
     bad, good = FakeUpstream(EXT, rcode=rcode), FakeUpstream(EXT)
     async with upstreams(bad, good) as ups, dns_server(dns_recursors=ups) as srv:
-        assert addresses(await udp(srv, "ext.example.test")) == ["192.0.2.10"]
-        assert addresses(await tcp(srv, "ext.example.test")) == ["192.0.2.10"]
+        assert addresses(await udp(srv, "ext.example.test")) == ["198.51.100.10"]
+        assert addresses(await tcp(srv, "ext.example.test")) == ["198.51.100.10"]
     assert len(bad.queries) == 2 and len(good.queries) == 2
 
 
@@ -105,7 +105,7 @@ async def test_a_slow_upstream_never_delays_local_answers() -> None:
         assert time.monotonic() - t0 < 0.6  # twenty local answers while the upstream sleeps
         assert not any(p.done() for p in pending)
         answers = await asyncio.gather(*pending)
-        assert all(addresses(a) == ["192.0.2.10"] for a in answers)
+        assert all(addresses(a) == ["198.51.100.10"] for a in answers)
 
 
 async def test_reverse_names_of_unknown_addresses_are_forwarded() -> None:
@@ -152,7 +152,7 @@ async def test_default_upstreams_come_from_resolv_conf(tmp_path: Path) -> None:
         server = DnsServer(make_config(dns_recursors=None), Catalog(), resolv_conf=conf, metrics_registry=None)
         await server.start()
         try:
-            assert addresses(await udp(server, "ext.example.test")) == ["192.0.2.10"]
+            assert addresses(await udp(server, "ext.example.test")) == ["198.51.100.10"]
         finally:
             await server.stop()
     assert up.queries == [("udp", "ext.example.test")]
