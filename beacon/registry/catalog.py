@@ -93,6 +93,9 @@ class Catalog:
             before = old.get(eid)
             if before == ep:
                 continue
+            if before is not None and (before.address, before.port) != (ep.address, ep.port):
+                # A check result belongs to an address: a moved endpoint is not ready yet.
+                self._check_status.pop(eid, None)
             self._owner[eid] = source_key
             self._touch(eid, ep.service)
             if before is not None and before.service != ep.service:
