@@ -341,9 +341,9 @@ class HealthChecker:
                 self._drop_target(ep.id)
             return
         if target is not None and (target.address, target.port) != (ep.address, ep.port):
-            # A new address is a new backend: what we knew no longer applies.
+            # A new address is a new backend: what we knew no longer applies (the
+            # catalog already dropped the old status, so it is not ready yet).
             self._drop_target(ep.id)
-            self._catalog.set_check_status(ep.id, None)
             target = None
         if target is None:
             target = _Target(endpoint_id=ep.id, address=ep.address, port=ep.port, spec=check)
