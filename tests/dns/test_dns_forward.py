@@ -9,6 +9,7 @@ import ipaddress
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import dns.flags
 import dns.rcode
@@ -231,7 +232,7 @@ async def test_allow_list_discovery_is_rate_limited_and_survives_failures() -> N
 
 
 def test_docker_subnets_from_network_descriptions() -> None:
-    nets = [
+    nets: list[dict[str, Any]] = [
         {"Name": "bridge", "IPAM": {"Config": [{"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}]}},
         {"Name": "v6", "IPAM": {"Config": [{"Subnet": "172.20.0.0/16"}, {"Subnet": "fd00:1::/64"}]}},
         {"Name": "host", "IPAM": {"Config": []}},
