@@ -7,8 +7,10 @@ a clear message; only an explicit BEACON_SKIP_DOCKER=1 turns them into skips
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,12 +56,26 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 def _remove_leftovers(client: docker.DockerClient, run_id: str | None = None) -> None:
     label = TEST_LABEL if run_id is None else f"{TEST_LABEL}={run_id}"
+    # Other sessions may be running on the same engine right now: without a
+    # run id, only what is old enough to belong to a crashed run is removed.
+    def stale(attrs: dict[str, Any]) -> bool:
+        created = str(attrs.get("Created") or "")[:19]  # ISO, nanoseconds dropped
+        try:
+            born = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.UTC)
+        except ValueError:
+            return True
+        return run_id is not None or time.time() - born.timestamp() > 600
+
     for c in client.containers.list(all=True, filters={"label": label}):
+        if not stale(c.attrs):
+            continue
         try:
             c.remove(force=True)
         except docker.errors.APIError:
             pass
     for n in client.networks.list(filters={"label": label}):
+        if not stale(n.attrs):
+            continue
         try:
             n.remove()
         except docker.errors.APIError:
