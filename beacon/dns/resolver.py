@@ -19,6 +19,7 @@ and PTR for the reverse name of any endpoint address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ T_AAAA, T_SRV, T_OPT, T_AXFR, T_IXFR, T_ANY = 28, 33, 41, 252, 251, 255
 _RFC8482_HINFO = RD(b"\x07RFC8482\x00")
 
 _SOA_REFRESH, _SOA_RETRY, _SOA_EXPIRE = 3600, 600, 86400
+_REVERSE_ZONES = ((b"in-addr", b"arpa"), (b"ip6", b"arpa"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ def parse_addr_label(label: str) -> IPAddress | None:
     return ipaddress.ip_address(packed)
 
 
+@functools.lru_cache(maxsize=65536)
 def _ip(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text.split("%", 1)[0])
@@ -90,12 +93,22 @@ def _ip(text: str) -> IPAddress | None:
         return None
 
 
+@functools.lru_cache(maxsize=65536)
+def _reverse_labels(ip: IPAddress) -> tuple[bytes, ...]:
+    return _labels(ip.reverse_pointer)
+
+
 def _labels(name: str) -> tuple[bytes, ...]:
     return tuple(p.encode() for p in name.strip(".").lower().split(".") if p)
 
 
 class Zone:
-    """Lookup tables for one snapshot, built once and shared by every query."""
+    """Lookup tables for one snapshot, shared by every query until the next one.
+
+    Built on the first miss after a snapshot swap, so it must be cheap: the
+    service map is built at once, the container and reverse indexes only when
+    a query needs them, and address parsing is memoized across snapshots.
+    """
 
     def __init__(self, snapshot: Snapshot, settings: ZoneSettings) -> None:
         self.snapshot = snapshot
@@ -104,29 +117,38 @@ class Zone:
         self.domain_labels = _labels(self.domain)
         self.serial = snapshot.index & 0xFFFFFFFF
         self.services: dict[str, Service] = {n.lower(): s for n, s in snapshot.services.items()}
-        # Parsed addresses once per snapshot; endpoints with an unparsable
-        # address (not an IP) are invisible to DNS.
-        self.ips: dict[str, IPAddress] = {}
-        containers: dict[str, list[IPAddress]] = {}
-        reverse: dict[tuple[bytes, ...], set[str]] = {}
-        for ep in snapshot.endpoints.values():
+        self.ns_name = f"ns.{self.domain}"
+        self.ns_ips = [ip for ip in (_ip(a) for a in settings.ns_addresses) if ip is not None]
+
+    @staticmethod
+    def ip_of(ep: Endpoint) -> IPAddress | None:
+        """The endpoint's address; None (invisible to DNS) when it is not an IP."""
+        return _ip(ep.address)
+
+    @functools.cached_property
+    def containers(self) -> dict[str, list[IPAddress]]:
+        out: dict[str, list[IPAddress]] = {}
+        for ep in self.snapshot.endpoints.values():
+            cname = (ep.source.container_name or "").lstrip("/").lower()
+            ip = _ip(ep.address)
+            if cname and ip is not None:
+                addrs = out.setdefault(cname, [])
+                if ip not in addrs:
+                    addrs.append(ip)
+        return {k: sorted(v, key=_ip_sort_key) for k, v in out.items()}
+
+    @functools.cached_property
+    def reverse(self) -> dict[tuple[bytes, ...], list[str]]:
+        """Reverse name -> PTR targets: the container name, else the addr name."""
+        out: dict[tuple[bytes, ...], set[str]] = {}
+        for ep in self.snapshot.endpoints.values():
             ip = _ip(ep.address)
             if ip is None:
                 continue
-            self.ips[ep.id] = ip
             cname = (ep.source.container_name or "").lstrip("/").lower()
-            if cname:
-                addrs = containers.setdefault(cname, [])
-                if ip not in addrs:
-                    addrs.append(ip)
-                target = f"{cname}.container.{self.domain}"
-            else:
-                target = f"{addr_label(ip)}.addr.{self.domain}"
-            reverse.setdefault(_labels(ip.reverse_pointer), set()).add(target)
-        self.containers = {k: sorted(v, key=_ip_sort_key) for k, v in containers.items()}
-        self.reverse = {k: sorted(v) for k, v in reverse.items()}
-        self.ns_name = f"ns.{self.domain}"
-        self.ns_ips = [ip for ip in (_ip(a) for a in settings.ns_addresses) if ip is not None]
+            target = f"{cname}.container.{self.domain}" if cname else f"{addr_label(ip)}.addr.{self.domain}"
+            out.setdefault(_reverse_labels(ip), set()).add(target)
+        return {k: sorted(v) for k, v in out.items()}
 
     def usable(self, ep: Endpoint) -> bool:
         return ep.state is State.PASSING or (ep.state is State.WARNING and not self.settings.only_passing)
@@ -221,7 +243,7 @@ def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
             return out.rcode(REFUSED).finish()
         _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)])
         return out.finish()
-    targets = zone.reverse.get(labels)
+    targets = zone.reverse.get(labels) if labels[-2:] in _REVERSE_ZONES else None
     if targets is not None and q.qclass == CLASS_IN:
         out.record.header.aa = 1
         if q.qtype in (T_PTR, T_ANY):
@@ -322,7 +344,7 @@ def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts:
         return
     # A known name with no usable endpoint answers NODATA, not SERVFAIL (README:
     # SERVFAIL makes stub resolvers fail over to other servers and retry).
-    usable = [(e, zone.ips[e.id]) for e in members if zone.usable(e) and e.id in zone.ips]
+    usable = [(e, ip) for e in members if zone.usable(e) and (ip := zone.ip_of(e)) is not None]
     ttl = zone.service_ttl(svc)
     if qtype == T_SRV:
         if not usable:

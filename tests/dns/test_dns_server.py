@@ -40,6 +40,17 @@ async def test_listens_on_udp_and_tcp_on_the_same_port_for_each_listener() -> No
             assert addresses(await tcp(addr, "web.service.beacon")) == ["10.0.0.1"]
 
 
+async def test_ipv6_listener() -> None:
+    cat = Catalog()
+    put(cat, "a", ep("a", "10.0.0.1"), ep("b", "fd00::1"))
+    async with dns_server(cat, dns_listen=(HostPort("::1", 0),)) as srv:
+        addr = srv.addresses[0]
+        assert addr.host == "::1" and addr.port > 0
+        assert addresses(await udp(addr, "web.service.beacon", "AAAA")) == ["fd00::1"]
+        assert addresses(await tcp(addr, "web.service.beacon")) == ["10.0.0.1"]
+        assert (await udp(addr, "beacon", "NS")).additional[0][0].address == "::1"
+
+
 async def test_a_busy_fixed_port_is_a_clear_error() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
