@@ -366,6 +366,8 @@ class DnsServer:
                 if qend is None:
                     return self._invalid(data)
                 fwd = _Forward(qend, wire.qtype_at(data, qend))
+                if len(self._fwd) >= MAX_CACHE_ENTRIES:
+                    self._fwd.clear()  # random names cannot grow it without bound
                 self._fwd[data[2:]] = fwd
                 return fwd
             packed = [pack(r)[2:] for r in rotations(answer, MAX_ROTATIONS)]

@@ -351,3 +351,19 @@ async def test_the_app_wires_the_dns_server_to_its_catalog() -> None:
         put(app.catalog, "manual:x", ep("x", "10.9.9.9", "db"))
         assert app.dns.addresses and app.dns.addresses[0].port > 0
         assert addresses(await udp(app.dns.addresses[0], "db.service.beacon")) == ["10.9.9.9"]
+
+
+async def test_the_answer_cache_is_bounded_and_keeps_counting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("beacon.dns.server.MAX_CACHE_ENTRIES", 10)
+    registry = CollectorRegistry()
+    server = DnsServer(make_config(), Catalog(), metrics_registry=registry)
+    await server.start()
+    try:
+        for i in range(30):
+            assert (await udp(server, f"n{i}.service.beacon")).rcode() == dns.rcode.NXDOMAIN
+            assert (await udp(server, f"n{i}.example.test")).rcode() == dns.rcode.REFUSED
+        assert len(server._cache) <= 10 and len(server._fwd) <= 10
+        assert registry.get_sample_value("beacon_dns_queries_total", {"type": "A", "rcode": "NXDOMAIN"}) == 30
+        assert registry.get_sample_value("beacon_dns_queries_total", {"type": "A", "rcode": "REFUSED"}) == 30
+    finally:
+        await server.stop()
