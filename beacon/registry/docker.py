@@ -96,6 +96,24 @@ def detect_host_ip() -> str | None:
     return None
 
 
+def _probe_unix_socket(docker_host: str) -> None:
+    """Fail fast, and cleanly, when the engine's unix socket does not answer.
+
+    docker-py leaks the socket of a failed unix connect (it never closes it);
+    probing first keeps a reconnect loop against a dead engine from piling up
+    unclosed sockets.
+    """
+    if docker_host and not docker_host.startswith("unix://"):
+        return
+    path = docker_host.removeprefix("unix://") or "/var/run/docker.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        try:
+            s.connect(path)
+        except OSError as exc:
+            raise ConnectionError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+
+
 def event_container_id(event: Mapping[str, Any]) -> str | None:
     """The container an event is about (network events name it in an attribute)."""
     actor = event.get("Actor") or {}
@@ -151,7 +169,8 @@ class DockerSource:
         self._names: dict[str, str] = {}  # container id -> name, for log lines
         self._reported: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {}
         self._inflight: set[asyncio.Task[None]] = set()
-        self.sessions = 0  # successful (re)connections, for tests and /healthz
+        self.sessions = 0  # successful (re)connections
+        self.syncs = 0  # completed full lists (first one of a session and resyncs)
 
     # --------------------------------------------------------------- public
     @property
@@ -229,6 +248,7 @@ class DockerSource:
 
     # ------------------------------------------------------------ plumbing
     def _default_client(self) -> docker.DockerClient:
+        _probe_unix_socket(self._config.docker_host)
         if self._config.docker_host:
             return docker.DockerClient(base_url=self._config.docker_host, version="auto", timeout=30)
         return docker.from_env(version="auto", timeout=30)
@@ -360,6 +380,7 @@ class DockerSource:
         for table in (self._gen, self._started_at, self._draining, self._names, self._reported):
             for cid in [c for c in table if c not in running and self._gen.get(c, 0) <= marker]:
                 del table[cid]
+        self.syncs += 1
         if initial or changes:
             log.info("synced: %d running containers, %d changes", len(ids), changes)
 
