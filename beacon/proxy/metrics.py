@@ -1,0 +1,185 @@
+"""Proxy metrics, counted so the forwarding path stays fast.
+
+The data path bumps plain ints in a per-service `ServiceStats` (one list index
+per request, one bisect for the latency bucket); nothing touches a prometheus
+object per request. At scrape time one `Collector` folds the counts of every
+running ProxyServer - and of its worker processes, which report theirs over
+their pipe - into metric families:
+
+  beacon_proxy_requests_total{service,code_class}      responses sent, by 1xx..5xx
+  beacon_proxy_request_duration_seconds{service}       request start → response end
+  beacon_proxy_upstream_attempts_total{service}        tries sent to an endpoint
+  beacon_proxy_retries_total{service}                  tries after the first
+  beacon_proxy_ejections_total{service}                passive-health ejections
+  beacon_proxy_open_connections{side}                  client | upstream, now
+  beacon_proxy_route_conflicts                         conflicting routes now
+
+Requests that matched no route are counted under service "unrouted".
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, Collector
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+UNROUTED = "unrouted"
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class ServiceStats:
+    """Counters of one service (plain ints: the data path only adds)."""
+
+    __slots__ = ("attempts", "buckets", "classes", "ejections", "retries", "total_seconds")
+
+    def __init__(self) -> None:
+        self.classes = [0] * 6  # index status // 100; 0 unused
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total_seconds = 0.0
+        self.attempts = 0
+        self.retries = 0
+        self.ejections = 0
+
+    def observe(self, status: int, seconds: float) -> None:
+        cls = status // 100
+        if 1 <= cls <= 5:
+            self.classes[cls] += 1
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "classes": self.classes,
+            "buckets": self.buckets,
+            "total_seconds": self.total_seconds,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "ejections": self.ejections,
+        }
+
+
+class ProxyMetrics:
+    """Every counter of one proxy process."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, ServiceStats] = {}
+
+    def service(self, name: str) -> ServiceStats:
+        stats = self.services.get(name)
+        if stats is None:
+            stats = self.services[name] = ServiceStats()
+        return stats
+
+    def to_json(self, client_connections: int, upstream_connections: int, conflicts: int) -> dict[str, Any]:
+        """A plain-data copy (what worker processes send to the parent)."""
+        return {
+            "services": {name: s.to_json() for name, s in self.services.items()},
+            "client_connections": client_connections,
+            "upstream_connections": upstream_connections,
+            "conflicts": conflicts,
+        }
+
+
+class MetricsSource(Protocol):
+    def metrics_json(self) -> list[dict[str, Any]]:
+        """One `ProxyMetrics.to_json()` per process this server runs."""
+        ...
+
+
+class ProxyCollector(Collector):
+    def __init__(self) -> None:
+        self._sources: weakref.WeakSet[MetricsSource] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, source: MetricsSource) -> None:
+        with self._lock:
+            self._sources.add(source)
+
+    def remove(self, source: MetricsSource) -> None:
+        with self._lock:
+            self._sources.discard(source)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            sources = list(self._sources)
+        reports = [r for s in sources for r in s.metrics_json()]
+        merged: dict[str, dict[str, Any]] = {}
+        clients = upstreams = conflicts = 0
+        for report in reports:
+            clients += report["client_connections"]
+            upstreams += report["upstream_connections"]
+            conflicts = max(conflicts, report["conflicts"])  # every process has the same table
+            for name, s in report["services"].items():
+                m = merged.setdefault(name, {
+                    "classes": [0] * 6, "buckets": [0] * (len(LATENCY_BUCKETS) + 1),
+                    "total_seconds": 0.0, "attempts": 0, "retries": 0, "ejections": 0,
+                })  # fmt: skip
+                m["classes"] = [a + b for a, b in zip(m["classes"], s["classes"], strict=True)]
+                m["buckets"] = [a + b for a, b in zip(m["buckets"], s["buckets"], strict=True)]
+                for key in ("total_seconds", "attempts", "retries", "ejections"):
+                    m[key] += s[key]
+        requests = CounterMetricFamily(
+            "beacon_proxy_requests", "HTTP responses sent by the proxy", labels=["service", "code_class"]
+        )
+        duration = HistogramMetricFamily(
+            "beacon_proxy_request_duration_seconds",
+            "Time from a request's header to the end of its response",
+            labels=["service"],
+        )
+        attempts = CounterMetricFamily(
+            "beacon_proxy_upstream_attempts", "Tries sent to an upstream endpoint", labels=["service"]
+        )
+        retries = CounterMetricFamily(
+            "beacon_proxy_retries", "Tries after the first one (another endpoint)", labels=["service"]
+        )
+        ejections = CounterMetricFamily(
+            "beacon_proxy_ejections", "Endpoints ejected by passive health checks", labels=["service"]
+        )
+        for name, m in sorted(merged.items()):
+            for cls, label in enumerate(CODE_CLASSES, start=1):
+                if m["classes"][cls]:
+                    requests.add_metric([name, label], m["classes"][cls])
+            running = 0
+            cumulative: list[tuple[str, float]] = []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), m["buckets"], strict=True):
+                running += count
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+            duration.add_metric([name], cumulative, m["total_seconds"])
+            attempts.add_metric([name], m["attempts"])
+            retries.add_metric([name], m["retries"])
+            ejections.add_metric([name], m["ejections"])
+        yield requests
+        yield duration
+        yield attempts
+        yield retries
+        yield ejections
+        open_connections = GaugeMetricFamily(
+            "beacon_proxy_open_connections", "Open proxy connections", labels=["side"]
+        )
+        open_connections.add_metric(["client"], clients)
+        open_connections.add_metric(["upstream"], upstreams)
+        yield open_connections
+        conflict_gauge = GaugeMetricFamily("beacon_proxy_route_conflicts", "Conflicting routes in the current table")
+        conflict_gauge.add_metric([], conflicts)
+        yield conflict_gauge
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "code_class"])
+        yield HistogramMetricFamily("beacon_proxy_request_duration_seconds", "", labels=["service"])
+        yield CounterMetricFamily("beacon_proxy_upstream_attempts", "", labels=["service"])
+        yield CounterMetricFamily("beacon_proxy_retries", "", labels=["service"])
+        yield CounterMetricFamily("beacon_proxy_ejections", "", labels=["service"])
+        yield GaugeMetricFamily("beacon_proxy_open_connections", "", labels=["side"])
+        yield GaugeMetricFamily("beacon_proxy_route_conflicts", "")
+
+
+COLLECTOR = ProxyCollector()
+REGISTRY.register(COLLECTOR)

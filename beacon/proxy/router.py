@@ -1,0 +1,296 @@
+"""Pure routing: a registry snapshot becomes a table from (Host, path) to a service.
+
+Built once per snapshot, read on every request. Every key is precomputed as
+lowercase ASCII bytes so the data path matches the raw header bytes without
+decoding them.
+
+Routes come from three places, most specific first:
+
+1. exact hosts - labels `beacon.http.host=api.example.com` and the implicit
+   `<service>.<proxy-domain>` of every service;
+2. wildcard hosts - `beacon.http.host=*.example.com` matches any name below
+   `example.com` (at any depth, not `example.com` itself); a longer suffix wins;
+3. any host - an endpoint with `beacon.http.path_prefix` and no host label.
+
+The host level is chosen first; within a host level the longest matching path
+prefix wins; if no prefix of that level matches the path, the next (less
+specific) host level is tried. A prefix matches on segment boundaries: `/api`
+matches `/api`, `/api/x` and `/api?q`, never `/apix`.
+
+Two services claiming the same (host, prefix) is a conflict: the first by
+service name wins (deterministic), and the conflict is logged by the caller
+and listed in `RoutingTable.conflicts`. A label route silently replaces the
+implicit `<service>.<domain>` route of another service and is listed too
+(kind "shadowed"), so the API can explain why a name goes elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from beacon.registry.model import Service, Snapshot
+
+ANY_HOST = b"*"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One (host, path prefix) → service rule. `prefix` is b"/" for the whole host."""
+
+    host: bytes  # lowercase; b"*.example.com" for a wildcard, ANY_HOST for any
+    prefix: bytes
+    service: str
+    strip: bool = False
+    explicit: bool = True  # False: the implicit <service>.<domain> route
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "host": self.host.decode("ascii", "replace"),
+            "path_prefix": self.prefix.decode("ascii", "replace"),
+            "service": self.service,
+            "strip_prefix": self.strip,
+            "implicit": not self.explicit,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    host: bytes
+    prefix: bytes
+    winner: str
+    losers: tuple[str, ...]
+    kind: str  # "conflict": two label routes; "shadowed": a label hides an implicit route
+
+    def describe(self) -> str:
+        return (
+            f"host={self.host.decode('ascii', 'replace')} path_prefix={self.prefix.decode('ascii', 'replace')} "
+            f"-> {self.winner} (ignored: {', '.join(self.losers)}; {self.kind})"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "host": self.host.decode("ascii", "replace"),
+            "path_prefix": self.prefix.decode("ascii", "replace"),
+            "winner": self.winner,
+            "losers": list(self.losers),
+            "kind": self.kind,
+        }
+
+
+@dataclass(slots=True)
+class HostRoutes:
+    """The routes of one host level, longest prefix first."""
+
+    routes: list[Route] = field(default_factory=list)
+    # Fast path: a host with a single "/" route needs no path check at all.
+    only_root: Route | None = None
+
+    def finish(self) -> None:
+        self.routes.sort(key=lambda r: (-len(r.prefix), r.prefix))
+        self.only_root = self.routes[0] if len(self.routes) == 1 and self.routes[0].prefix == b"/" else None
+
+    def match(self, path: bytes) -> Route | None:
+        if self.only_root is not None:
+            return self.only_root
+        for route in self.routes:
+            if prefix_matches(route.prefix, path):
+                return route
+        return None
+
+
+def prefix_matches(prefix: bytes, path: bytes) -> bool:
+    if prefix == b"/":
+        return True
+    if not path.startswith(prefix):
+        return False
+    if len(path) == len(prefix):
+        return True
+    nxt = path[len(prefix) : len(prefix) + 1]
+    return nxt in (b"/", b"?") or prefix.endswith(b"/")
+
+
+def strip_prefix(prefix: bytes, target: bytes) -> bytes:
+    """Remove `prefix` from a matching request target, keeping it absolute."""
+    if prefix == b"/":
+        return target
+    rest = target[len(prefix) :]
+    if prefix.endswith(b"/"):
+        return b"/" + rest
+    if not rest or rest.startswith(b"?"):
+        return b"/" + rest
+    return rest
+
+
+def normalise_prefix(text: str) -> bytes:
+    """'/api/' and 'api' both become b'/api' (the root stays b'/')."""
+    text = "/" + text.strip().strip("/")
+    return text.encode("ascii", "replace")
+
+
+def encode_host(text: str) -> bytes:
+    """A host label value as lowercase ASCII bytes (IDNA for unicode); b"" if invalid."""
+    text = text.strip().lower().rstrip(".")
+    if not text:
+        return b""
+    try:
+        return text.encode("ascii") if text.isascii() else text.encode("idna")
+    except UnicodeError:
+        return b""
+
+
+def normalise_host(host: bytes) -> bytes:
+    """Lowercase a Host header value and drop its port and any trailing dot."""
+    host = host.strip().lower()
+    if host.startswith(b"["):  # IPv6 literal: [::1]:8080
+        end = host.find(b"]")
+        host = host[: end + 1] if end >= 0 else host
+    else:
+        colon = host.find(b":")
+        if colon >= 0:
+            host = host[:colon]
+    return host.rstrip(b".")
+
+
+@dataclass(slots=True)
+class RoutingTable:
+    exact: dict[bytes, HostRoutes]
+    wildcard: dict[bytes, HostRoutes]  # key: suffix with its leading dot, b".example.com"
+    any_host: HostRoutes | None
+    routes: tuple[Route, ...]
+    conflicts: tuple[Conflict, ...]
+    services: frozenset[str]
+    # Lookups by raw Host header value: repeated hosts skip normalisation.
+    _cache: dict[bytes, tuple[HostRoutes, ...]] = field(default_factory=dict)
+
+    def host_levels(self, raw_host: bytes) -> tuple[HostRoutes, ...]:
+        """Every host level matching a raw Host header, most specific first."""
+        cached = self._cache.get(raw_host)
+        if cached is not None:
+            return cached
+        host = normalise_host(raw_host)
+        levels: list[HostRoutes] = []
+        exact = self.exact.get(host)
+        if exact is not None:
+            levels.append(exact)
+        if self.wildcard:
+            dot = host.find(b".")
+            while dot >= 0:
+                wild = self.wildcard.get(host[dot:])
+                if wild is not None:
+                    levels.append(wild)
+                dot = host.find(b".", dot + 1)
+        if self.any_host is not None:
+            levels.append(self.any_host)
+        result = tuple(levels)
+        if len(self._cache) >= 4096:  # Host is client-controlled: bound the cache
+            self._cache.clear()
+        self._cache[raw_host] = result
+        return result
+
+    def resolve(self, raw_host: bytes, path: bytes) -> Route | None:
+        for level in self.host_levels(raw_host):
+            route = level.match(path)
+            if route is not None:
+                return route
+        return None
+
+    def match(self, host: str, path: str = "/") -> Route | None:
+        """Convenience for tests and the API: resolve with str arguments."""
+        return self.resolve(encode_host(host), path.encode())
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "routes": [r.to_json() for r in self.routes],
+            "conflicts": [c.to_json() for c in self.conflicts],
+        }
+
+
+def service_routes(service: Service, domain: bytes) -> list[Route]:
+    """The routes one service asks for (implicit host first, then its labels)."""
+    routes = [Route(host=service.name.lower().encode("ascii", "replace") + b"." + domain, prefix=b"/",
+                    service=service.name, explicit=False)]
+    seen: set[tuple[bytes, bytes]] = set()
+    for ep in service.endpoints:
+        if not ep.http_hosts and ep.http_path_prefix is None:
+            continue
+        prefix = normalise_prefix(ep.http_path_prefix) if ep.http_path_prefix is not None else b"/"
+        strip = ep.http_strip_prefix and prefix != b"/"
+        hosts = [h for h in (encode_host(h) for h in ep.http_hosts) if h]
+        if not hosts:
+            # A path prefix without a host label: the service's own name and any host.
+            hosts = [routes[0].host, ANY_HOST]
+        for host in hosts:
+            if (host, prefix) in seen:
+                continue  # endpoints of one service usually repeat the same labels
+            seen.add((host, prefix))
+            routes.append(Route(host=host, prefix=prefix, service=service.name, strip=strip))
+    return routes
+
+
+def build_table(
+    snapshot: Snapshot | Mapping[str, Service],
+    domain: str,
+    cache: dict[str, tuple[Service, list[Route]]] | None = None,
+) -> RoutingTable:
+    """Build the routing table for a snapshot.
+
+    `domain` is the proxy domain as configured (a trailing dot is allowed).
+    `cache` maps service name → (Service, its routes) from the previous build;
+    unchanged Service objects (the catalog reuses them) skip route derivation.
+    It is updated in place.
+    """
+    services = snapshot.services if isinstance(snapshot, Snapshot) else snapshot
+    domain_b = domain.strip().rstrip(".").lower().encode("ascii")
+    memo = cache if cache is not None else {}
+    for gone in [name for name in memo if name not in services]:
+        del memo[gone]
+    all_routes: list[Route] = []
+    for name in sorted(services):
+        svc = services[name]
+        hit = memo.get(name)
+        if hit is None or hit[0] is not svc:
+            hit = (svc, service_routes(svc, domain_b))
+            memo[name] = hit
+        all_routes.extend(hit[1])
+    return table_from_routes(all_routes, services.keys())
+
+
+def table_from_routes(routes: Iterable[Route], services: Iterable[str]) -> RoutingTable:
+    claims: dict[tuple[bytes, bytes], list[Route]] = {}
+    for route in routes:
+        claims.setdefault((route.host, route.prefix), []).append(route)
+    winners: list[Route] = []
+    conflicts: list[Conflict] = []
+    for (host, prefix), claimants in sorted(claims.items()):
+        explicit = sorted((r for r in claimants if r.explicit), key=lambda r: r.service)
+        implicit = sorted((r for r in claimants if not r.explicit), key=lambda r: r.service)
+        winner = explicit[0] if explicit else implicit[0]
+        winners.append(winner)
+        losers_explicit = sorted({r.service for r in explicit[1:]} - {winner.service})
+        losers_implicit = sorted({r.service for r in implicit} - {winner.service} - set(losers_explicit))
+        if losers_explicit:
+            conflicts.append(Conflict(host, prefix, winner.service, tuple(losers_explicit), "conflict"))
+        if losers_implicit:
+            conflicts.append(Conflict(host, prefix, winner.service, tuple(losers_implicit), "shadowed"))
+    exact: dict[bytes, HostRoutes] = {}
+    wildcard: dict[bytes, HostRoutes] = {}
+    any_host: HostRoutes | None = None
+    for route in winners:
+        if route.host == ANY_HOST:
+            any_host = any_host or HostRoutes()
+            any_host.routes.append(route)
+        elif route.host.startswith(b"*."):
+            wildcard.setdefault(route.host[1:], HostRoutes()).routes.append(route)
+        else:
+            exact.setdefault(route.host, HostRoutes()).routes.append(route)
+    for level in (*exact.values(), *wildcard.values(), *([any_host] if any_host else [])):
+        level.finish()
+    return RoutingTable(
+        exact=exact,
+        wildcard=wildcard,
+        any_host=any_host,
+        routes=tuple(winners),
+        conflicts=tuple(conflicts),
+        services=frozenset(services),
+    )

@@ -1,0 +1,344 @@
+"""`make bench-proxy`: Beacon's HTTP proxy against nginx, HAProxy and Caddy, one run.
+
+Every proxy runs with one worker (nginx `worker_processes 1`, HAProxy
+`nbthread 1`, Caddy `GOMAXPROCS=1`, Beacon `--proxy-workers 1` on uvloop) in
+front of the same two loopback backends: one nginx serving a small static file
+on two ports. wrk (Debian) loads each for `--duration` seconds, `--repeats`
+times, targets interleaved so that machine noise spreads over all of them; the
+median requests/s and p50/p99 latency are printed with the ratios to nginx
+and Caddy. "direct" is wrk against a backend without any proxy.
+
+Beacon runs as a user runs it: `beacon run --docker false` (registry, API,
+DNS and proxy in one process, every proxy feature on: routing, balancing,
+passive health, retries, X-Forwarded-*, X-Request-Id, metrics), and the two
+backends are registered through its REST API (`PUT /v1/endpoints/{id}`).
+
+Latency added at half of Beacon's peak rate: wrk2's `-R` is not in Debian, so
+the rate is limited by a wrk Lua `delay()` (a think time after each
+response, with random rounding to whole milliseconds so the mean is exact).
+The same delay runs against Beacon and direct; the table shows both rates
+achieved and the p99 Beacon adds.
+
+    python -m bench.proxy [--duration 8] [--repeats 3] [--connections 64] [--only beacon,nginx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import ensure_debian_packages, median, print_table
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b"hello from the beacon benchmark backend\n" * 3  # ~120 bytes
+PEERS = ("beacon", "nginx", "haproxy", "caddy", "direct")
+
+REPORT_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\nBENCH {"requests":%d,"duration_us":%d,"errors":%d,"non2xx":%d,"p50_us":%d,"p99_us":%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+RATE_LUA = """
+local d = tonumber(os.getenv("BENCH_DELAY_MS"))
+local base = math.floor(d)
+local frac = d - base
+delay = function()
+  if math.random() < frac then return base + 1 end
+  return base
+end
+"""
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, what: str, log: Path | None = None, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+    raise RuntimeError(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout}s\n{tail}")
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------- configs
+def backend_conf(tmp: Path, ports: tuple[int, int]) -> Path:
+    www = tmp / "www"
+    www.mkdir(exist_ok=True)
+    (www / "index.html").write_bytes(BODY)
+    conf = tmp / "backend.conf"
+    conf.write_text(f"""
+daemon off; master_process off; worker_processes 1; pid {tmp}/backend.pid;
+error_log {tmp}/backend-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
+  client_body_temp_path {tmp}/b-body; proxy_temp_path {tmp}/b-proxy; fastcgi_temp_path {tmp}/b-fcgi;
+  uwsgi_temp_path {tmp}/b-uwsgi; scgi_temp_path {tmp}/b-scgi;
+  server {{ listen 127.0.0.1:{ports[0]}; listen 127.0.0.1:{ports[1]}; root {www}; index index.html; }}
+}}
+""")
+    return conf
+
+
+def nginx_conf(tmp: Path, port: int, backends: tuple[int, int]) -> Path:
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process off; worker_processes 1; pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path {tmp}/n-body; proxy_temp_path {tmp}/n-proxy; fastcgi_temp_path {tmp}/n-fcgi;
+  uwsgi_temp_path {tmp}/n-uwsgi; scgi_temp_path {tmp}/n-scgi;
+  upstream backends {{ server 127.0.0.1:{backends[0]}; server 127.0.0.1:{backends[1]}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }}
+  }}
+}}
+""")
+    return conf
+
+
+def haproxy_conf(tmp: Path, port: int, backends: tuple[int, int]) -> Path:
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 3s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  balance roundrobin
+  server s1 127.0.0.1:{backends[0]}
+  server s2 127.0.0.1:{backends[1]}
+""")
+    return conf
+
+
+def caddy_conf(tmp: Path, port: int, backends: tuple[int, int]) -> Path:
+    conf = tmp / "Caddyfile"
+    conf.write_text(f"""
+{{
+  admin off
+  auto_https off
+}}
+http://:{port} {{
+  bind 127.0.0.1
+  reverse_proxy 127.0.0.1:{backends[0]} 127.0.0.1:{backends[1]}
+}}
+""")
+    return conf
+
+
+def register_backends(api_port: int, backends: tuple[int, int]) -> None:
+    for n, port in enumerate(backends, start=1):
+        body = json.dumps({"service": "bench", "address": "127.0.0.1", "port": port}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{api_port}/v1/endpoints/bench-{n}", data=body,
+                                     method="PUT", headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            resp.read()
+
+
+def wait_routed(what: str, port: int, host: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.read() == BODY:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} on {port} never served the backend body (last: {last})")
+
+
+# ------------------------------------------------------------------- wrk
+def run_wrk(url: str, host: str | None, duration: float, connections: int, script: Path,
+            delay_ms: float | None = None) -> Result:  # fmt: skip
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", str(script)]
+    if host:
+        args += ["-H", f"Host: {host}"]
+    env = dict(os.environ)
+    if delay_ms is not None:
+        env["BENCH_DELAY_MS"] = f"{delay_ms:.4f}"
+    out = subprocess.run([*args, url], capture_output=True, text=True, env=env, timeout=duration + 60, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("BENCH "))
+    data = json.loads(line[len("BENCH ") :])
+    return Result(
+        rps=data["requests"] / (data["duration_us"] / 1e6),
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        errors=data["errors"] + data["non2xx"],
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--only", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    args = parser.parse_args()
+    only = [p for p in args.only.split(",") if p]
+    if bad := sorted(set(only) - set(PEERS)):
+        parser.error(f"unknown target(s): {', '.join(bad)}")
+    ensure_debian_packages({"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy", "caddy": "caddy"})
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+    with tempfile.TemporaryDirectory(prefix="beacon-bench-proxy-") as tmpdir:
+        tmp = Path(tmpdir)
+        report = tmp / "report.lua"
+        report.write_text(REPORT_LUA)
+        rate = tmp / "rate.lua"
+        rate.write_text(REPORT_LUA + RATE_LUA)
+        backends = (free_port(), free_port())
+        ports = {p: free_port() for p in PEERS}
+        api_port, dns_port = free_port(), free_port()
+        beacon_args = [
+            sys.executable, "-m", "beacon", "run", "--docker", "false", "--proxy-workers", "1",
+            "--proxy-listen", f"127.0.0.1:{ports['beacon']}", "--api-listen", f"127.0.0.1:{api_port}",
+            "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-recursors", "none", "--log-level", "warning",
+        ]  # fmt: skip
+        with (
+            process([nginx, "-c", str(backend_conf(tmp, backends)), "-e", str(tmp / "backend-error.log")]),
+            process([nginx, "-c", str(nginx_conf(tmp, ports["nginx"], backends)), "-e", str(tmp / "nginx-error.log")]),
+            process([haproxy, "-f", str(haproxy_conf(tmp, ports["haproxy"], backends))], log=tmp / "haproxy.log"),
+            process(["caddy", "run", "--config", str(caddy_conf(tmp, ports["caddy"], backends)), "--adapter", "caddyfile"],
+                    env={"GOMAXPROCS": "1", "HOME": str(tmp), "XDG_DATA_HOME": str(tmp), "XDG_CONFIG_HOME": str(tmp)},
+                    log=tmp / "caddy.log"),
+            process(beacon_args, log=tmp / "beacon.log"),
+        ):  # fmt: skip
+            for port, what, log in [
+                (backends[0], "backend nginx", tmp / "backend-error.log"),
+                (ports["nginx"], "nginx", tmp / "nginx-error.log"),
+                (ports["haproxy"], "haproxy", tmp / "haproxy.log"),
+                (ports["caddy"], "caddy", tmp / "caddy.log"),
+                (ports["beacon"], "beacon", tmp / "beacon.log"),
+                (api_port, "beacon api", tmp / "beacon.log"),
+            ]:
+                wait_port(port, what, log)
+            register_backends(api_port, backends)
+            urls = {p: f"http://127.0.0.1:{ports[p]}/" for p in PEERS}
+            urls["direct"] = f"http://127.0.0.1:{backends[0]}/"
+            hosts = {p: None for p in PEERS} | {"beacon": "bench.localhost"}
+            for p in only:
+                wait_routed(p, int(urls[p].rsplit(":", 1)[1].strip("/")), hosts[p] or "localhost")
+            print(f"wrk: 1 thread, {args.connections} connections, {args.duration:g}s x {args.repeats} per target; "
+                  f"backends: nginx (1 worker) on 127.0.0.1:{backends[0]},{backends[1]}", file=sys.stderr)  # fmt: skip
+            results: dict[str, list[Result]] = {p: [] for p in only}
+            for p in only:  # warm-up: connections, pools, caches
+                run_wrk(urls[p], hosts[p], 1.0, args.connections, report)
+            for r in range(args.repeats):
+                for p in only:
+                    res = run_wrk(urls[p], hosts[p], args.duration, args.connections, report)
+                    results[p].append(res)
+                    print(f"  run {r + 1}: {p:8s} {res.rps:9,.0f} req/s  p50 {res.p50_ms:.3f} ms  "
+                          f"p99 {res.p99_ms:.3f} ms  errors {res.errors}", file=sys.stderr)  # fmt: skip
+            summary = {p: Result(median(x.rps for x in rs), median(x.p50_ms for x in rs),
+                                 median(x.p99_ms for x in rs), sum(x.errors for x in rs))
+                       for p, rs in results.items()}  # fmt: skip
+
+            def ratio(p: str, ref: str) -> str:
+                return f"{summary[p].rps / summary[ref].rps:.2f}x" if ref in summary else "-"
+
+            print(f"\nHTTP proxy, one worker each, median of {args.repeats} x {args.duration:g}s "
+                  f"({args.connections} connections, keep-alive, GET of {len(BODY)} bytes)")  # fmt: skip
+            print_table(
+                ["target", "req/s", "p50 ms", "p99 ms", "vs nginx", "vs caddy", "errors"],
+                [[p, s.rps, f"{s.p50_ms:.3f}", f"{s.p99_ms:.3f}", ratio(p, "nginx"), ratio(p, "caddy"), s.errors]
+                 for p, s in summary.items()],
+            )  # fmt: skip
+
+            if "beacon" in summary:
+                half = summary["beacon"].rps / 2
+                conns = max(8, args.connections // 2)
+                delay_ms = conns * 1000.0 / half
+                # nginx runs at the same rate as a reference: what any extra hop costs here.
+                at_half: dict[str, list[Result]] = {p: [] for p in ("direct", "beacon", "nginx") if p in summary}
+                for _ in range(args.repeats):
+                    for p in at_half:
+                        at_half[p].append(run_wrk(urls[p], hosts[p], args.duration, conns, rate, delay_ms))
+                rows = []
+                for p, rs in at_half.items():
+                    rows.append([p, median(x.rps for x in rs), f"{median(x.p50_ms for x in rs):.3f}",
+                                 f"{median(x.p99_ms for x in rs):.3f}", sum(x.errors for x in rs)])  # fmt: skip
+                added = median(x.p99_ms for x in at_half["beacon"]) - median(x.p99_ms for x in at_half.get("direct", at_half["beacon"]))
+                print(f"\nLatency at half of Beacon's peak ({half:,.0f} req/s target; {conns} connections, "
+                      f"think time {delay_ms:.2f} ms per connection via wrk delay())")  # fmt: skip
+                print_table(["target", "req/s", "p50 ms", "p99 ms", "errors"], rows)
+                print(f"p99 added by Beacon over direct: {added:.3f} ms (target <= 1 ms)")
+                if "nginx" in at_half:
+                    ref = median(x.p99_ms for x in at_half["nginx"]) - median(x.p99_ms for x in at_half["direct"])
+                    print(f"p99 added by nginx over direct at the same rate: {ref:.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
