@@ -120,11 +120,15 @@ async def test_full_stack_docker_watcher_feeds_dns(
         address_mode="internal", network=net.name, dns_listen=(HostPort(gateway, 53),), dns_ttl=0
     ) as app:
         backend = await asyncio.to_thread(
-            run_container, network=net.name, labels={"beacon.service": service, "beacon.port": "80"}
+            run_container,
+            network=net.name,
+            labels={"beacon.service": service, "beacon.port": "80", "beacon.dns.ttl": "7"},
         )
         backend_ip = ip_on(backend, net)
         await eventually(lambda: service in app.catalog.snapshot.services, timeout=20)
         assert [e.address for e in app.catalog.snapshot.services[service].endpoints] == [backend_ip]
+        answer = await udp(HostPort(gateway, 53), f"{service}.service.beacon")
+        assert addresses(answer) == [backend_ip] and answer.answer[0].ttl == 7  # label beacon.dns.ttl
         code, out = await run_to_completion(
             run_container,
             f"nslookup {service}.service.beacon && wget -q -O- http://{service}.service.beacon/",
