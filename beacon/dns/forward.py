@@ -74,7 +74,7 @@ def without_self(upstreams: Sequence[HostPort], listeners: Sequence[HostPort]) -
         for lis in listeners:
             if lis.port != up.port:
                 continue
-            lis_ip = ipaddress.ip_address(lis.host)
+            lis_ip = ipaddress.ip_address(lis.host.split("%", 1)[0])
             if lis_ip == up_ip or (lis_ip.is_unspecified and (up_ip.is_loopback or up_ip.is_unspecified)):
                 return True
         return False
