@@ -200,21 +200,24 @@ async def docker_latency(count: int) -> dict[str, list[float]]:
         with beacon_process(api_port):
             await wait_healthy(base)
             watcher = asyncio.create_task(observer.run(stop))
-            for i in range(count):
-                c = await loop.run_in_executor(
-                    pool,
-                    lambda i=i: client.containers.run(
-                        IMAGE, ["sh", "-c", SLOW_STOP], detach=True,
-                        name=f"bench-reg-{run_id}-{i:03d}",
-                        labels={BENCH_LABEL: run_id, "beacon.tags": tag, "beacon.service": f"bench-{run_id}-{i:03d}"},
-                        ports={"80/tcp": ("127.0.0.1", None)},
-                    ),
+
+            def start(i: int) -> Any:
+                return client.containers.run(
+                    IMAGE, ["sh", "-c", SLOW_STOP], detach=True,
+                    name=f"bench-reg-{run_id}-{i:03d}",
+                    labels={BENCH_LABEL: run_id, "beacon.tags": tag, "beacon.service": f"bench-{run_id}-{i:03d}"},
+                    ports={"80/tcp": ("127.0.0.1", None)},
                 )
-                containers.append(c)
+
+            def stop_container(c: Any) -> None:
+                c.stop(timeout=10)
+
+            for i in range(count):
+                containers.append(await loop.run_in_executor(pool, start, i))
                 await asyncio.sleep(0.02)  # spread the events a little, like a rollout
             ids = {c.id for c in containers}
             await wait_until(lambda: ids <= observer.visible.keys(), 60, "every container visible in the API")
-            await asyncio.gather(*(loop.run_in_executor(pool, lambda c=c: c.stop(timeout=10)) for c in containers))
+            await asyncio.gather(*(loop.run_in_executor(pool, stop_container, c) for c in containers))
             await wait_until(lambda: ids <= observer.draining.keys(), 30, "every container draining in the API")
             stop.set()
             await watcher

@@ -351,7 +351,12 @@ class DockerSource:
     async def _resync_loop(self, client: docker.DockerClient) -> None:
         while True:
             await asyncio.sleep(self._config.resync_interval)
-            await self._sync(client, initial=False)
+            try:
+                await self._sync(client, initial=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the stream's end will restart the session if the engine is gone
+                log.warning("failed: resync: %s", exc or type(exc).__name__)
 
     async def _sync(self, client: docker.DockerClient, *, initial: bool) -> None:
         """List running containers and apply the difference to the catalog."""
@@ -359,16 +364,22 @@ class DockerSource:
         listed = await self._call(client.api.containers)
         ids = [str(c["Id"]) for c in listed]
 
-        async def inspect(cid: str) -> tuple[str, int, dict[str, Any] | None]:
+        async def inspect(cid: str) -> tuple[str, int, dict[str, Any] | None] | None:
             gen = self._gen.get(cid, 0)
             try:
                 attrs = await self._call(client.api.inspect_container, cid)
             except docker.errors.NotFound:
                 attrs = None
+            except docker.errors.APIError as exc:  # one odd container must not stall the rest
+                log.warning("failed: inspect %s: %s (kept as it was)", cid[:12], exc)
+                return None
             return cid, gen, attrs
 
         changes = 0
-        for cid, gen, attrs in await asyncio.gather(*(inspect(cid) for cid in ids)):
+        for item in await asyncio.gather(*(inspect(cid) for cid in ids)):
+            if item is None:
+                continue
+            cid, gen, attrs = item
             if self._gen.get(cid, 0) == gen:  # else an event overtook this inspect
                 changes += self._apply(cid, attrs)
         running = set(ids)

@@ -78,6 +78,11 @@ def mine(catalog: Catalog, container: Container) -> list[Endpoint]:
     )
 
 
+def exactly(n: int, catalog: Catalog, container: Container) -> list[Endpoint] | None:
+    eps = mine(catalog, container)
+    return eps if len(eps) == n else None
+
+
 def host_port(container: Container, key: str = "80/tcp") -> int:
     container.reload()
     return int(container.attrs["NetworkSettings"]["Ports"][key][0]["HostPort"])
@@ -178,7 +183,7 @@ async def test_multi_port_and_beacon_labels(
             "beacon.lb": "least_conn",
         },
     )
-    eps = await eventually(lambda: len(mine(cat, c)) == 2 and mine(cat, c))
+    eps = await eventually(lambda: exactly(2, cat, c))
     web, admin = eps
     assert (web.id, web.service, web.port) == (f"{c.id[:12]}-80", f"{shop}-80", host_port(c, "80/tcp"))
     assert (admin.id, admin.service, admin.port) == (f"{c.id[:12]}-8080", f"{shop}-admin", host_port(c, "8080/tcp"))
@@ -215,7 +220,7 @@ async def test_registrator_variables(run_container: ContainerFactory, watch: Wat
         ports={"80/tcp": ("127.0.0.1", None), "443/tcp": ("127.0.0.1", None)},
         environment={"SERVICE_443_IGNORE": "true"},
     )
-    eps = await eventually(lambda: len(mine(cat, c)) == 2 and mine(cat, c))
+    eps = await eventually(lambda: exactly(2, cat, c))
     # Ids sort "-443" before "-80". Tags: the label SERVICE_TAGS replaced the env one.
     assert [(e.service, e.tags) for e in eps] == [(f"{billing}-tls", ("primary",)), (f"{billing}-80", ("primary",))]
     (only,) = await eventually(lambda: mine(cat, port_ignored))
@@ -276,7 +281,7 @@ async def test_host_mode_advertises_loopback_bindings_as_loopback(
     # is reachable only there.
     cat, _ = await watch(advertise_ip="192.0.2.77")
     c = run_container(ports={"80/tcp": ("127.0.0.1", None), "81/tcp": ("::1", None)})
-    eps = await eventually(lambda: len(mine(cat, c)) == 2 and mine(cat, c))
+    eps = await eventually(lambda: exactly(2, cat, c))
     c.reload()
     ports = c.attrs["NetworkSettings"]["Ports"]
     assert {(e.address, e.port) for e in eps} == {

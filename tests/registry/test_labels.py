@@ -455,7 +455,7 @@ def test_defaults_when_no_settings_labels() -> None:
     assert (ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix) == ((), None, False)
 
 
-BAD_LABELS = [
+BAD_LABELS: list[tuple[str, str, str, object]] = [
     ("beacon.weight", "heavy", "weight", 1),
     ("beacon.weight", "0", "weight", 1),
     ("beacon.weight", "70000", "weight", 1),
