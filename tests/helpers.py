@@ -30,6 +30,9 @@ def test_config(**overrides: Any) -> Config:
     return replace(base, **overrides).validate()
 
 
+test_config.__test__ = False  # type: ignore[attr-defined]  # a factory, not a test
+
+
 @asynccontextmanager
 async def running_app(**overrides: Any) -> AsyncIterator[App]:
     app = App(test_config(**overrides))
