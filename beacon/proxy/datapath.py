@@ -344,8 +344,10 @@ class ClientConnection(asyncio.Protocol):
         self.eof = True
         if self.tunnel is not None:
             up = self.tunnel
-            if up.transport.can_write_eof() and not up.closed:
-                up.transport.write_eof()
+            if up.eof or up.closed or not up.transport.can_write_eof():
+                up.close()  # both directions ended: the tunnel is over
+                return False
+            up.transport.write_eof()
             return True
         return self.active is not None
 
@@ -614,6 +616,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.tunnel: ClientConnection | None = None
         self.closed = False
+        self.eof = False
         self.deadline = INF
         self.reading_paused = False
         self.requests = 0
@@ -664,12 +667,15 @@ class UpstreamConnection(asyncio.Protocol):
         core.upstream_failed(ex, self, "reset" if exc is None else f"reset ({exc})")
 
     def eof_received(self) -> bool | None:
+        self.eof = True
         if self.tunnel is not None:
             client = self.tunnel
             client.flush()
-            if client.transport.can_write_eof() and not client.transport.is_closing():
-                client.transport.write_eof()
-                return True
+            if client.eof or client.transport.is_closing() or not client.transport.can_write_eof():
+                client.close()  # both directions ended: the tunnel is over
+                return False
+            client.transport.write_eof()
+            return True
         return False
 
     def close(self) -> None:
@@ -1125,6 +1131,8 @@ class ProxyCore:
         """Route a parsed request head and build the bytes to send upstream."""
         url = ex.url
         host = ex.host
+        if ex.method == b"CONNECT":
+            ex.error = ex.error or (405, "CONNECT is not supported by this reverse proxy")
         if url[:1] != b"/":
             if url == b"*":
                 url = b"/"
@@ -1137,8 +1145,6 @@ class ProxyCore:
             if ex.http11:
                 ex.error = ex.error or (400, "missing Host header")
             host = b""
-        if ex.method == b"CONNECT":
-            ex.error = ex.error or (405, "CONNECT is not supported by this reverse proxy")
         if ex.cl is not None and self.max_body_size and int(ex.cl) > self.max_body_size:
             ex.error = ex.error or (413, f"request body larger than {self.max_body_size} bytes")
         if ex.error is not None:
@@ -1157,6 +1163,12 @@ class ProxyCore:
             ex.error = (503, f"service {name} has no healthy endpoint")
             return
         target = strip_prefix(route.prefix, url) if route.strip else url
+        cv = ex.conn_value
+        if cv is not None and cv.lower() not in PLAIN_CONNECTION_TOKENS:
+            # Headers the client's Connection header names are hop-by-hop too.
+            named = {t.strip().lower() for t in cv.split(b",")} - PLAIN_CONNECTION_TOKENS
+            lines = ex.lines
+            ex.lines = [x for i in range(0, len(lines), 4) if lines[i].lower() not in named for x in lines[i : i + 4]]
         parts = [ex.method, b" ", target, b" HTTP/1.1\r\n", *ex.lines]
         if ex.xff is None and ex.xfp is None:
             parts.append(ex.client.forwarded)  # X-Forwarded-For and -Proto of this connection

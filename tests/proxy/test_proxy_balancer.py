@@ -1,0 +1,176 @@
+"""The pure balancer: policies, retries, sticky tokens and passive-health ejection."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from beacon.proxy.balancer import P2C_THRESHOLD, Ejection, EndpointState, Pool, parse_lb, sticky_token
+
+
+def members(*weights: int) -> list[EndpointState]:
+    return [EndpointState(chr(ord("a") + i), "svc", "127.0.0.1", 1000 + i, w) for i, w in enumerate(weights)]
+
+
+def seq(pool: Pool, n: int, now: float = 0.0) -> str:
+    out = []
+    for _ in range(n):
+        m = pool.pick(now)
+        assert m is not None
+        out.append(m.id)
+    return "".join(out)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, ("round_robin", False)),
+        ("", ("round_robin", False)),
+        ("least_conn", ("least_conn", False)),
+        ("sticky", ("round_robin", True)),
+        ("random+sticky", ("random", True)),
+        (" Least_Conn , sticky ", ("least_conn", True)),
+    ],
+)
+def test_parse_lb(text: str | None, expected: tuple[str, bool]) -> None:
+    assert parse_lb(text) == expected
+
+
+def test_parse_lb_names_a_bad_policy() -> None:
+    with pytest.raises(ValueError, match="fastest"):
+        parse_lb("fastest")
+
+
+def test_round_robin_with_equal_weights_rotates() -> None:
+    pool = Pool("svc", members(1, 1, 1), rng=random.Random(0))
+    s = seq(pool, 9)
+    assert sorted(s[:3]) == ["a", "b", "c"] and s == s[:3] * 3
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ((5, 1, 1), "aabacaa"),  # nginx's smooth weighted round robin: no burst of a's
+        ((2, 1), "aba"),
+        ((1, 3), "babb"),
+    ],
+)
+def test_smooth_weighted_round_robin_sequence(weights: tuple[int, ...], expected: str) -> None:
+    pool = Pool("svc", members(*weights))
+    assert seq(pool, len(expected) * 3) == expected * 3
+
+
+def test_least_conn_picks_the_fewest_in_flight_relative_to_weight() -> None:
+    ms = members(1, 1, 2)
+    ms[0].inflight, ms[1].inflight, ms[2].inflight = 3, 1, 3  # scores 4, 2, 2
+    pool = Pool("svc", ms, "least_conn", rng=random.Random(1))
+    picked = Counter(pool.pick(0).id for _ in range(200))  # type: ignore[union-attr]
+    assert set(picked) == {"b", "c"}  # a tie, broken at random
+    assert min(picked.values()) > 50
+
+
+def test_least_conn_uses_two_random_choices_in_a_large_pool() -> None:
+    ms = members(*([1] * (P2C_THRESHOLD + 8)))
+    busy = ms[0]
+    busy.inflight = 100
+    pool = Pool("svc", ms, "least_conn", rng=random.Random(2))
+    picked = Counter(pool.pick(0).id for _ in range(2000))  # type: ignore[union-attr]
+    assert busy.id not in picked  # it loses every pairing it is drawn into
+    assert len(picked) == len(ms) - 1  # and the rest share the load
+
+
+def test_random_follows_weights() -> None:
+    pool = Pool("svc", members(3, 1), "random", rng=random.Random(3))
+    picked = Counter(seq(pool, 4000))
+    assert 2700 < picked["a"] < 3300
+
+
+def test_an_empty_pool_picks_nothing() -> None:
+    pool = Pool("svc", [])
+    assert pool.pick(0) is None
+    assert pool.pick_retry(0, [], None) is None
+
+
+def test_retries_avoid_tried_endpoints_and_never_repeat_the_last() -> None:
+    ms = members(1, 1, 1)
+    pool = Pool("svc", ms, rng=random.Random(4))
+    first = pool.pick(0)
+    assert first is not None
+    second = pool.pick_retry(0, [first], first)
+    assert second is not None and second is not first
+    third = pool.pick_retry(0, [first, second], second)
+    assert third is not None and third not in (first, second)
+    # Everything tried: anything but the last one.
+    fourth = pool.pick_retry(0, [first, second, third], third)
+    assert fourth is not None and fourth is not third
+    single = Pool("svc", ms[:1])
+    assert single.pick_retry(0, [ms[0]], ms[0]) is None  # never the same one twice in a row
+
+
+def test_sticky_token_names_an_eligible_endpoint() -> None:
+    ms = members(1, 1)
+    pool = Pool("svc", ms, sticky=True)
+    assert pool.pick_sticky(sticky_token("b"), 0) is ms[1]
+    assert pool.pick_sticky(b"unknown", 0) is None
+    ms[1].ejected_until = 10.0
+    assert pool.pick_sticky(sticky_token("b"), 5.0) is None
+
+
+def test_ejection_after_consecutive_failures_capped_and_returning() -> None:
+    ms = members(1, 1, 1, 1)
+    ej = Ejection(threshold=3, base_time=10.0, max_fraction=0.5)
+    pool = Pool("svc", ms, ejection=ej)
+    a, b, c, _ = ms
+    assert not pool.record_failure(a, 0) and not pool.record_failure(a, 0)
+    pool.record_success(a)  # a success resets the run
+    assert not pool.record_failure(a, 1) and not pool.record_failure(a, 1)
+    assert pool.record_failure(a, 1)  # third in a row: ejected
+    assert a.ejected_until == 11.0
+    assert a not in pool.eligible and len(pool.eligible) == 3
+    for _ in range(3):
+        pool.record_failure(b, 2)
+    assert b.is_ejected(2)
+    for _ in range(5):  # half of four already out: c stays, however it fails
+        assert not pool.record_failure(c, 3)
+    assert not c.is_ejected(3)
+    assert {m.id for m in pool.eligible} == {"c", "d"}
+    # a returns when its time is up
+    assert "a" in seq(pool, 8, now=11.5)
+
+
+def test_ejection_time_grows_with_repeated_ejections_and_is_capped() -> None:
+    ms = members(1, 1)
+    ej = Ejection(threshold=1, base_time=10.0, max_fraction=0.5, max_factor=3)
+    pool = Pool("svc", ms, ejection=ej)
+    a = ms[0]
+    now = 0.0
+    durations = []
+    for _ in range(5):
+        assert pool.record_failure(a, now)
+        durations.append(round(a.ejected_until - now, 6))
+        now = a.ejected_until + 0.1
+        pool.pick(now)  # a returns
+        assert not a.is_ejected(now)
+    assert durations == [10.0, 20.0, 30.0, 30.0, 30.0]
+
+
+def test_ejections_are_forgotten_after_healthy_time() -> None:
+    ms = members(1, 1)
+    pool = Pool("svc", ms, ejection=Ejection(threshold=1, base_time=10.0))
+    a = ms[0]
+    assert pool.record_failure(a, 0)
+    pool.pick(10.5)
+    assert pool.record_failure(a, 11.0)  # soon again: twice as long
+    assert a.ejected_until == 31.0
+    pool.pick(31.5)
+    assert pool.record_failure(a, 100.0)  # long healthy in between: back to the base time
+    assert a.ejected_until == 110.0
+
+
+def test_a_single_endpoint_is_never_ejected() -> None:
+    ms = members(1)
+    pool = Pool("svc", ms, ejection=Ejection(threshold=1, max_fraction=1.0))
+    assert not any(pool.record_failure(ms[0], 0) for _ in range(10))
+    assert pool.pick(0) is ms[0]

@@ -1,0 +1,289 @@
+"""Retries, passive health, timeouts, slow clients, draining and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from beacon.registry import Catalog, State
+from tests.proxy.proxytest import (
+    backends,
+    ep,
+    free_port,
+    proxy_server,
+    put,
+    raw_backend,
+    raw_request,
+    url,
+)
+
+CLOSE = b"Connection: close\r\n"
+
+
+async def get(session: aiohttp.ClientSession, target: str, host: str = "web.localhost") -> tuple[int, str]:
+    async with session.get(target, headers={"Host": host}) as r:
+        return r.status, await r.text()
+
+
+async def test_a_refused_connect_is_retried_on_another_endpoint() -> None:
+    cat = Catalog()
+    async with backends("live") as (live,), proxy_server(cat, eject_consecutive_failures=1000) as proxy:
+        put(cat, "m:web", ep("dead", free_port()), ep("live", live.port))
+        async with aiohttp.ClientSession() as s:
+            results = [await get(s, url(proxy)) for _ in range(10)]
+        assert all(status == 200 for status, _ in results), results
+        stats = proxy.core.metrics.services["web"]  # type: ignore[union-attr]
+        assert stats.retries >= 4  # round robin sent about half to the dead port first
+        assert stats.attempts == 10 + stats.retries
+
+
+async def test_only_dead_endpoints_is_a_502_and_one_of_them_is_never_tried_twice_in_a_row() -> None:
+    cat = Catalog()
+    async with proxy_server(cat, proxy_attempts=5) as proxy:
+        put(cat, "m:one", ep("dead1", free_port(), "one"))
+        put(cat, "m:two", ep("dead2", free_port(), "two"), ep("dead3", free_port(), "two"))
+        async with aiohttp.ClientSession() as s:
+            status, body = await get(s, url(proxy), "one.localhost")
+            assert status == 502 and "one" in body
+            status, body = await get(s, url(proxy), "two.localhost")
+            assert status == 502
+        # one endpoint: one attempt (no retry to itself); two: they alternate up to the attempt limit
+        assert proxy.core.metrics.services["one"].attempts == 1  # type: ignore[union-attr]
+        assert proxy.core.metrics.services["two"].attempts == 5  # type: ignore[union-attr]
+
+
+async def test_slow_upstream_is_a_504_after_the_try_timeout() -> None:
+    cat = Catalog()
+    async with backends("slow") as (slow,), proxy_server(cat, proxy_try_timeout=0.5, proxy_connect_timeout=0.5) as proxy:
+        put(cat, "m:web", ep("slow", slow.port))
+        async with aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            status, body = await get(s, url(proxy, "/slow?s=3"))
+            elapsed = time.monotonic() - started
+    assert status == 504 and "timed out" in body
+    assert 0.4 < elapsed < 2.5
+
+
+def resetting(counter: list[bytes]) -> object:
+    """A raw backend that reads a request and resets the connection without answering."""
+
+    def handler(head: bytes, transport: asyncio.Transport) -> None:
+        counter.append(head.split(b"\r\n", 1)[0])
+        transport.abort()
+
+    return handler
+
+
+async def test_idempotent_request_reset_before_any_byte_is_retried() -> None:
+    heads: list[bytes] = []
+    broken = await raw_backend(resetting(heads))  # type: ignore[arg-type]
+    cat = Catalog()
+    try:
+        async with backends("good") as (good,), proxy_server(cat, eject_consecutive_failures=1000) as proxy:
+            put(cat, "m:web", ep("broken", broken.port), ep("good", good.port))
+            async with aiohttp.ClientSession() as s:
+                results = [await get(s, url(proxy, f"/g{i}")) for i in range(6)]
+            assert [status for status, _ in results] == [200] * 6
+            assert len(heads) >= 2  # the broken one saw requests and they were retried
+            assert len(good.requests) == 6
+    finally:
+        await broken.stop()
+
+
+async def test_a_non_idempotent_request_is_never_sent_twice() -> None:
+    heads1: list[bytes] = []
+    heads2: list[bytes] = []
+    b1 = await raw_backend(resetting(heads1))  # type: ignore[arg-type]
+    b2 = await raw_backend(resetting(heads2))  # type: ignore[arg-type]
+    cat = Catalog()
+    try:
+        async with proxy_server(cat, proxy_attempts=3, eject_consecutive_failures=1000) as proxy:
+            put(cat, "m:web", ep("r1", b1.port), ep("r2", b2.port))
+            assert proxy.address is not None
+            raw = await raw_request(proxy.address, b"POST /pay HTTP/1.1\r\nHost: web.localhost\r\n"
+                                    b"Content-Length: 5\r\n" + CLOSE + b"\r\nhello")  # fmt: skip
+            assert raw.startswith(b"HTTP/1.1 502 ")
+            assert heads1 + heads2 == [b"POST /pay HTTP/1.1"]  # exactly once, though another endpoint remained
+            heads1.clear()
+            heads2.clear()
+            raw = await raw_request(proxy.address, b"PUT /put HTTP/1.1\r\nHost: web.localhost\r\n"
+                                    b"Content-Length: 5\r\n" + CLOSE + b"\r\nhello")  # fmt: skip
+            assert raw.startswith(b"HTTP/1.1 502 ")
+            # PUT is idempotent: three attempts, alternating, never the same endpoint twice in a row
+            assert sorted([len(heads1), len(heads2)]) == [1, 2]
+            assert set(heads1 + heads2) == {b"PUT /put HTTP/1.1"}
+    finally:
+        await b1.stop()
+        await b2.stop()
+
+
+async def test_consecutive_gateway_errors_eject_an_endpoint_which_returns_later() -> None:
+    def unavailable(head: bytes, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+
+    bad = await raw_backend(unavailable)
+    cat = Catalog()
+    try:
+        async with backends("good") as (good,), proxy_server(
+            cat, eject_consecutive_failures=3, eject_base_time=1.0
+        ) as proxy:
+            put(cat, "m:web", ep("bad", bad.port, "web"), ep("good", good.port, "web"))
+            async with aiohttp.ClientSession() as s:
+                statuses = [(await get(s, url(proxy)))[0] for _ in range(20)]
+                assert statuses.count(503) == 3  # the upstream's answer passes through...
+                assert len(bad.heads) == 3  # ...three times in a row, then it is ejected
+                assert len(good.requests) == 17
+                assert proxy.core.metrics.services["web"].ejections == 1  # type: ignore[union-attr]
+                await asyncio.sleep(1.3)
+                for _ in range(4):
+                    await get(s, url(proxy))
+                assert len(bad.heads) > 3  # back after its ejection time
+    finally:
+        await bad.stop()
+
+
+async def test_ejection_never_takes_more_than_the_allowed_share_of_a_pool() -> None:
+    cat = Catalog()
+    async with backends("b1", "b2") as (b1, b2), proxy_server(
+        cat, eject_consecutive_failures=2, eject_max_percent=0.5, eject_base_time=30.0
+    ) as proxy:
+        put(cat, "m:web", ep("b1", b1.port), ep("b2", b2.port))
+        async with aiohttp.ClientSession() as s:
+            statuses = {(await get(s, url(proxy, "/status/502")))[0] for _ in range(12)}
+        assert statuses == {502}  # the upstream's own 502s pass through
+        # both failing, yet one always stays in the pool
+        assert len(b1.requests) + len(b2.requests) == 12
+        assert min(len(b1.requests), len(b2.requests)) == 2
+        assert proxy.core.metrics.services["web"].ejections == 1  # type: ignore[union-attr]
+
+
+async def test_slowloris_header_is_cut_off_by_the_header_timeout() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,), proxy_server(cat, proxy_header_timeout=0.6) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        assert proxy.address is not None
+        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n")
+        started = time.monotonic()
+        closed_after = None
+        for i in range(40):  # a header line every 0.1 s: never complete
+            try:
+                writer.write(b"X-Drip-%d: x\r\n" % i)
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.1)
+            if reader.at_eof() or writer.is_closing():
+                break
+            try:
+                data = await asyncio.wait_for(reader.read(4096), 0.01)
+            except TimeoutError:
+                continue
+            if data.startswith(b"HTTP/1.1 408") or not data:
+                closed_after = time.monotonic() - started
+                break
+        writer.close()
+        assert closed_after is not None and closed_after < 2.0
+        # An idle connection that never sends anything is closed too.
+        idle = await raw_request(proxy.address, b"", timeout=3)
+        assert idle == b"" or idle.startswith(b"HTTP/1.1 408")
+    assert web.requests == []
+
+
+async def test_an_idle_keep_alive_client_is_closed_after_the_idle_timeout() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,), proxy_server(cat, proxy_idle_timeout=0.5) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        assert proxy.address is not None
+        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        await asyncio.wait_for(reader.read(-1), 3)  # the body, then EOF when the proxy closes
+        assert time.monotonic() - started < 2.0
+        writer.close()
+
+
+async def test_a_draining_endpoint_finishes_in_flight_requests_but_gets_no_new_ones() -> None:
+    cat = Catalog()
+    async with backends("old", "new") as (old, new), proxy_server(cat) as proxy:
+        put(cat, "m:old", ep("old", old.port))
+        async with aiohttp.ClientSession() as s:
+            in_flight = asyncio.ensure_future(get(s, url(proxy, "/slow?s=1")))
+            await asyncio.sleep(0.3)
+            put(cat, "m:old", ep("old", old.port, state=State.DRAINING))
+            put(cat, "m:new", ep("new", new.port))
+            quick = [await get(s, url(proxy)) for _ in range(4)]
+            status, body = await in_flight
+        assert (status, body) == (200, "slow from old")
+        assert all(st == 200 and '"backend": "new"' in b for st, b in quick)
+
+
+async def test_graceful_shutdown_finishes_in_flight_and_stops_accepting() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,):
+        async with proxy_server(cat, shutdown_timeout=5.0) as proxy:
+            put(cat, "m:web", ep("web1", web.port))
+            assert proxy.address is not None
+            address = proxy.address
+            async with aiohttp.ClientSession() as s:
+                in_flight = asyncio.ensure_future(get(s, url(proxy, "/slow?s=1")))
+                idle_reader, idle_writer = await asyncio.open_connection(address.host, address.port)
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                stopping = asyncio.ensure_future(proxy.stop())
+                await asyncio.sleep(0.1)
+                refused = False
+                try:
+                    _, w = await asyncio.open_connection(address.host, address.port)
+                    w.close()
+                except OSError:
+                    refused = True
+                assert await idle_reader.read(-1) == b""  # an idle connection is closed at once
+                idle_writer.close()
+                assert await in_flight == (200, "slow from web")
+                await stopping
+                took = time.monotonic() - started
+        assert refused
+        assert 0.5 < took < 4.0
+
+
+async def test_shutdown_is_bounded_by_the_timeout() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,):
+        async with proxy_server(cat, shutdown_timeout=0.5) as proxy:
+            put(cat, "m:web", ep("web1", web.port))
+            async with aiohttp.ClientSession() as s:
+                in_flight = asyncio.ensure_future(get(s, url(proxy, "/slow?s=5")))
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                await proxy.stop()
+                took = time.monotonic() - started
+                try:
+                    await in_flight
+                    failed = False
+                except aiohttp.ClientError:
+                    failed = True
+        assert failed and took < 1.5
+
+
+async def test_client_gone_mid_request_frees_the_upstream() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,), proxy_server(cat) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        assert proxy.address is not None
+        _, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        writer.write(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+        await asyncio.sleep(0.6)
+        core = proxy.core
+        assert core is not None
+        state = core.states["web1"]
+        assert state.inflight == 0
+        assert not core.clients
+        ok = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n" + CLOSE + b"\r\n")
+        assert ok.startswith(b"HTTP/1.1 200")

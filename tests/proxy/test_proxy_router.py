@@ -1,0 +1,138 @@
+"""The pure router: snapshot → routing table; host, wildcard and path matching."""
+
+from __future__ import annotations
+
+import pytest
+
+from beacon.proxy.router import build_table, normalise_host, strip_prefix
+from beacon.registry import Catalog, Endpoint, Snapshot
+from tests.proxy.proxytest import ep
+
+
+def snapshot(*endpoints: Endpoint) -> Snapshot:
+    cat = Catalog()
+    for e in endpoints:
+        cat.set_source(f"manual:{e.id}", [e])
+    return cat.publish()
+
+
+SNAP = snapshot(
+    ep("w1", 1, "web"),
+    ep("a1", 2, "api", http_hosts=("api.example.com",)),
+    ep("s1", 3, "shop", http_hosts=("*.shop.test",)),
+    ep("d1", 4, "deep", http_hosts=("*.eu.shop.test",)),
+    ep("v1", 5, "v1api", http_hosts=("api.example.com",), http_path_prefix="/v1", http_strip_prefix=True),
+    ep("v2", 6, "v2api", http_hosts=("api.example.com",), http_path_prefix="/v1/beta/"),
+    ep("p1", 7, "files", http_path_prefix="/files", http_strip_prefix=True),
+)
+TABLE = build_table(SNAP, "localhost.")
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "service"),
+    [
+        ("web.localhost", "/", "web"),
+        ("WEB.LocalHost:8080", "/x?y=1", "web"),  # case and port do not matter
+        ("web.localhost.", "/", "web"),  # nor a trailing dot
+        ("api.localhost", "/", "api"),  # every service keeps its implicit name
+        ("api.example.com", "/users", "api"),
+        ("api.example.com", "/v1", "v1api"),  # the longest prefix wins
+        ("api.example.com", "/v1/users", "v1api"),
+        ("api.example.com", "/v1?x", "v1api"),
+        ("api.example.com", "/v1x", "api"),  # prefixes match whole segments
+        ("api.example.com", "/v1/beta/x", "v2api"),
+        ("a.shop.test", "/", "shop"),
+        ("a.b.shop.test", "/", "shop"),  # wildcards match at any depth
+        ("x.eu.shop.test", "/", "deep"),  # the longer wildcard suffix wins
+        ("shop.test", "/", None),  # a wildcard never matches its bare domain
+        ("anything.test", "/files/a.txt", "files"),  # a prefix without a host: any host
+        ("web.localhost", "/files/a.txt", "web"),  # ...but an exact host comes first
+        ("nope.localhost", "/", None),
+        ("[::1]:8080", "/", None),
+        ("", "/", None),
+    ],
+)
+def test_routing_table(host: str, path: str, service: str | None) -> None:
+    route = TABLE.match(host, path)
+    assert (route.service if route else None) == service
+
+
+def test_a_host_level_without_a_matching_prefix_falls_through_to_a_wider_one() -> None:
+    table = build_table(snapshot(
+        ep("a", 1, "admin", http_hosts=("*.example.com",)),
+        ep("b", 2, "blog", http_hosts=("www.example.com",), http_path_prefix="/blog"),
+    ), "localhost.")  # fmt: skip
+    assert table.match("www.example.com", "/blog/1").service == "blog"  # type: ignore[union-attr]
+    assert table.match("www.example.com", "/other").service == "admin"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "target", "stripped"),
+    [
+        (b"/api", b"/api", b"/"),
+        (b"/api", b"/api/", b"/"),
+        (b"/api", b"/api/users?id=1", b"/users?id=1"),
+        (b"/api", b"/api?x=1", b"/?x=1"),
+        (b"/", b"/keep", b"/keep"),
+    ],
+)
+def test_strip_prefix(prefix: bytes, target: bytes, stripped: bytes) -> None:
+    assert strip_prefix(prefix, target) == stripped
+
+
+def test_strip_flag_and_prefix_normalisation() -> None:
+    table = build_table(snapshot(ep("a", 1, "api", http_path_prefix="api/", http_strip_prefix=True)), "localhost.")
+    route = table.match("api.localhost", "/api/x")
+    assert route is not None and route.prefix == b"/api" and route.strip
+
+
+@pytest.mark.parametrize(("raw", "host"), [(b"Web.Example.COM:80", b"web.example.com"), (b"[::1]:8080", b"[::1]"),
+                                           (b" a.b. ", b"a.b")])  # fmt: skip
+def test_normalise_host(raw: bytes, host: bytes) -> None:
+    assert normalise_host(raw) == host
+
+
+def test_the_proxy_domain_is_configurable() -> None:
+    table = build_table(snapshot(ep("w", 1, "web")), "apps.internal.")
+    assert table.match("web.apps.internal").service == "web"  # type: ignore[union-attr]
+    assert table.match("web.localhost") is None
+
+
+def test_conflicting_label_routes_pick_the_first_service_by_name_and_are_listed() -> None:
+    table = build_table(snapshot(
+        ep("z", 1, "zeta", http_hosts=("shared.example.com",)),
+        ep("a", 2, "alpha", http_hosts=("shared.example.com",)),
+        ep("m", 3, "mid", http_hosts=("zeta.localhost",)),  # hides zeta's implicit name
+    ), "localhost.")  # fmt: skip
+    assert table.match("shared.example.com").service == "alpha"  # type: ignore[union-attr]
+    assert table.match("zeta.localhost").service == "mid"  # type: ignore[union-attr]
+    found = {(c.host, c.winner, c.losers, c.kind) for c in table.conflicts}
+    assert found == {
+        (b"shared.example.com", "alpha", ("zeta",), "conflict"),
+        (b"zeta.localhost", "mid", ("zeta",), "shadowed"),
+    }
+    assert table.to_json()["conflicts"]  # what the API shows
+
+
+def test_unchanged_services_reuse_their_routes_across_snapshots() -> None:
+    cat = Catalog()
+    cat.set_source("manual:a", [ep("a", 1, "alpha", http_hosts=("a.test",))])
+    cat.set_source("manual:b", [ep("b", 2, "beta")])
+    first = cat.publish()
+    cache: dict[str, object] = {}
+    build_table(first, "localhost.", cache)  # type: ignore[arg-type]
+    alpha_routes = cache["alpha"][1]  # type: ignore[index]
+    cat.set_source("manual:b", [ep("b", 3, "beta")])
+    second = cat.publish()
+    table = build_table(second, "localhost.", cache)  # type: ignore[arg-type]
+    assert cache["alpha"][1] is alpha_routes  # type: ignore[index]
+    assert table.match("a.test").service == "alpha"  # type: ignore[union-attr]
+    cat.remove_source("manual:a")
+    table = build_table(cat.publish(), "localhost.", cache)  # type: ignore[arg-type]
+    assert "alpha" not in cache and table.match("a.test") is None
+
+
+def test_invalid_host_labels_are_ignored_not_fatal() -> None:
+    table = build_table(snapshot(ep("a", 1, "api", http_hosts=("", "bad..name", "ok.test"))), "localhost.")
+    assert table.match("ok.test").service == "api"  # type: ignore[union-attr]
+    assert table.match("api.localhost").service == "api"  # type: ignore[union-attr]

@@ -1,0 +1,142 @@
+"""Streaming: large bodies both ways in bounded memory, WebSocket tunnels, reconfiguration."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+from beacon.registry import Catalog, State
+from tests.proxy.proxytest import backends, ep, proxy_server, put, url
+
+SIZE = 256 * 1024 * 1024
+# The proxy, the backend and the sampler share this process; buffering a
+# 256 MB body anywhere would blow far past this.
+RSS_BUDGET = 64 * 1024 * 1024
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@asynccontextmanager
+async def peak_rss_growth() -> AsyncIterator[list[int]]:
+    """Sample this process's RSS every 20 ms; yields [growth] filled in at exit."""
+    base = rss()
+    peak = base
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss())
+            await asyncio.sleep(0.02)
+
+    task = asyncio.ensure_future(sample())
+    result: list[int] = []
+    try:
+        yield result
+    finally:
+        stop.set()
+        await task
+        result.append(peak - base)
+
+
+async def curl(*args: str) -> bytes:
+    proc = await asyncio.create_subprocess_exec("curl", "-sS", "--max-time", "60", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    return out
+
+
+async def test_large_upload_and_download_stream_through_in_bounded_memory(tmp_path: Path) -> None:
+    cat = Catalog()
+    sparse = tmp_path / "upload.bin"
+    fd = os.open(sparse, os.O_CREAT | os.O_WRONLY)
+    os.ftruncate(fd, SIZE)  # sparse: no disk used, reads as zeros
+    os.close(fd)
+    async with backends("web") as (web,), proxy_server(cat) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        host = "Host: web.localhost"
+        async with peak_rss_growth() as growth:
+            # Content-Length upload (curl sends Expect: 100-continue for it)
+            out = await curl("-H", host, "-T", str(sparse), url(proxy, "/upload"))
+            assert b'"received": %d' % SIZE in out
+            # chunked upload of unknown length from a pipe
+            proc = await asyncio.create_subprocess_shell(
+                f"head -c {SIZE} /dev/zero | curl -sS --max-time 60 -H '{host}' -T - {url(proxy, '/upload')}",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            assert b'"received": %d' % SIZE in out
+            # download
+            out = await curl("-H", host, "-o", os.devnull, "-w", "%{size_download}", url(proxy, f"/big?n={SIZE}"))
+            assert out == str(SIZE).encode()
+    assert web.body_bytes == 2 * SIZE
+    assert growth[0] < RSS_BUDGET, f"RSS grew by {growth[0] / 2**20:.0f} MB"
+
+
+async def test_a_slow_reader_pauses_the_upstream_instead_of_buffering() -> None:
+    cat = Catalog()
+    size = 64 * 1024 * 1024
+    async with backends("web") as (web,), proxy_server(cat) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        assert proxy.address is not None
+        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port, limit=2**16)
+        writer.write(b"GET /big?n=%d HTTP/1.1\r\nHost: web.localhost\r\n\r\n" % size)
+        await reader.readuntil(b"\r\n\r\n")
+        async with peak_rss_growth() as growth:
+            got = 0
+            await asyncio.sleep(1.0)  # not reading: the proxy must stop reading the backend too
+            core = proxy.core
+            assert core is not None
+            upstream = next(iter(core.upstreams))
+            assert upstream.reading_paused
+            while got < size:
+                got += len(await reader.read(2**20))
+        writer.close()
+    assert got == size
+    assert growth[0] < RSS_BUDGET // 2
+
+
+async def test_websocket_tunnel_survives_snapshot_swaps() -> None:
+    cat = Catalog()
+    async with backends("one", "two") as (one, two), proxy_server(cat, proxy_idle_timeout=5.0) as proxy:
+        put(cat, "m:ws", ep("ws1", one.port, "chat"))
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(url(proxy, "/ws"), headers={"Host": "chat.localhost"}) as ws:
+                await ws.send_str("hello")
+                assert (await ws.receive(timeout=5)).data == "one:hello"
+                # New snapshots: another endpoint, then the tunnel's own endpoint draining.
+                put(cat, "m:ws2", ep("ws2", two.port, "chat"))
+                put(cat, "m:other", ep("x", two.port, "other", http_hosts=("chat.localhost",)))
+                put(cat, "m:ws", ep("ws1", one.port, "chat", state=State.DRAINING))
+                await asyncio.sleep(0.1)
+                for i in range(3):
+                    await ws.send_str(f"again{i}")
+                    assert (await ws.receive(timeout=5)).data == f"one:again{i}"
+            # a new websocket follows the new table
+            async with s.ws_connect(url(proxy, "/ws"), headers={"Host": "chat.localhost"}) as ws:
+                await ws.send_str("hi")
+                assert (await ws.receive(timeout=5)).data == "two:hi"
+
+
+async def test_upgrade_refused_by_the_upstream_is_a_normal_response() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,), proxy_server(cat) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url(proxy, "/not-ws"), headers={
+                "Host": "web.localhost", "Connection": "Upgrade", "Upgrade": "websocket",
+            }) as r:  # fmt: skip
+                assert r.status == 200
+                assert (await r.json())["headers"]["Upgrade"] == "websocket"

@@ -1,0 +1,65 @@
+"""`--proxy-workers N`: processes share the port (SO_REUSEPORT), each fed every snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from beacon.metrics import exposition
+from beacon.proxy.wire import snapshot_from_wire, snapshot_to_wire
+from beacon.registry import Catalog, State
+from tests.proxy.proxytest import backends, ep, proxy_server, put, raw_request
+
+
+def test_snapshot_wire_round_trip_keeps_what_routing_needs() -> None:
+    cat = Catalog()
+    put(cat, "m:a", ep("a", 1, "api", weight=3, lb="least_conn", http_hosts=("api.test", "*.api.test"),
+                       http_path_prefix="/v1", http_strip_prefix=True))  # fmt: skip
+    put(cat, "m:b", ep("b", 2, "api", state=State.DRAINING), ep("c", 3, "web"))
+    snap = cat.snapshot
+    back = snapshot_from_wire(snapshot_to_wire(snap))
+    assert back.index == snap.index
+    assert set(back.services) == {"api", "web"}
+    assert [e.id for e in back.services["api"].endpoints] == ["a", "b"]
+    a = back.endpoints["a"]
+    assert (a.weight, a.lb, a.http_hosts, a.http_path_prefix, a.http_strip_prefix) == (
+        3, "least_conn", ("api.test", "*.api.test"), "/v1", True)  # fmt: skip
+    assert back.endpoints["b"].state is State.DRAINING
+
+
+async def test_two_workers_share_the_port_and_follow_snapshots() -> None:
+    cat = Catalog()
+    async with backends("web", "late") as (web, late):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, proxy_workers=2, shutdown_timeout=3.0) as proxy:
+            assert proxy.address is not None
+
+            async def one(host: str) -> bytes:
+                return await raw_request(proxy.address,  # type: ignore[arg-type]
+                                         f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+
+            results = await asyncio.gather(*(one("web.localhost") for _ in range(60)))
+            assert all(r.startswith(b"HTTP/1.1 200") for r in results)
+            # A service registered after start is routed by every process.
+            put(cat, "m:late", ep("late1", late.port, "late"))
+            deadline = time.monotonic() + 5
+            while True:
+                results = await asyncio.gather(*(one("late.localhost") for _ in range(40)))
+                if all(r.startswith(b"HTTP/1.1 200") for r in results) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert all(r.startswith(b"HTTP/1.1 200") for r in results), [r[:20] for r in results]
+            # Workers report their metrics to the parent about once a second.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                reports = proxy.metrics_json()
+                per_process = [r["services"].get("web", {}).get("classes", [0, 0, 0])[2] for r in reports]
+                if len(reports) == 2 and all(per_process):
+                    break
+                await asyncio.sleep(0.2)
+            assert len(reports) == 2
+            assert all(per_process), per_process  # the kernel spread connections over both
+            assert sum(per_process) == 60
+            text = exposition()[0].decode()
+            assert 'beacon_proxy_requests_total{code_class="2xx",service="web"} 60.0' in text
+    assert len(web.requests) == 60
