@@ -61,6 +61,8 @@ REPLAY_LIMIT = 64 * 1024
 PENDING_HIGH_WATER = 256 * 1024
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 GATEWAY_ERRORS = frozenset({502, 503, 504})
+# A client that sent a malformed head may not frame the next one right either.
+CLOSING_ERRORS = frozenset({400, 408, 413, 417, 431})
 
 # Request headers that need more than copying (one dict lookup per header).
 (
@@ -508,10 +510,11 @@ class ClientConnection(asyncio.Protocol):
         """The parser saw an Upgrade request: later bytes belong to the new protocol."""
         self.mode = MODE_UPGRADING
         ex = self.active
-        if ex is None or ex.upgrade_value is None or ex.error is not None:
-            # Upgrade behind a pipelined request, or refused: nothing to tunnel.
-            if ex is not None:
-                ex.close_client = True
+        if ex is None:
+            self.close()  # already answered (an error): nothing will be tunnelled
+            return
+        if ex.upgrade_value is None or ex.error is not None:
+            ex.close_client = True  # behind a pipelined request, or refused
             return
         if rest:
             ex.pending.append(rest)
@@ -1192,7 +1195,9 @@ class ProxyCore:
         client = ex.client
         if ex.error is not None:
             status, message = ex.error
-            close = ex.close_client or not ex.keep_alive or self.stopping or not ex.request_done
+            # Answered at its header: keep the connection only if no body follows.
+            body_pending = not ex.request_done and (ex.chunked or ex.cl not in (None, b"0"))
+            close = ex.close_client or not ex.keep_alive or self.stopping or body_pending or status in CLOSING_ERRORS
             ex.close_client = close
             client.out.append(error_response(status, message, ex.reqid or b"-", close, ex.is_head))
             ex.response_started = True

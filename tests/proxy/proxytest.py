@@ -140,9 +140,7 @@ async def start_backend(name: str) -> Backend:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    backend.port = server.sockets[0].getsockname()[1]
+    backend.port = int(runner.addresses[0][1])
     backend.runner = runner
     return backend
 
