@@ -27,6 +27,7 @@ from beacon.registry.catalog import Catalog
 from beacon.registry.model import Snapshot
 
 log = logging.getLogger("beacon.proxy")
+BACKLOG = 1024
 
 
 def listen_socket(address: HostPort, reuse_port: bool) -> socket.socket:
@@ -39,7 +40,7 @@ def listen_socket(address: HostPort, reuse_port: bool) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
-        sock.listen(1024)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -62,7 +63,8 @@ class LocalProxy:
         core.apply(snapshot)
         sock = listen_socket(address, reuse_port)
         try:
-            self.server = await loop.create_server(client_factory(core), sock=sock)
+            # create_server listens again: pass the backlog or it drops to 100.
+            self.server = await loop.create_server(client_factory(core), sock=sock, backlog=BACKLOG)
         except BaseException:
             sock.close()
             raise

@@ -352,3 +352,60 @@ async def test_the_app_wires_the_proxy_to_its_catalog() -> None:
         assert app.proxy.address is not None
         raw = await raw_request(app.proxy.address, b"GET / HTTP/1.1\r\nHost: wired.localhost\r\nConnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_response_head_split_across_reads_and_interim_responses() -> None:
+    def answer(head: bytes, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        parts = [b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nX-Pa", b"rt: two\r\nConte",
+                 b"nt-Length: 5\r\nConnection: keep-alive\r\n", b"\r\nhel", b"lo"]  # fmt: skip
+        for i, part in enumerate(parts):
+            loop.call_later(0.02 * i, transport.write, part)
+
+    backend = await raw_backend(answer)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:raw", ep("r1", backend.port, "raw"))
+            assert proxy.address is not None
+            reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+            for _ in range(2):
+                writer.write(b"GET / HTTP/1.1\r\nHost: raw.localhost\r\n\r\n")
+                status, headers, body = await read_response(reader)
+                assert (status, body, headers["x-part"]) == (200, b"hello", "two")
+                assert "connection" not in headers and "link" not in headers
+            writer.close()
+    finally:
+        await backend.stop()
+    assert len(backend.heads) == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # then the upstream closes
+    ],
+)
+async def test_a_broken_upstream_response_is_a_502(reply: bytes) -> None:
+    def answer(head: bytes, transport: asyncio.Transport) -> None:
+        transport.write(reply)
+        transport.close()
+
+    backend = await raw_backend(answer)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat, proxy_attempts=1) as proxy:
+            put(cat, "m:raw", ep("r1", backend.port, "raw"))
+            assert proxy.address is not None
+            raw = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: raw.localhost\r\nConnection: close\r\n\r\n")
+    finally:
+        await backend.stop()
+    if reply.endswith(b"short"):
+        # The head was already forwarded: the client sees a cut-off body, never a fake success.
+        assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"short")
+    else:
+        assert raw.startswith(b"HTTP/1.1 502 "), raw[:100]
