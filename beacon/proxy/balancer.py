@@ -94,7 +94,7 @@ class EndpointState:
         self.ejected_until = 0.0
         self.ejections = 0  # recent ejections (grows the ejection time, decays)
         self.returned_at = 0.0
-        self.token = sticky_token(id)
+        self.token = b""  # set by a sticky Pool (hashing every endpoint up front is wasted)
         # Idle keep-alive upstream connections, owned by the data path (LIFO).
         self.idle: list[Any] = []
 
@@ -154,7 +154,11 @@ class Pool:
         self.sticky = sticky
         self.ejection = ejection or Ejection()
         self.rng = rng or random.Random()
-        self.tokens = {m.token: m for m in self.members}
+        self.tokens: dict[bytes, EndpointState] = {}
+        if sticky:
+            for m in self.members:
+                m.token = m.token or sticky_token(m.id)
+                self.tokens[m.token] = m
         self.eligible: list[EndpointState] = []
         self.next_return = INF
         self._rr = 0

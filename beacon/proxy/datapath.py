@@ -34,7 +34,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httptools
@@ -43,7 +43,7 @@ from beacon.config import Config
 from beacon.proxy.balancer import Ejection, EndpointState, Pool, parse_lb
 from beacon.proxy.metrics import UNROUTED, ProxyMetrics, ServiceStats
 from beacon.proxy.router import Route, RoutingTable, build_table, strip_prefix
-from beacon.registry.model import Service, Snapshot, State
+from beacon.registry.model import Endpoint, Service, Snapshot, State
 
 log = logging.getLogger("beacon.proxy")
 
@@ -1049,22 +1049,37 @@ class ProxyCore:
 
     # ------------------------------------------------------------- snapshots
     def apply(self, snapshot: Snapshot) -> None:
-        """Swap in routes and pools for a new snapshot (established connections stay)."""
+        """Swap in routes and pools for a new snapshot (established connections stay).
+
+        Called inside the catalog's publish, so it is incremental: only services
+        whose Service object changed are rebuilt, and the routing table is
+        reused when no route changed.
+        """
         now = self.now = self.loop.time()
-        table = build_table(snapshot, self.config.proxy_domain, self._route_cache)
-        conflicts = {c.describe() for c in table.conflicts}
-        for text in sorted(conflicts - self._conflicts):
-            log.warning("conflict: route %s", text)
-        self._conflicts = conflicts
-        pools: dict[str, Pool] = {}
-        sources: dict[str, Service] = {}
+        table = build_table(snapshot, self.config.proxy_domain, self._route_cache, self.table)
+        if table is not self.table:
+            conflicts = {c.describe() for c in table.conflicts}
+            for text in sorted(conflicts - self._conflicts):
+                log.warning("conflict: route %s", text)
+            self._conflicts = conflicts
+        services = snapshot.services
+        old_sources = self._pool_sources
+        changed = [name for name, svc in services.items() if old_sources.get(name) is not svc]
+        removed = [name for name in old_sources if name not in services]
+        if not changed and not removed:
+            self.table = table
+            return
+        pools = dict(self.pools)
+        sources = dict(old_sources)
         states = self.states
-        for name, svc in snapshot.services.items():
+        endpoints = snapshot.endpoints
+        for name in removed:
+            pools.pop(name, None)
+            self._forget(sources.pop(name), endpoints)
+        for name in changed:
+            svc = services[name]
+            old = sources.get(name)
             sources[name] = svc
-            old = self.pools.get(name)
-            if old is not None and self._pool_sources.get(name) is svc:
-                pools[name] = old
-                continue
             members: list[EndpointState] = []
             lb: str | None = None
             for ep in svc.endpoints:
@@ -1093,13 +1108,20 @@ class ProxyCore:
                 log.warning("ignored: beacon.lb of service %s: %s", name, exc)
                 policy, sticky = self.config.lb, False
             pools[name] = Pool(name, members, policy, sticky, self.ejection, self.rng, now)
-        endpoints = snapshot.endpoints
-        for eid in [eid for eid in states if eid not in endpoints]:
-            close_idle(states.pop(eid))
-            self._passing.discard(eid)
+            if old is not None:
+                self._forget(old, endpoints)
         self.pools = pools
         self._pool_sources = sources
         self.table = table
+
+    def _forget(self, old: Service, endpoints: Mapping[str, Endpoint]) -> None:
+        """Drop the state of endpoints of an old Service that left the catalog."""
+        for ep in old.endpoints:
+            if ep.id not in endpoints:
+                st = self.states.pop(ep.id, None)
+                if st is not None:
+                    close_idle(st)
+                self._passing.discard(ep.id)
 
     # --------------------------------------------------------------- helpers
     def is_trusted(self, ip: str) -> bool:

@@ -232,27 +232,35 @@ def build_table(
     snapshot: Snapshot | Mapping[str, Service],
     domain: str,
     cache: dict[str, tuple[Service, list[Route]]] | None = None,
+    previous: RoutingTable | None = None,
 ) -> RoutingTable:
     """Build the routing table for a snapshot.
 
     `domain` is the proxy domain as configured (a trailing dot is allowed).
     `cache` maps service name → (Service, its routes) from the previous build;
     unchanged Service objects (the catalog reuses them) skip route derivation.
-    It is updated in place.
+    It is updated in place. With `previous` (the table built with that cache),
+    a snapshot whose services' routes are all unchanged - endpoints came,
+    went or changed state, no label changed - returns `previous` itself.
     """
     services = snapshot.services if isinstance(snapshot, Snapshot) else snapshot
     domain_b = domain.strip().rstrip(".").lower().encode("ascii")
     memo = cache if cache is not None else {}
+    changed = previous is None
     for gone in [name for name in memo if name not in services]:
         del memo[gone]
-    all_routes: list[Route] = []
-    for name in sorted(services):
-        svc = services[name]
+        changed = True
+    for name, svc in services.items():
         hit = memo.get(name)
-        if hit is None or hit[0] is not svc:
-            hit = (svc, service_routes(svc, domain_b))
-            memo[name] = hit
-        all_routes.extend(hit[1])
+        if hit is not None and hit[0] is svc:
+            continue
+        routes = service_routes(svc, domain_b)
+        if hit is None or hit[1] != routes:
+            changed = True
+        memo[name] = (svc, routes)
+    if not changed and previous is not None:
+        return previous
+    all_routes = [r for name in sorted(memo) for r in memo[name][1]]
     return table_from_routes(all_routes, services.keys())
 
 

@@ -136,3 +136,25 @@ def test_invalid_host_labels_are_ignored_not_fatal() -> None:
     table = build_table(snapshot(ep("a", 1, "api", http_hosts=("", "bad..name", "ok.test"))), "localhost.")
     assert table.match("ok.test").service == "api"  # type: ignore[union-attr]
     assert table.match("api.localhost").service == "api"  # type: ignore[union-attr]
+
+
+def test_the_previous_table_is_reused_when_no_route_changed() -> None:
+    from beacon.registry import State
+
+    cat = Catalog()
+    cat.set_source("manual:a", [ep("a", 1, "api", http_hosts=("a.test",))])
+    cache: dict[str, object] = {}
+    first = build_table(cat.publish(), "localhost.", cache)  # type: ignore[arg-type]
+    # State, port and new endpoints change no route: the same table object.
+    cat.set_source("manual:a", [ep("a", 2, "api", http_hosts=("a.test",), state=State.DRAINING)])
+    cat.set_source("manual:b", [ep("b", 3, "api", http_hosts=("a.test",))])
+    second = build_table(cat.publish(), "localhost.", cache, first)  # type: ignore[arg-type]
+    assert second is first
+    # A label change does.
+    cat.set_source("manual:b", [ep("b", 3, "api", http_hosts=("b.test",))])
+    third = build_table(cat.publish(), "localhost.", cache, second)  # type: ignore[arg-type]
+    assert third is not second and third.match("b.test").service == "api"  # type: ignore[union-attr]
+    # So does a new service (its implicit name).
+    cat.set_source("manual:c", [ep("c", 4, "cache")])
+    fourth = build_table(cat.publish(), "localhost.", cache, third)  # type: ignore[arg-type]
+    assert fourth is not third and fourth.match("cache.localhost") is not None
