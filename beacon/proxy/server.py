@@ -22,7 +22,7 @@ from beacon.config import Config, HostPort
 from beacon.proxy.datapath import ProxyCore, client_factory
 from beacon.proxy.metrics import COLLECTOR
 from beacon.proxy.router import RoutingTable
-from beacon.proxy.wire import HEADER, frame, snapshot_to_wire
+from beacon.proxy.wire import HEADER, SnapshotEncoder, frame
 from beacon.registry.catalog import Catalog
 from beacon.registry.model import Snapshot
 
@@ -99,6 +99,7 @@ class ProxyServer:
         self._local = LocalProxy(config)
         self._unsubscribe: Any = None
         self._workers: list[_Worker] = []
+        self._encoder = SnapshotEncoder()
         self._stopping = False
 
     # ----------------------------------------------------------- inspection
@@ -135,10 +136,12 @@ class ProxyServer:
         self._unsubscribe = self.catalog.add_listener(self._on_snapshot)
         COLLECTOR.add(self)
         try:
+            if workers > 1:
+                first = self._encoder.encode(self.catalog.snapshot, full=True)
             for n in range(1, workers):
                 worker = _Worker(n, self.config, self.address)
                 self._workers.append(worker)
-                await worker.start(snapshot_to_wire(self.catalog.snapshot))
+                await worker.start(first)
         except BaseException:
             await self.stop()
             raise
@@ -149,7 +152,7 @@ class ProxyServer:
         if core is not None:
             core.apply(snapshot)
         if self._workers:
-            payload = snapshot_to_wire(snapshot)
+            payload = self._encoder.encode(snapshot)
             for w in self._workers:
                 w.send_snapshot(payload)
 
@@ -181,11 +184,9 @@ class _Worker:
         self.metrics: dict[str, Any] | None = None
         self.ready = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
-        self._latest = b""
         self._stopping = False
 
     async def start(self, snapshot: bytes) -> None:
-        self._latest = snapshot
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "beacon.proxy.worker", str(self.number),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -201,7 +202,6 @@ class _Worker:
         log.info("started: proxy worker %d (pid %d)", self.number, self.proc.pid)
 
     def send_snapshot(self, payload: bytes) -> None:
-        self._latest = payload
         proc = self.proc
         if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write(frame(b"S", payload))

@@ -18,7 +18,7 @@ import sys
 
 from beacon.config import Config, HostPort
 from beacon.proxy.server import LocalProxy
-from beacon.proxy.wire import HEADER, frame, snapshot_from_wire
+from beacon.proxy.wire import HEADER, SnapshotDecoder, frame
 
 log = logging.getLogger("beacon.proxy")
 
@@ -47,8 +47,9 @@ async def run(number: int) -> None:
     setup_logging(config.log_level)
     kind, payload = await _read_frame(reader)
     assert kind == b"S", kind
+    decoder = SnapshotDecoder()
     local = LocalProxy(config)
-    bound = await local.start(address, True, snapshot_from_wire(payload))
+    bound = await local.start(address, True, decoder.decode(payload))
     log.info("listening: proxy worker %d on %s (pid %d)", number, bound, os.getpid())
     send(b"R", b"")
 
@@ -68,7 +69,7 @@ async def run(number: int) -> None:
             while True:
                 kind, payload = await _read_frame(reader)
                 if kind == b"S" and local.core is not None:
-                    local.core.apply(snapshot_from_wire(payload))
+                    local.core.apply(decoder.decode(payload))
                 elif kind == b"Q":
                     break
         except (asyncio.IncompleteReadError, ConnectionError):

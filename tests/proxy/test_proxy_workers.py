@@ -63,3 +63,30 @@ async def test_two_workers_share_the_port_and_follow_snapshots() -> None:
             text = exposition()[0].decode()
             assert 'beacon_proxy_requests_total{code_class="2xx",service="web"} 60.0' in text
     assert len(web.requests) == 60
+
+
+def test_snapshot_deltas_carry_only_changed_services_and_rebuild_the_same_routing_data() -> None:
+    from beacon.proxy.wire import SnapshotDecoder, SnapshotEncoder
+
+    def view(snapshot: object) -> dict[str, list[tuple[object, ...]]]:
+        return {name: [(e.id, e.address, e.port, e.state, e.weight, e.http_hosts) for e in svc.endpoints]
+                for name, svc in snapshot.services.items()}  # type: ignore[attr-defined]  # fmt: skip
+
+    cat = Catalog()
+    enc, dec = SnapshotEncoder(), SnapshotDecoder()
+    put(cat, "m:a", ep("a1", 1, "alpha"), ep("a2", 2, "alpha"))
+    put(cat, "m:b", ep("b1", 3, "beta", http_hosts=("b.test",)))
+    first = dec.decode(enc.encode(cat.snapshot, full=True))
+    assert view(first) == view(cat.snapshot)
+    put(cat, "m:a", ep("a1", 1, "alpha", state=State.DRAINING), ep("a2", 2, "alpha"))
+    delta = enc.encode(cat.snapshot)
+    assert b'"beta"' not in delta  # only the changed service crosses the pipe
+    second = dec.decode(delta)
+    assert view(second) == view(cat.snapshot)
+    assert second.services["beta"] is first.services["beta"]  # unchanged: same object, cheap apply
+    # An endpoint moving to another service, and a service leaving.
+    put(cat, "m:a", ep("a2", 2, "alpha"))
+    put(cat, "m:b", ep("a1", 1, "gamma"))
+    third = dec.decode(enc.encode(cat.snapshot))
+    assert view(third) == view(cat.snapshot)
+    assert set(third.endpoints) == {"a1", "a2"} and third.endpoints["a1"].service == "gamma"
