@@ -287,3 +287,33 @@ async def test_client_gone_mid_request_frees_the_upstream() -> None:
         assert not core.clients
         ok = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n" + CLOSE + b"\r\n")
         assert ok.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_connect_timeout_is_retried_elsewhere_and_alone_is_a_504() -> None:
+    import socket
+
+    # A listener whose accept queue is full: the kernel drops further SYNs, so
+    # connects hang - a black hole on loopback.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    filler = socket.create_connection(hole.getsockname())
+    cat = Catalog()
+    try:
+        async with backends("live") as (live,), proxy_server(
+            cat, proxy_connect_timeout=0.3, proxy_try_timeout=2.0, eject_consecutive_failures=1000
+        ) as proxy:
+            put(cat, "m:web", ep("hole", hole.getsockname()[1]), ep("live", live.port))
+            put(cat, "m:lost", ep("hole2", hole.getsockname()[1], "lost"))
+            async with aiohttp.ClientSession() as s:
+                started = time.monotonic()
+                results = [await get(s, url(proxy)) for _ in range(4)]
+                assert [st for st, _ in results] == [200] * 4
+                assert time.monotonic() - started < 3.0  # at most ~0.3 s lost per black-holed try
+                started = time.monotonic()
+                status, body = await get(s, url(proxy), "lost.localhost")
+                assert status == 504 and "timeout" in body
+                assert time.monotonic() - started < 2.0
+    finally:
+        filler.close()
+        hole.close()
