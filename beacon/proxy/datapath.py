@@ -113,6 +113,10 @@ REASONS = {
 }  # fmt: skip
 
 
+class UpstreamProtocolError(Exception):
+    """An upstream broke HTTP (answered what was not asked): its connection is dropped."""
+
+
 class RequestRejected(Exception):
     """Raised inside a parser callback to stop parsing with a client error."""
 
@@ -625,10 +629,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         # Per response:
         self.rx = b""  # the chunk being parsed
-        self.rx_pos = 0  # where in it the next response head may start
-        self.head_from = 0
+        self.head_from = 0  # where in it the response head starts
         self.hpart = b""  # start of a head that spans chunks
-        self.in_head = False
+        self.in_head = False  # a response head is expected or incomplete
         self.status = 0
         self.body_mode = BODY_NONE
         self.eof_body = False
@@ -735,7 +738,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.deadline = core.now + core.idle_timeout
         self.rx = data
-        self.rx_pos = 0
+        if self.in_head and not self.hpart:
+            self.head_from = 0  # no pipelining upstream: a head starts a chunk
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -743,7 +747,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            if cause is not None:
+            if cause is not None and not isinstance(cause, UpstreamProtocolError):
                 log.error("failed: proxy response handling: %r", cause, exc_info=cause)
             self.exchange = None
             self.abort()
@@ -793,34 +797,30 @@ class UpstreamConnection(asyncio.Protocol):
     # No on_status/on_header: httptools then makes no Python call per header.
     # The head is taken raw from the received bytes (llhttp is strict: CRLF
     # line ends, no folding, so the raw head is exactly what was parsed) and
-    # filtered with one regex pass in C.
-    def on_message_begin(self) -> None:
-        if self.exchange is None:
-            raise RuntimeError("response without a request")
-        self.head_from = self.rx_pos
-        self.in_head = True
-
+    # filtered with a few C-level searches. No on_message_begin either: the
+    # upstream never pipelines, so a head starts a chunk or follows an interim head.
     def on_headers_complete(self) -> None:
         ex = self.exchange
-        assert ex is not None
-        self.in_head = False
+        if ex is None or not self.in_head:
+            raise UpstreamProtocolError("a response nobody asked for")
         if self.hpart:
             buf = self.hpart + self.rx
             start = 0
-            self.rx_pos = -len(self.hpart)
+            base = len(self.hpart)
             self.hpart = b""
         else:
             buf = self.rx
             start = self.head_from
-            self.rx_pos = 0
+            base = 0
         end = buf.find(b"\r\n\r\n", start)
-        self.rx_pos += end + 4
         first = buf.find(b"\r\n", start)
         parser = self.parser
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 100 Continue / 103: we answered Expect ourselves
+            self.head_from = end + 4 - base  # the final head follows
             return
+        self.in_head = False
         block = buf[first:end]  # b"\r\nName: value" per header
         low = block.lower()
         has_cl = b"\r\ncontent-length:" in low
@@ -842,7 +842,7 @@ class UpstreamConnection(asyncio.Protocol):
                 else:
                     block, chunked, upgrade_value = filter_hop_headers(block)
         if status == 101 and (not ex.upgrade or upgrade_value is None):
-            raise RuntimeError("101 Switching Protocols to a request that asked for no upgrade")
+            raise UpstreamProtocolError("101 Switching Protocols to a request that asked for no upgrade")
         self.status = status
         self.keep_alive = parser.should_keep_alive()
         if ex.is_head or status == 204 or status == 304 or status == 101:
@@ -1306,6 +1306,8 @@ class ProxyCore:
         conn.eof_body = False
         conn.interim = False
         conn.finish_after_feed = False
+        conn.in_head = True
+        conn.hpart = b""
         conn.requests += 1
         conn.deadline = self.now + self.try_timeout
         data = [ex.head, *ex.pending]
