@@ -42,11 +42,16 @@ class App:
         )
         self.manual = ManualRegistry(config, self.catalog, node=self.node)
         self.health = HealthChecker(config, self.catalog, docker=self.docker)
-        self.api = ApiServer(
-            config, self.catalog, manual=self.manual, docker=self.docker, health=self.health
-        )
         self.dns = DnsServer(config, self.catalog)
         self.proxy = ProxyServer(config, self.catalog)
+        self.api = ApiServer(
+            config,
+            self.catalog,
+            manual=self.manual,
+            docker=self.docker,
+            health=self.health,
+            routes=self.proxy.routes_json,
+        )
         self._started: list[Component] = []
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,18 @@ def ensure_debian_packages(commands: dict[str, str]) -> None:
         check=True,
         env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 10) -> None:
+    """SIGTERM, wait up to `timeout`, then SIGKILL: every peer and Beacon stop this way."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def median(values: Iterable[float]) -> float:

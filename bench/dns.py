@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import ensure_debian_packages, median, print_table
+from bench.common import ensure_debian_packages, median, print_table, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,12 +152,7 @@ def beacon(services: int, upstream_port: int) -> Iterator[int]:
         wait_udp_dns(port)
         yield port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 def dnsperf(port: int, query_file: Path, duration: float, clients: int) -> dict[str, float]:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ensure_debian_packages, median, percentile, print_table
+from bench.common import ensure_debian_packages, median, percentile, print_table, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"hello from the beacon benchmark backend\n" * 3  # ~120 bytes
@@ -95,12 +94,7 @@ def process(args: list[str], env: dict[str, str] | None = None, log: Path | None
         yield proc
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=10)
         if log:
             out.close()  # type: ignore[union-attr]
 

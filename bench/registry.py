@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import aiohttp
 import docker
 import docker.errors
 
-from bench.common import median, percentile, print_table
+from bench.common import median, percentile, print_table, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "beacon-test/busybox:latest"
@@ -89,12 +88,7 @@ def beacon_process(api_port: int) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=15)
 
 
 class EventClock:

@@ -36,28 +36,10 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-POLICIES = ("round_robin", "least_conn", "random")
+from beacon.registry.model import POLICIES
+
 P2C_THRESHOLD = 8
 INF = float("inf")
-
-
-def parse_lb(text: str | None, default: str = "round_robin") -> tuple[str, bool]:
-    """'least_conn' | 'sticky' | 'random+sticky' ... → (policy, sticky).
-
-    Raises ValueError naming the bad value (label parsers may reuse this).
-    """
-    if text is None or not text.strip():
-        return default, False
-    policy, sticky = default, False
-    parts = [p.strip().lower() for p in text.replace(",", "+").split("+") if p.strip()]
-    for part in parts:
-        if part == "sticky":
-            sticky = True
-        elif part in POLICIES:
-            policy = part
-        else:
-            raise ValueError(f"unknown balancing policy {part!r} (expected {', '.join(POLICIES)}, sticky)")
-    return policy, sticky
 
 
 def sticky_token(endpoint_id: str) -> bytes:

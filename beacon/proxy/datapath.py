@@ -40,10 +40,10 @@ from typing import Any
 import httptools
 
 from beacon.config import Config
-from beacon.proxy.balancer import Ejection, EndpointState, Pool, parse_lb
+from beacon.proxy.balancer import Ejection, EndpointState, Pool
 from beacon.proxy.metrics import UNROUTED, ProxyMetrics, ServiceStats
 from beacon.proxy.router import Route, RoutingTable, build_table, strip_prefix
-from beacon.registry.model import Endpoint, Service, Snapshot, State
+from beacon.registry.model import Endpoint, Service, Snapshot, State, parse_lb
 
 log = logging.getLogger("beacon.proxy")
 

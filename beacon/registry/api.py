@@ -198,6 +198,7 @@ class ApiServer:
         manual: ManualRegistry,
         docker: object | None,
         health: object | None,
+        routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
     ) -> None:
         self._config = config
@@ -205,6 +206,7 @@ class ApiServer:
         self._manual = manual
         self._docker = docker
         self._health = health
+        self._routes = routes  # the proxy's routing table, as JSON (routes and conflicts)
         self._heartbeat = heartbeat_interval
         self._token_digest = hashlib.sha256(config.api_token.encode()).digest() if config.api_token else None
         self._closing = asyncio.Event()
@@ -229,6 +231,7 @@ class ApiServer:
         r.add_put("/v1/endpoints/{id}/heartbeat", self._heartbeat_handler)
         r.add_get("/v1/watch", self._watch)
         r.add_get("/v1/autoheal", self._autoheal)
+        r.add_get("/v1/routes", self._routes_table)
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
@@ -515,6 +518,10 @@ class ApiServer:
         read_log = getattr(self._health, "autoheal_log", None)
         entries = list(read_log()) if callable(read_log) else []
         return json_response([_jsonable(e) for e in entries], snap)
+
+    async def _routes_table(self, request: web.Request) -> web.Response:
+        table = self._routes() if self._routes is not None else {"routes": [], "conflicts": []}
+        return json_response(table, self._catalog.snapshot)
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document(__version__))

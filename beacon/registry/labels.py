@@ -21,9 +21,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from beacon.registry.checks import parse_check_labels
-from beacon.registry.model import EMPTY_MAP, Endpoint, Source, State
+from beacon.registry.model import EMPTY_MAP, Endpoint, Source, State, parse_lb
 
-LB_POLICIES = ("round_robin", "least_conn", "random", "sticky")
 MAX_DNS_TTL = 86400
 MAX_WEIGHT = 65535  # an SRV weight is 16 bits
 
@@ -286,10 +285,12 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
 
     lb: str | None = None
     if (raw := labels.get("beacon.lb")) is not None:
-        if raw.strip() in LB_POLICIES:
-            lb = raw.strip()
+        try:
+            parse_lb(raw)
+        except ValueError as exc:
+            problems.add("beacon.lb", raw, str(exc), "using --lb")
         else:
-            problems.add("beacon.lb", raw, f"expected one of {', '.join(LB_POLICIES)}", "using --lb")
+            lb = raw.strip().lower()
 
     hosts: list[str] = []
     if (raw := labels.get("beacon.http.host")) is not None:

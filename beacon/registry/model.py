@@ -15,6 +15,9 @@ from typing import Literal
 
 EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
 
+# Balancing policies (label beacon.lb, flag --lb); "+sticky" adds cookie affinity.
+POLICIES = ("round_robin", "least_conn", "random")
+
 
 class State(enum.StrEnum):
     """Health state of one endpoint, worst last (except DRAINING, see `worst`)."""
@@ -211,3 +214,23 @@ class Snapshot:
     @classmethod
     def empty(cls) -> Snapshot:
         return cls(index=0, services=MappingProxyType({}), endpoints=MappingProxyType({}))
+
+
+def parse_lb(text: str | None, default: str = "round_robin") -> tuple[str, bool]:
+    """'least_conn' | 'sticky' | 'random+sticky' ... → (policy, sticky).
+
+    Raises ValueError naming the bad value. Shared by the label parser (which
+    validates) and the proxy (which applies).
+    """
+    if text is None or not text.strip():
+        return default, False
+    policy, sticky = default, False
+    parts = [p.strip().lower() for p in text.replace(",", "+").split("+") if p.strip()]
+    for part in parts:
+        if part == "sticky":
+            sticky = True
+        elif part in POLICIES:
+            policy = part
+        else:
+            raise ValueError(f"unknown balancing policy {part!r} (expected {', '.join(POLICIES)}, sticky)")
+    return policy, sticky

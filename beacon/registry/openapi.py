@@ -299,6 +299,14 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json({"type": "array", "items": {"type": "object"}}, "Restarts", index=True)},
         }
     },
+    "/v1/routes": {
+        "get": {
+            "operationId": "routes",
+            "summary": "The proxy's routing table: every host/path route and the conflicts found "
+            "(two label routes on one host and path; the most specific match wins)",
+            "responses": {"200": _json({"type": "object"}, "Routes and conflicts", index=True)},
+        }
+    },
     "/v1/openapi.json": {
         "get": {
             "operationId": "openapi",

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from beacon.proxy.balancer import P2C_THRESHOLD, Ejection, EndpointState, Pool, parse_lb, sticky_token
+from beacon.proxy.balancer import P2C_THRESHOLD, Ejection, EndpointState, Pool, sticky_token
+from beacon.registry.model import parse_lb
 
 
 def members(*weights: int) -> list[EndpointState]:

@@ -449,6 +449,12 @@ def test_all_settings_labels() -> None:
     assert ep.http_strip_prefix is True
 
 
+@pytest.mark.parametrize("value", ["sticky", "least_conn+sticky", "Random+Sticky", "round_robin"])
+def test_lb_label_accepts_policies_with_sticky(value: str) -> None:
+    (ep,) = container_endpoints(container(labels={"beacon.lb": value}), HOST).endpoints
+    assert ep.lb == value.lower()
+
+
 def test_defaults_when_no_settings_labels() -> None:
     (ep,) = container_endpoints(container(), HOST).endpoints
     assert (ep.weight, ep.tags, dict(ep.meta), ep.dns_ttl, ep.lb) == (1, (), {}, None, None)
@@ -463,6 +469,7 @@ BAD_LABELS: list[tuple[str, str, str, object]] = [
     ("beacon.dns.ttl", "2d", "dns_ttl", None),
     ("beacon.dns.ttl", "100000", "dns_ttl", None),
     ("beacon.lb", "fastest", "lb", None),
+    ("beacon.lb", "least_conn+fastest", "lb", None),
     ("beacon.http.host", "bad host!", "http_hosts", ()),
     ("beacon.http.path_prefix", "api", "http_path_prefix", None),
     ("beacon.http.path_prefix", "/a b", "http_path_prefix", None),
