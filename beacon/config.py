@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -216,7 +216,6 @@ class Config:
     eject_consecutive_failures: int = 5
     eject_base_time: float = 30.0
     eject_max_percent: float = 0.5
-    extra: Mapping[str, Any] = field(default_factory=dict)  # reserved for tests
 
     def validate(self) -> Config:
         """Check options that depend on each other; raise ConfigError naming them."""
