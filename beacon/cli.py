@@ -19,6 +19,12 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Start Beacon. Every flag may also be set as the BEACON_<NAME> environment variable.",
     )
     for opt in OPTIONS:
+        if opt.is_switch:
+            run.add_argument(
+                opt.flag, dest=opt.name, default=None, nargs="?", const="true",
+                metavar="BOOL", help=f"{opt.help} [env {opt.env}]",
+            )
+            continue
         run.add_argument(
             opt.flag,
             dest=opt.name,

@@ -47,8 +47,21 @@ def parse_duration(text: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
     if not m:
         raise ValueError(f"expected a duration like 30s, 250ms or 5m, got {text!r}")
-    value = float(m.group(1))
-    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    if value > _MAX_DURATION:
+        raise ValueError(f"duration {text!r} is longer than a year")
+    return value
+
+
+_MAX_DURATION = 365 * 86400.0
+
+
+def _positive_duration(text: str) -> float:
+    """A timeout or base time: zero would make every try fail or divide by zero."""
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"expected a duration above zero, got {text!r}")
+    return value
 
 
 def parse_bool(text: str) -> bool:
@@ -71,6 +84,14 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _dns_ttl(text: str) -> int:
+    """TTL in seconds: 0 .. 2^31-1 (RFC 2181, section 8)."""
+    value = _non_negative_int(text)
+    if value > 2**31 - 1:
+        raise ValueError(f"TTL must be at most 2147483647 seconds, got {text!r}")
     return value
 
 
@@ -127,13 +148,18 @@ class Option:
     def env(self) -> str:
         return "BEACON_" + self.name.upper()
 
+    @property
+    def is_switch(self) -> bool:
+        """A boolean: `--explicit` alone means true; `--explicit false` is allowed too."""
+        return self.parse is parse_bool
+
 
 _LOOPBACK_NETS = ("127.0.0.0/8", "::1/128")
 
 OPTIONS: tuple[Option, ...] = (
     # --- general
     Option("log_level", "--log-level", _choice("debug", "info", "warning", "error"), "info", "log verbosity"),
-    Option("shutdown_timeout", "--shutdown-timeout", parse_duration, 10.0, "bound on graceful shutdown"),
+    Option("shutdown_timeout", "--shutdown-timeout", _positive_duration, 10.0, "bound on graceful shutdown"),
     Option("node", "--node", str, "", "node name reported with endpoints (default: hostname)"),
     # --- registry
     Option("api_listen", "--api-listen", parse_hostport, HostPort("127.0.0.1", 8700), "REST API listener", metavar="HOST:PORT"),
@@ -150,11 +176,11 @@ OPTIONS: tuple[Option, ...] = (
     # --- dns
     Option("dns_listen", "--dns-listen", parse_hostport, (HostPort("127.0.0.1", 8600),), "DNS listener, UDP and TCP (repeatable)", repeated=True, metavar="HOST:PORT"),
     Option("dns_domain", "--dns-domain", _dns_domain, "beacon.", "domain Beacon is authoritative for"),
-    Option("dns_ttl", "--dns-ttl", _non_negative_int, 0, "TTL of service answers, seconds"),
-    Option("dns_negative_ttl", "--dns-negative-ttl", _non_negative_int, 5, "TTL of NXDOMAIN/NODATA (SOA minimum), seconds"),
+    Option("dns_ttl", "--dns-ttl", _dns_ttl, 0, "TTL of service answers, seconds"),
+    Option("dns_negative_ttl", "--dns-negative-ttl", _dns_ttl, 5, "TTL of NXDOMAIN/NODATA (SOA minimum), seconds"),
     Option("dns_only_passing", "--dns-only-passing", parse_bool, False, "answer with passing endpoints only (not warning)"),
     Option("dns_recursors", "--dns-recursors", _recursor, None, "upstream resolvers for other names (default: /etc/resolv.conf; 'none': refuse)", repeated=True, metavar="IP[:PORT]"),
-    Option("dns_recursor_timeout", "--dns-recursor-timeout", parse_duration, 2.0, "timeout per upstream try"),
+    Option("dns_recursor_timeout", "--dns-recursor-timeout", _positive_duration, 2.0, "timeout per upstream try"),
     Option("dns_allow", "--dns-allow", _network, None, "networks allowed to use forwarding when listening beyond loopback (default: loopback and Docker networks)", repeated=True, metavar="CIDR"),
     # --- proxy
     Option("proxy_listen", "--proxy-listen", parse_hostport, HostPort("127.0.0.1", 8080), "HTTP proxy listener", metavar="HOST:PORT"),
@@ -163,14 +189,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
     Option("proxy_attempts", "--proxy-attempts", _positive_int, 3, "tries per request (first + retries)"),
-    Option("proxy_try_timeout", "--proxy-try-timeout", parse_duration, 30.0, "timeout of one upstream try (until the response header)"),
-    Option("proxy_connect_timeout", "--proxy-connect-timeout", parse_duration, 3.0, "upstream connect timeout"),
-    Option("proxy_idle_timeout", "--proxy-idle-timeout", parse_duration, 60.0, "idle keep-alive timeout, both sides"),
-    Option("proxy_header_timeout", "--proxy-header-timeout", parse_duration, 10.0, "time a client has to send its request header"),
+    Option("proxy_try_timeout", "--proxy-try-timeout", _positive_duration, 30.0, "timeout of one upstream try (until the response header)"),
+    Option("proxy_connect_timeout", "--proxy-connect-timeout", _positive_duration, 3.0, "upstream connect timeout"),
+    Option("proxy_idle_timeout", "--proxy-idle-timeout", _positive_duration, 60.0, "idle keep-alive timeout, both sides"),
+    Option("proxy_header_timeout", "--proxy-header-timeout", _positive_duration, 10.0, "time a client has to send its request header"),
     Option("proxy_max_header_size", "--proxy-max-header-size", _positive_int, 65536, "largest request header, bytes"),
     Option("proxy_max_body_size", "--proxy-max-body-size", _non_negative_int, 0, "largest request body, bytes (0: no limit)"),
     Option("eject_consecutive_failures", "--eject-consecutive-failures", _positive_int, 5, "gateway errors in a row that eject an endpoint"),
-    Option("eject_base_time", "--eject-base-time", parse_duration, 30.0, "first ejection time, grows with each ejection"),
+    Option("eject_base_time", "--eject-base-time", _positive_duration, 30.0, "first ejection time, grows with each ejection"),
     Option("eject_max_percent", "--eject-max-percent", _fraction, 0.5, "most of a pool that may be ejected at once (at least one endpoint stays)"),
 )
 

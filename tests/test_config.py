@@ -7,6 +7,7 @@ import ipaddress
 
 import pytest
 
+from beacon.cli import build_parser
 from beacon.config import (
     OPTIONS,
     Config,
@@ -74,11 +75,30 @@ def test_docker_host_falls_back_to_dockers_own_variable() -> None:
         ({"advertise_ip": "0.0.0.0"}, {}, "--advertise-ip must be a routable address"),
         ({"advertise_ip": "not-an-ip"}, {}, "--advertise-ip"),
         ({"eject_max_percent": "2"}, {}, "--eject-max-percent: expected a fraction"),
+        ({"eject_base_time": "0"}, {}, "--eject-base-time: expected a duration above zero"),
+        ({"proxy_connect_timeout": "0s"}, {}, "--proxy-connect-timeout: expected a duration above zero"),
+        ({}, {"BEACON_DNS_RECURSOR_TIMEOUT": "0"}, "BEACON_DNS_RECURSOR_TIMEOUT: expected a duration above zero"),
+        ({"proxy_idle_timeout": "9" * 400}, {}, "--proxy-idle-timeout: duration .* is longer than a year"),
+        ({"dns_ttl": "5000000000"}, {}, "--dns-ttl: TTL must be at most 2147483647"),
+        ({"dns_negative_ttl": "-1"}, {}, "--dns-negative-ttl: expected an integer >= 0"),
     ],
 )
 def test_bad_values_name_the_option(flags: dict[str, str], env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         build_config(flags, env)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run"], (False, False)),
+        (["run", "--explicit", "--dns-only-passing"], (True, True)),
+        (["run", "--explicit", "false", "--dns-only-passing=yes"], (False, True)),
+    ],
+)
+def test_boolean_flags_work_bare_or_with_a_value(argv: list[str], expected: tuple[bool, bool]) -> None:
+    cfg = build_config(vars(build_parser().parse_args(argv)), {})
+    assert (cfg.explicit, cfg.dns_only_passing) == expected
 
 
 def test_config_is_frozen() -> None:
