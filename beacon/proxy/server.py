@@ -16,13 +16,14 @@ import logging
 import pickle
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from beacon.config import Config, HostPort
 from beacon.proxy.datapath import ProxyCore, client_factory
 from beacon.proxy.metrics import COLLECTOR
 from beacon.proxy.router import RoutingTable
-from beacon.proxy.wire import HEADER, SnapshotEncoder, frame
+from beacon.proxy.wire import HEADER, SnapshotEncoder, frame, snapshot_to_wire
 from beacon.registry.catalog import Catalog
 from beacon.registry.model import Snapshot
 
@@ -137,11 +138,13 @@ class ProxyServer:
         COLLECTOR.add(self)
         try:
             if workers > 1:
-                first = self._encoder.encode(self.catalog.snapshot, full=True)
+                # Deltas sent from now on are relative to this snapshot; each
+                # worker gets the then-current snapshot whole when it starts.
+                self._encoder.encode(self.catalog.snapshot, full=True)
             for n in range(1, workers):
                 worker = _Worker(n, self.config, self.address)
                 self._workers.append(worker)
-                await worker.start(first)
+                await worker.start(lambda: self.catalog.snapshot)
         except BaseException:
             await self.stop()
             raise
@@ -186,14 +189,19 @@ class _Worker:
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
 
-    async def start(self, snapshot: bytes) -> None:
+    async def start(self, current: Callable[[], Snapshot]) -> None:
+        """Start the process; `current` returns the catalog's snapshot now."""
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "beacon.proxy.worker", str(self.number),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.proc.stdin is not None
+        # Snapshots published while the process was being created were not sent
+        # to it (proc was None), yet the shared encoder counts them as sent: so
+        # send the whole current snapshot, with no await between here and the
+        # write - every later delta then starts from what this worker holds.
         setup = {"config": self.config, "address": self.address}
-        self.proc.stdin.write(frame(b"C", pickle.dumps(setup)) + frame(b"S", snapshot))
+        self.proc.stdin.write(frame(b"C", pickle.dumps(setup)) + frame(b"S", snapshot_to_wire(current())))
         self._reader = asyncio.get_running_loop().create_task(self._read())
         try:
             await asyncio.wait_for(self.ready.wait(), 15)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
+
+import pytest
 
 from beacon.metrics import exposition
 from beacon.proxy.wire import snapshot_from_wire, snapshot_to_wire
@@ -90,3 +93,25 @@ def test_snapshot_deltas_carry_only_changed_services_and_rebuild_the_same_routin
     third = dec.decode(enc.encode(cat.snapshot))
     assert view(third) == view(cat.snapshot)
     assert set(third.endpoints) == {"a1", "a2"} and third.endpoints["a1"].service == "gamma"
+
+
+async def test_a_worker_gets_changes_published_while_its_process_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    cat = Catalog()
+    real_exec = asyncio.create_subprocess_exec
+
+    async def exec_while_a_check_passes(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        # The endpoint's first passing check lands while the worker process is created.
+        put(cat, "m:web", ep("web1", web.port))
+        return await real_exec(*args, **kwargs)
+
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port, state=State.CRITICAL))
+        monkeypatch.setattr(asyncio, "create_subprocess_exec", exec_while_a_check_passes)
+        async with proxy_server(cat, proxy_workers=2, shutdown_timeout=3.0) as proxy:
+            monkeypatch.undo()
+            assert proxy.address is not None
+            request = b"GET / HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n"
+            # SO_REUSEPORT spreads 40 connections over both processes: a worker
+            # that missed the change would answer its share with 503.
+            results = await asyncio.gather(*(raw_request(proxy.address, request) for _ in range(40)))
+    assert [r[:12] for r in results] == [b"HTTP/1.1 200"] * 40
