@@ -450,7 +450,7 @@ class DockerSource:
     def _apply(self, cid: str, attrs: Mapping[str, Any] | None) -> int:
         """Set the container's endpoints in the catalog; return 1 if anything changed."""
         key = SOURCE_PREFIX + cid
-        result = ContainerEndpoints() if attrs is None else container_endpoints(attrs, self._options)
+        result = ContainerEndpoints() if attrs is None else self._parse(cid, attrs)
         if attrs is not None:
             self._names[cid] = str(attrs.get("Name") or "").lstrip("/")
             self._report(cid, result)
@@ -481,6 +481,21 @@ class DockerSource:
             log.info("updated: %s %s %s", cid[:12], name, _describe(endpoints))
         return 1
 
+    def _parse(self, cid: str, attrs: Mapping[str, Any]) -> ContainerEndpoints:
+        """The parser's verdict; a parser bug ignores this one container only.
+
+        container_endpoints promises never to raise. Should a bug break that
+        promise, raising here would end the session before later containers
+        are applied, and every reconnect would fail the same way.
+        """
+        try:
+            return container_endpoints(attrs, self._options)
+        except Exception as exc:
+            ignored = f"its inspect data could not be parsed ({_describe_error(exc)})"
+            if (self._reported.get(cid) or (None,))[0] != ignored:  # once, not every resync
+                log.warning("failed: parse of container %s (a bug; please report it)", cid[:12], exc_info=True)
+            return ContainerEndpoints(ignored=ignored)
+
     def _report(self, cid: str, result: ContainerEndpoints) -> None:
         """Log why a container is ignored and its bad labels - once, not every resync."""
         summary = (result.ignored, result.problems, result.notes)
@@ -503,3 +518,8 @@ def _describe(endpoints: list[Endpoint]) -> str:
         + ("" if e.state is State.PASSING else f" ({e.state.value})")
         for e in endpoints
     )
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -32,10 +32,14 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HOSTNAME_PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _TAG = re.compile(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_PORT_SPEC = re.compile(r"(\d{1,5})(?:/(tcp|udp|sctp))?")
-_DURATION = re.compile(r"(\d+)(s|m|h)?")
-_PER_PORT_SERVICE = re.compile(r"beacon\.(\d{1,5})\.service")
-_REGISTRATOR_PORT_KEY = re.compile(r"SERVICE_(\d{1,5})_(NAME|TAGS|IGNORE)")
+# Numbers are bounded runs of ASCII digits: str.isdigit() and \d also accept
+# characters such as '²' or Arabic-Indic digits (int() raises on some), and int() refuses
+# strings over 4300 digits - a label value must never reach int() unchecked.
+_PORT_SPEC = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
+_DURATION = re.compile(r"([0-9]{1,6})(s|m|h)?")
+_WEIGHT = re.compile(r"[0-9]{1,5}")
+_PER_PORT_SERVICE = re.compile(r"beacon\.([0-9]{1,5})\.service")
+_REGISTRATOR_PORT_KEY = re.compile(r"SERVICE_([0-9]{1,5})_(NAME|TAGS|IGNORE)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,7 @@ def _split_list(text: str) -> list[str]:
 
 
 def _port_number(text: str) -> int | None:
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,5}", text):
         return None
     value = int(text)
     return value if 1 <= value <= 65535 else None
@@ -256,7 +260,7 @@ def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
 def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings:
     weight = 1
     if (raw := labels.get("beacon.weight")) is not None:
-        if raw.strip().isdigit() and 1 <= int(raw) <= MAX_WEIGHT:
+        if _WEIGHT.fullmatch(raw.strip()) and 1 <= int(raw) <= MAX_WEIGHT:
             weight = int(raw)
         else:
             problems.add("beacon.weight", raw, f"expected an integer 1-{MAX_WEIGHT}", "using 1")

@@ -9,6 +9,7 @@ a resync that must publish nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -283,3 +284,29 @@ async def test_unreachable_engine_does_not_block_start(start: Start) -> None:
 def test_event_parsing(ev: dict[str, Any], cid: str | None, action: str) -> None:
     assert event_container_id(ev) == cid
     assert event_action(ev) == action
+
+
+async def test_a_container_the_parser_chokes_on_is_ignored_not_fatal(
+    start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The label parser promises never to raise; should a bug break that promise,
+    the one container is ignored and the session (and every other container) goes on."""
+    from beacon.registry import docker as docker_module
+
+    real = docker_module.container_endpoints
+
+    def parser(attrs: dict[str, Any], options: Any) -> Any:
+        if attrs["Id"] == A:
+            raise ValueError("invalid literal for int() with base 10: '²'")
+        return real(attrs, options)
+
+    monkeypatch.setattr(docker_module, "container_endpoints", parser)
+    caplog.set_level(logging.INFO, "beacon.registry.docker")
+    engine = FakeEngine()
+    engine.running[A] = attrs(A, "bad")  # listed first: it used to end the session before B
+    engine.running[B] = attrs(B, "good")
+    cat, source = await start(engine)
+    await eventually(lambda: ids(cat) == {f"{B[:12]}-80"}, timeout=5)
+    assert source.connected and source.sessions == 1
+    assert engine.calls.count("events") == 1  # no reconnect loop
+    assert any("ignored:" in r.message and A[:12] in r.message and "ValueError" in r.message for r in caplog.records)

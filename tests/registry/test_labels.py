@@ -468,6 +468,12 @@ BAD_LABELS: list[tuple[str, str, str, object]] = [
     ("beacon.dns.ttl", "-1", "dns_ttl", None),
     ("beacon.dns.ttl", "2d", "dns_ttl", None),
     ("beacon.dns.ttl", "100000", "dns_ttl", None),
+    # str.isdigit() or \d accepts these, int() raises on some: only ASCII digits count.
+    ("beacon.weight", "\u00b2", "weight", 1),  # superscript two
+    ("beacon.weight", "\u2460", "weight", 1),  # circled one
+    ("beacon.weight", "\u0663", "weight", 1),  # Arabic-Indic three
+    ("beacon.dns.ttl", "9" * 5000, "dns_ttl", None),  # beyond int()'s 4300-digit limit
+    ("beacon.dns.ttl", "\u0663\u0660s", "dns_ttl", None),
     ("beacon.lb", "fastest", "lb", None),
     ("beacon.lb", "least_conn+fastest", "lb", None),
     ("beacon.http.host", "bad host!", "http_hosts", ()),
@@ -531,6 +537,7 @@ def test_check_labels_are_passed_to_the_check_parser(monkeypatch: pytest.MonkeyP
         {"Id": CID, "State": {"Running": True}},
         {"Id": CID, "State": {"Running": True}, "Config": None, "NetworkSettings": None},
         {"Id": CID, "State": {"Running": True}, "NetworkSettings": {"Ports": {"bogus": None, "99999/tcp": None}}},
+        {"Id": CID, "State": {"Running": True}, "NetworkSettings": {"Ports": {"80/tcp": [{"HostPort": "\u00b2"}]}}},
     ],
 )
 def test_sparse_or_odd_inspect_data_never_raises(attrs: dict[str, Any]) -> None:
