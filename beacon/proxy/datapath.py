@@ -245,6 +245,9 @@ class ClientConnection(asyncio.Protocol):
         self.active: Exchange | None = None  # being served
         self.queue: deque[Exchange] = deque()  # pipelined, waiting
         self.tunnel: UpstreamConnection | None = None
+        # Bytes after an upgrade request: the new protocol's, held until a 101.
+        self.early: list[bytes] = []
+        self.early_size = 0
         self.in_head = False
         self.head_size = 0
         self.head_raw = 0
@@ -313,13 +316,12 @@ class ClientConnection(asyncio.Protocol):
                     up.transport.write(data)
                     self.deadline = core.now + core.idle_timeout
             elif mode == MODE_UPGRADING:
-                ex = self.active
-                if ex is not None:
-                    ex.pending.append(data)
-                    ex.pending_size += len(data)
-                    ex.flush()
-                    if ex.pending_size > PENDING_HIGH_WATER:
-                        self.pause(PAUSE_BUFFER)
+                # Not sent before the 101: if the upstream answers otherwise they
+                # would reach it as raw HTTP (an unfiltered pipelined request).
+                self.early.append(data)
+                self.early_size += len(data)
+                if self.early_size > PENDING_HIGH_WATER:
+                    self.pause(PAUSE_BUFFER)
             return
         if not self.in_head:
             self.deadline = core.now + core.idle_timeout
@@ -517,11 +519,14 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             self.close()  # already answered (an error): nothing will be tunnelled
             return
+        # Whatever the answer, the connection ends with this exchange: the bytes
+        # after the request belong to the new protocol, never to HTTP.
+        ex.close_client = True
         if ex.upgrade_value is None or ex.error is not None:
-            ex.close_client = True  # behind a pipelined request, or refused
-            return
+            return  # behind a pipelined request, or refused
         if rest:
-            ex.pending.append(rest)
+            self.early.append(rest)
+            self.early_size += len(rest)
 
     def start_tunnel(self, up: UpstreamConnection) -> None:
         self.mode = MODE_TUNNEL
@@ -789,9 +794,12 @@ class UpstreamConnection(asyncio.Protocol):
         if rest:
             client.out.append(rest)
         client.flush()
-        if ex.pending:  # bytes the client sent after its upgrade request
-            self.transport.write(b"".join(ex.pending))
+        early = [*ex.pending, *client.early]  # bytes the client sent after its upgrade request
+        if early:
+            self.transport.write(b"".join(early))
             ex.pending.clear()
+            client.early.clear()
+            client.early_size = 0
 
     # --------------------------------------------- response parser callbacks
     # No on_status/on_header: httptools then makes no Python call per header.
@@ -1366,7 +1374,8 @@ class ProxyCore:
         else:
             self.endpoint_done(ex, failed=True)
         ex.upstream = None
-        if reusable and ex.request_done:
+        if reusable and ex.request_done and not ex.upgrade:
+            # (an upgrade request answered without a 101: that connection closes)
             self.release(conn)
         else:
             conn.exchange = None

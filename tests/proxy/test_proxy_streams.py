@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from beacon.registry import Catalog, State
-from tests.proxy.proxytest import backends, ep, proxy_server, put, url
+from tests.proxy.proxytest import backends, ep, proxy_server, put, raw_backend, raw_request, url
 
 SIZE = 256 * 1024 * 1024
 # The proxy, the backend and the sampler share this process; buffering a
@@ -140,3 +140,75 @@ async def test_upgrade_refused_by_the_upstream_is_a_normal_response() -> None:
             }) as r:  # fmt: skip
                 assert r.status == 200
                 assert (await r.json())["headers"]["Upgrade"] == "websocket"
+
+
+UPGRADE_HEAD = b"GET /ws HTTP/1.1\r\nHost: web.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+async def test_bytes_after_a_refused_upgrade_never_reach_the_upstream() -> None:
+    def plain_ok(head: bytes, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # ignores the upgrade
+
+    backend = await raw_backend(plain_ok)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:web", ep("web1", backend.port))
+            assert proxy.address is not None
+            # A request pipelined behind the upgrade request: without a 101 it must
+            # not reach the upstream raw (no hop-by-hop filtering, spoofable headers).
+            smuggled = b"GET /smuggled HTTP/1.1\r\nHost: web.localhost\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n"
+            raw = await raw_request(proxy.address, UPGRADE_HEAD + smuggled)
+            assert [h.split(b"\r\n", 1)[0] for h in backend.heads] == [b"GET /ws HTTP/1.1"]
+            assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"\r\n\r\nok")
+            assert b"\r\nconnection: close\r\n" in raw.lower()  # announced, then closed
+            core = proxy.core
+            assert core is not None
+            assert core.states["web1"].idle == []  # never pooled after a refused upgrade
+    finally:
+        await backend.stop()
+
+
+class _UpgradeEcho(asyncio.Protocol):
+    """Answers the first head with 101, then echoes every byte (the tunnel)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.switched = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.switched:
+            self.transport.write(data)
+            return
+        self.buf += data
+        if b"\r\n\r\n" in self.buf:
+            _, rest = self.buf.split(b"\r\n\r\n", 1)
+            self.switched = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            if rest:
+                self.transport.write(rest)
+
+
+async def test_bytes_sent_right_after_an_upgrade_request_reach_the_upstream_after_the_101() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_UpgradeEcho, "127.0.0.1", 0)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:web", ep("web1", server.sockets[0].getsockname()[1]))
+            assert proxy.address is not None
+            reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+            writer.write(UPGRADE_HEAD + b"early bytes")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert await asyncio.wait_for(reader.readexactly(11), 5) == b"early bytes"
+            writer.write(b" and later")
+            assert await asyncio.wait_for(reader.readexactly(10), 5) == b" and later"
+            writer.close()
+    finally:
+        server.close()
