@@ -208,7 +208,9 @@ class ApiServer:
         self._health = health
         self._routes = routes  # the proxy's routing table, as JSON (routes and conflicts)
         self._heartbeat = heartbeat_interval
-        self._token_digest = hashlib.sha256(config.api_token.encode()).digest() if config.api_token else None
+        # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
+        token = config.api_token.encode("utf-8", "surrogateescape")
+        self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._unlisten: Callable[[], None] | None = None
@@ -324,7 +326,9 @@ class ApiServer:
         if self._token_digest is None:
             return
         scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-        given = hashlib.sha256(credential.strip().encode()).digest()
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: non-UTF-8
+        # bytes come back out as themselves instead of raising (a 500).
+        given = hashlib.sha256(credential.strip().encode("utf-8", "surrogateescape")).digest()
         # Compare fixed-length digests in constant time: no length or prefix leaks.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token_digest):
             raise ApiError(

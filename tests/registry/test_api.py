@@ -436,6 +436,26 @@ async def test_writes_need_the_token_when_set() -> None:
         assert (await send(h, "DELETE", "/v1/endpoints/db1", headers=good))[0] == 200
 
 
+async def test_a_non_utf8_authorization_header_is_401_not_500() -> None:
+    async with serve(api_token="s3cret") as h:
+        assert h.server.address is not None
+        reader, writer = await asyncio.open_connection(h.server.address.host, h.server.address.port)
+        try:
+            body = json.dumps(DB).encode()
+            writer.write(
+                b"PUT /v1/endpoints/db1 HTTP/1.1\r\nHost: beacon\r\nConnection: close\r\n"
+                b"Authorization: Bearer s3cr\xff\xfet\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert json.loads(payload)["field"] == "Authorization"
+        assert "db1" not in h.catalog.snapshot.endpoints
+
+
 # --------------------------------------------------------------- bad input
 BAD_WRITES: list[tuple[str, bytes, int, str]] = [
     ("db1", b'{"service": "db",', 400, "body"),
