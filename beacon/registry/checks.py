@@ -79,12 +79,21 @@ def _duration(lo: float, hi: float) -> Callable[[object], float]:
     def parse(value: object) -> float:
         if isinstance(value, bool):
             raise ValueError(f"expected a duration like 5s or 500ms, got {value!r}")
-        seconds = float(value) if isinstance(value, int | float) else parse_duration(_text(value))
+        try:
+            seconds = float(value) if isinstance(value, int | float) else parse_duration(_text(value))
+        except OverflowError:  # a JSON integer beyond any float: far out of range
+            seconds = float("inf")
         if not lo <= seconds <= hi:
-            raise ValueError(f"must be between {_fmt(lo)} and {_fmt(hi)}, got {value!r}")
+            raise ValueError(f"must be between {_fmt(lo)} and {_fmt(hi)}, got {_shown(value)}")
         return seconds
 
     return parse
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """repr() for a message, cut short: a JSON number may have hundreds of digits."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _count(value: object) -> int:

@@ -106,8 +106,11 @@ def _duration(value: object, field: str, low: float, high: float) -> float:
         seconds = parse_duration(value) if isinstance(value, str) else float(value)
     except ValueError as exc:
         raise RegistrationError(f"{field}: {exc}", field) from None
+    except OverflowError:  # a JSON integer beyond any float: far out of range
+        seconds = math.inf
     if not math.isfinite(seconds) or not low <= seconds <= high:
-        raise RegistrationError(f"{field} must be between {low:g}s and {high:g}s (got {value!r})", field)
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise RegistrationError(f"{field} must be between {low:g}s and {high:g}s (got {shown})", field)
     return seconds
 
 

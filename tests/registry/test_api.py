@@ -471,6 +471,8 @@ BAD_WRITES: list[tuple[str, bytes, int, str]] = [
     ("db1", json.dumps({**DB, "address": "db.internal"}).encode(), 422, "address"),
     ("db1", json.dumps({**DB, "ttl": "forever"}).encode(), 422, "ttl"),
     ("db1", json.dumps({**DB, "ttl": "0s"}).encode(), 422, "ttl"),
+    ("db1", json.dumps({**DB, "ttl": 10**400}).encode(), 422, "ttl"),  # float() overflows
+    ("db1", json.dumps({**DB, "check": {"http": "/h", "timeout": 10**400}}).encode(), 422, "check.timeout"),
     ("db1", json.dumps({**DB, "tgas": ["x"]}).encode(), 422, "tgas"),
     ("db1", json.dumps({**DB, "check": {"http": "/h", "interval": "0s"}}).encode(), 422, "check.interval"),
     ("db1", json.dumps({**DB, "id": "db2"}).encode(), 422, "id"),
@@ -494,7 +496,7 @@ async def test_bad_writes_are_rejected_and_change_nothing(
     assert api.catalog.snapshot.endpoints["db1"].check is not None
 
 
-JUNK: list[Any] = [None, True, -1, 0, 1e308, 2**70, "", "x" * 300, "🙂", [], {}, [1], {"a": 1}, "10s", "/h"]
+JUNK: list[Any] = [None, True, -1, 0, 1e308, 2**70, 10**400, "", "x" * 300, "🙂", [], {}, [1], {"a": 1}, "10s", "/h"]
 FIELDS = ["service", "address", "port", "tags", "meta", "weight", "protocol", "ttl", "check", "id"]
 CHECK_FIELDS = ["http", "tcp", "method", "status", "interval", "timeout", "rise", "fall"]
 

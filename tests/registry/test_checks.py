@@ -214,6 +214,9 @@ def test_check_from_json(obj: dict[str, Any], check: CheckSpec) -> None:
         ({"http": "/h", "interval": True}, "check.interval"),
         ({"http": "/h", "interval": "soon"}, "check.interval"),
         ({"http": "/h", "interval": -1}, "check.interval"),
+        ({"http": "/h", "interval": 10**400}, "check.interval"),  # float() overflows
+        ({"tcp": True, "timeout": -(10**400)}, "check.timeout"),
+        ({"http": "/h", "interval": float("inf")}, "check.interval"),
         ({"http": "/h", "rise": 1.5}, "check.rise"),
         ({"http": "/h", "fall": "0"}, "check.fall"),
         ({"http": "/h", "status": "abc"}, "check.status"),
