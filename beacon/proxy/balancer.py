@@ -292,8 +292,10 @@ class Pool:
         cap = min(int(n * self.ejection.max_fraction), n - 1)
         if len(self.ejected(now)) >= cap:
             return False  # the pool keeps its minimum; failures keep counting
-        if m.returned_at and m.ejections:
+        if m.returned_at and m.ejections and self.ejection.base_time > 0:
             # Forget one past ejection per base_time spent back in the pool.
+            # (Config rejects a zero base time; should one slip through, a
+            # ZeroDivisionError here would hang the client that failed.)
             healthy_periods = int((now - m.returned_at) / self.ejection.base_time)
             m.ejections = max(0, m.ejections - healthy_periods)
         m.ejections += 1

@@ -1027,12 +1027,27 @@ class ProxyCore:
         return self.drained
 
     def _sweep(self) -> None:
-        now = self.now = self.loop.time()
-        for c in [c for c in self.clients if c.deadline <= now]:
-            c.timed_out()
-        for u in [u for u in self.upstreams if u.deadline <= now]:
-            self._upstream_timed_out(u)
-        self._sweeper = self.loop.call_later(self._tick, self._sweep)
+        # One failing handler must neither stop this tick for the other
+        # connections nor end the timer chain (no timeout would fire again).
+        try:
+            now = self.now = self.loop.time()
+            for c in [c for c in self.clients if c.deadline <= now]:
+                try:
+                    c.timed_out()
+                except Exception:
+                    log.exception("failed: proxy timeout of a client connection from %s", printable(c.peer))
+                    c.deadline = INF
+                    c.abort()
+            for u in [u for u in self.upstreams if u.deadline <= now]:
+                try:
+                    self._upstream_timed_out(u)
+                except Exception:
+                    log.exception("failed: proxy timeout of an upstream connection to %s:%d",
+                                  u.state.address, u.state.port)  # fmt: skip
+                    u.deadline = INF
+                    u.abort()
+        finally:
+            self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
     def _upstream_timed_out(self, up: UpstreamConnection) -> None:
         ex = up.exchange

@@ -175,3 +175,15 @@ def test_a_single_endpoint_is_never_ejected() -> None:
     pool = Pool("svc", ms, ejection=Ejection(threshold=1, max_fraction=1.0))
     assert not any(pool.record_failure(ms[0], 0) for _ in range(10))
     assert pool.pick(0) is ms[0]
+
+
+def test_a_zero_base_time_never_divides_by_zero() -> None:
+    # Config rejects --eject-base-time 0; should a zero slip through anyway,
+    # repeated ejections must not raise (a raise in the data path hangs clients).
+    ms = members(1, 1)
+    pool = Pool("svc", ms, ejection=Ejection(threshold=1, base_time=0.0))
+    a = ms[0]
+    for now in (100.0, 101.0, 102.0):
+        pool.record_failure(a, now)
+        assert pool.pick(now + 0.5) is not None
+    assert not a.is_ejected(103.0)

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
 from beacon.registry import Catalog, State
 from tests.proxy.proxytest import (
@@ -317,3 +318,31 @@ async def test_a_connect_timeout_is_retried_elsewhere_and_alone_is_a_504() -> No
     finally:
         filler.close()
         hole.close()
+
+
+async def test_a_failing_timeout_handler_does_not_stop_the_sweeper(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from beacon.proxy import datapath
+
+    original = datapath.ClientConnection.timed_out
+    calls: list[object] = []
+
+    def faulty_once(self: datapath.ClientConnection) -> None:
+        calls.append(self)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault in a timeout handler")
+        original(self)
+
+    monkeypatch.setattr(datapath.ClientConnection, "timed_out", faulty_once)
+    cat = Catalog()
+    async with proxy_server(cat, proxy_header_timeout=0.3) as proxy:
+        assert proxy.address is not None
+        # The first silent connection's timeout handler raises: that connection
+        # is closed anyway, and the sweeper keeps watching the next one.
+        first = await raw_request(proxy.address, b"", timeout=3)
+        second = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n", timeout=3)
+    assert first == b""
+    assert second.startswith(b"HTTP/1.1 408 ")
+    assert len(calls) >= 2
+    assert any(r.getMessage().startswith("failed: proxy timeout") for r in caplog.records)
