@@ -7,8 +7,9 @@ Lifecycle of one connection ("session"):
    re-inspects only its own container (no full re-list per event),
 4. every `resync_interval`, list again and apply the difference (a diff: nothing
    changes, nothing is published), removing sources whose container is gone.
-When the stream fails or ends, the session ends and a new one starts after a
-capped exponential backoff - the watcher never exits on its own.
+When the stream fails or ends, or a resync fails (a half-open stream never
+ends by itself), the session ends and a new one starts after a capped
+exponential backoff - the watcher never exits on its own.
 
 The Docker SDK is synchronous: the events stream is read by a daemon thread that
 hands each event to the loop (`call_soon_threadsafe`), and every other API call
@@ -65,10 +66,12 @@ class DockerUnavailable(RuntimeError):
 
 
 class _EndOfStream:
-    """Queued by the reader thread when the events stream ends or fails."""
+    """Queued by the reader thread when the events stream ends or fails, and by
+    the resync loop when a resync fails (the stream may be silently dead)."""
 
-    def __init__(self, error: BaseException | None) -> None:
+    def __init__(self, error: BaseException | None, reason: str = "events stream ended") -> None:
         self.error = error
+        self.reason = reason
 
 
 def usable_host_ip(ip: str) -> bool:
@@ -322,12 +325,12 @@ class DockerSource:
         self.sessions += 1
         self._first_attempt.set()
         log.info("connected: docker engine (api %s)", client.api.api_version)
-        resync = asyncio.create_task(self._resync_loop(client), name="beacon-docker-resync")
+        resync = asyncio.create_task(self._resync_loop(client, queue), name="beacon-docker-resync")
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, _EndOfStream):
-                    raise ConnectionError(f"events stream ended ({item.error or 'EOF'})")
+                    raise ConnectionError(f"{item.reason} ({item.error or 'EOF'})")
                 self._on_event(item)
         finally:
             resync.cancel()
@@ -348,15 +351,24 @@ class DockerSource:
         except RuntimeError:
             pass  # the loop is closed: Beacon is shutting down
 
-    async def _resync_loop(self, client: docker.DockerClient) -> None:
+    async def _resync_loop(
+        self, client: docker.DockerClient, queue: asyncio.Queue[dict[str, Any] | _EndOfStream]
+    ) -> None:
         while True:
             await asyncio.sleep(self._config.resync_interval)
             try:
                 await self._sync(client, initial=False)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the stream's end will restart the session if the engine is gone
-                log.warning("failed: resync: %s", exc or type(exc).__name__)
+            except Exception as exc:
+                # The events stream may be half-open (a partition on a tcp
+                # DOCKER_HOST): it would never end by itself, /healthz would say
+                # connected and no stop would ever drain. End the session; the
+                # reconnect subscribes and lists afresh.
+                log.warning("failed: resync: %s; reconnecting", exc or type(exc).__name__)
+                self._close_stream()
+                queue.put_nowait(_EndOfStream(exc, "resync failed"))
+                return
 
     async def _sync(self, client: docker.DockerClient, *, initial: bool) -> None:
         """List running containers and apply the difference to the catalog."""

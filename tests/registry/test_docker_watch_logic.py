@@ -54,6 +54,7 @@ class FakeStream:
 
     def __init__(self) -> None:
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.closed = False
 
     def __iter__(self) -> FakeStream:
         return self
@@ -68,6 +69,7 @@ class FakeStream:
         self._q.put(item)
 
     def close(self) -> None:
+        self.closed = True
         self._q.put(None)
 
 
@@ -81,6 +83,7 @@ class FakeEngine:
         self.calls: list[str] = []
         self.streams: list[FakeStream] = []
         self.refuse = 0  # refuse this many connection attempts
+        self.list_error: Exception | None = None  # raised by containers() while set
         self.gate: dict[str, threading.Event] = {}  # hold an inspect of this container
         self.inspecting = threading.Event()
         self.inspected = threading.Event()
@@ -104,6 +107,8 @@ class FakeEngine:
 
     def containers(self) -> list[dict[str, Any]]:
         self.calls.append("containers")
+        if self.list_error is not None:
+            raise self.list_error
         return [{"Id": cid} for cid in self.running]
 
     def inspect_container(self, cid: str) -> dict[str, Any]:
@@ -310,3 +315,21 @@ async def test_a_container_the_parser_chokes_on_is_ignored_not_fatal(
     assert source.connected and source.sessions == 1
     assert engine.calls.count("events") == 1  # no reconnect loop
     assert any("ignored:" in r.message and A[:12] in r.message and "ValueError" in r.message for r in caplog.records)
+
+
+async def test_a_failing_resync_replaces_a_silent_events_stream(start: Start) -> None:
+    """A half-open events stream (tcp DOCKER_HOST, a partition) never ends by itself;
+    the failing resync is the only sign, and it must start a new session."""
+    engine = FakeEngine()
+    engine.running[A] = attrs(A, "web")
+    cat, source = await start(engine, resync_interval=1.0)
+    await eventually(lambda: ids(cat) == {f"{A[:12]}-80"})
+    silent = engine.streams[-1]
+    # Partitioned: the stream stays open but says nothing, and A dies unseen.
+    engine.list_error = ConnectionError("connection timed out")
+    del engine.running[A]
+    await eventually(lambda: not source.connected, timeout=5)
+    assert silent.closed
+    engine.list_error = None  # the engine is back: subscribe, list, and A is gone
+    await eventually(lambda: source.connected and source.sessions == 2, timeout=5)
+    await eventually(lambda: ids(cat) == set())
