@@ -1099,6 +1099,7 @@ class ProxyCore:
         for name in removed:
             pools.pop(name, None)
             self._forget(sources.pop(name), endpoints)
+            self.metrics.forget(name)
         for name in changed:
             svc = services[name]
             old = sources.get(name)

@@ -14,7 +14,8 @@ their pipe - into metric families:
   beacon_proxy_open_connections{side}                  client | upstream, now
   beacon_proxy_route_conflicts                         conflicting routes now
 
-Requests that matched no route are counted under service "unrouted".
+Requests that matched no route are counted under service "unrouted". A
+service's counters are dropped when it leaves the catalog.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ class ProxyMetrics:
         if stats is None:
             stats = self.services[name] = ServiceStats()
         return stats
+
+    def forget(self, name: str) -> None:
+        """Drop the counters of a service that left the catalog: service names
+        come and go with containers, and every worker sends all of its stats
+        each second. (A returning service starts again from 0, which Prometheus
+        reads as a counter reset.)"""
+        if name != UNROUTED:
+            self.services.pop(name, None)
 
     def to_json(self, client_connections: int, upstream_connections: int, conflicts: int) -> dict[str, Any]:
         """A plain-data copy (what worker processes send to the parent)."""
