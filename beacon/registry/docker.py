@@ -29,6 +29,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -56,6 +57,8 @@ EVENT_FILTERS: dict[str, list[str]] = {
     "event": sorted(REFRESH_ACTIONS | REMOVE_ACTIONS | {"kill", "connect", "disconnect"}),
 }
 TERM_SIGNALS = frozenset({"15", "SIGTERM", "TERM"})
+# Docker's grace between SIGTERM and SIGKILL when the container sets no StopTimeout.
+DEFAULT_STOP_TIMEOUT = 10.0
 # Where the "UDP connect" probe points to find the primary interface. connect()
 # on a UDP socket only asks the kernel for a route; no packet is sent.
 _ROUTE_PROBES = (("198.51.100.1", socket.AF_INET),)
@@ -147,6 +150,7 @@ class DockerSource:
         backoff_max: float = 5.0,
         start_timeout: float = 10.0,
         inspect_workers: int = 8,
+        drain_margin: float = 5.0,
     ) -> None:
         self._config = config
         self._catalog = catalog
@@ -155,6 +159,7 @@ class DockerSource:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._start_timeout = start_timeout
+        self._drain_margin = drain_margin
         self._pool = ThreadPoolExecutor(max_workers=inspect_workers, thread_name_prefix="beacon-docker")
         self._options = LabelOptions()
         self._client: docker.DockerClient | None = None
@@ -167,8 +172,10 @@ class DockerSource:
         self._gen: dict[str, int] = {}  # container id -> generation of its last event
         self._started_at: dict[str, str] = {}  # container id -> State.StartedAt last seen
         # Containers told to stop (SIGTERM): their endpoints stay draining until the
-        # container is gone or started again (value: StartedAt when the signal came).
-        self._draining: dict[str, str] = {}
+        # container is gone or started again, or outlives its stop timeout.
+        # Value: (StartedAt when the signal came, monotonic time of the signal).
+        self._draining: dict[str, tuple[str, float]] = {}
+        self._stop_timeout: dict[str, float] = {}  # container id -> its StopTimeout, seconds
         self._names: dict[str, str] = {}  # container id -> name, for log lines
         self._reported: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {}
         self._inflight: set[asyncio.Task[None]] = set()
@@ -400,7 +407,8 @@ class DockerSource:
             if cid not in running and self._gen.get(cid, 0) <= marker:
                 changes += self._apply(cid, None)  # gone while we were not looking: no ghosts
         # Forget per-container state of containers that are gone (bounded memory).
-        for table in (self._gen, self._started_at, self._draining, self._names, self._reported):
+        tables = (self._gen, self._started_at, self._draining, self._stop_timeout, self._names, self._reported)
+        for table in tables:
             for cid in [c for c in table if c not in running and self._gen.get(c, 0) <= marker]:
                 del table[cid]
         self.syncs += 1
@@ -435,9 +443,25 @@ class DockerSource:
             self._spawn_refresh(cid, self._gen[cid])
 
     def _drain(self, cid: str) -> None:
-        self._draining[cid] = self._started_at.get(cid, "")
+        mark = (self._started_at.get(cid, ""), time.monotonic())
+        self._draining[cid] = mark
         if self._catalog.set_source_state(SOURCE_PREFIX + cid, State.DRAINING):
             log.info("draining: %s %s (SIGTERM)", cid[:12], self._names.get(cid, ""))
+        # A SIGTERM that stops nothing (`docker kill -s TERM`, an app that reloads
+        # on TERM) would leave the container draining forever: look again once
+        # `docker stop` would have killed it. Resyncs apply the same rule.
+        task = asyncio.create_task(self._drain_expiry(cid, mark, self._drain_grace(cid)))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _drain_grace(self, cid: str) -> float:
+        return self._stop_timeout.get(cid, DEFAULT_STOP_TIMEOUT) + self._drain_margin
+
+    async def _drain_expiry(self, cid: str, mark: tuple[str, float], grace: float) -> None:
+        await asyncio.sleep(grace)
+        if self._draining.get(cid) is mark:  # else: gone, restarted or signalled again
+            gen = self._gen[cid] = next(self._generation)
+            await self._refresh(cid, gen)
 
     def _spawn_refresh(self, cid: str, gen: int) -> None:
         task = asyncio.create_task(self._refresh(cid, gen))
@@ -467,10 +491,20 @@ class DockerSource:
             self._names[cid] = str(attrs.get("Name") or "").lstrip("/")
             self._report(cid, result)
         endpoints = list(result.endpoints)
+        if attrs is not None:
+            self._stop_timeout[cid] = _stop_timeout(attrs)
         if endpoints and cid in self._draining:
-            started = str((attrs or {}).get("State", {}).get("StartedAt") or "")
-            if self._draining[cid] and started and self._draining[cid] != started:
+            started = str(((attrs or {}).get("State") or {}).get("StartedAt") or "")
+            started_then, since = self._draining[cid]
+            running_for = time.monotonic() - since
+            if started_then and started and started_then != started:
                 del self._draining[cid]  # started again since the SIGTERM
+            elif running_for >= self._drain_grace(cid):
+                del self._draining[cid]
+                log.info(
+                    "undrained: %s %s still running %.0fs after SIGTERM (stop timeout %gs)",
+                    cid[:12], self._names.get(cid, ""), running_for, self._stop_timeout[cid],
+                )
             else:
                 endpoints = [replace(e, state=State.DRAINING) for e in endpoints]
         if attrs is not None:
@@ -530,6 +564,14 @@ def _describe(endpoints: list[Endpoint]) -> str:
         + ("" if e.state is State.PASSING else f" ({e.state.value})")
         for e in endpoints
     )
+
+
+def _stop_timeout(attrs: Mapping[str, Any]) -> float:
+    """Seconds `docker stop` waits between SIGTERM and SIGKILL for this container."""
+    value = (attrs.get("Config") or {}).get("StopTimeout")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 86400:
+        return float(value)
+    return DEFAULT_STOP_TIMEOUT  # unset, or -1 (wait forever): assume Docker's default
 
 
 def _describe_error(exc: BaseException) -> str:

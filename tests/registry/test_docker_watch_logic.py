@@ -141,11 +141,13 @@ Start = Callable[..., Awaitable[tuple[Catalog, DockerSource]]]
 async def start() -> AsyncIterator[Start]:
     sources: list[DockerSource] = []
 
-    async def run(engine: FakeEngine, **overrides: Any) -> tuple[Catalog, DockerSource]:
+    async def run(
+        engine: FakeEngine, *, source_options: dict[str, Any] | None = None, **overrides: Any
+    ) -> tuple[Catalog, DockerSource]:
         cat = Catalog()
         source = DockerSource(
             make_config(**overrides), cat, node="n", client_factory=engine.client,
-            backoff_initial=0.01, backoff_max=0.05,
+            backoff_initial=0.01, backoff_max=0.05, **(source_options or {}),
         )
         await source.start()
         sources.append(source)
@@ -333,3 +335,26 @@ async def test_a_failing_resync_replaces_a_silent_events_stream(start: Start) ->
     engine.list_error = None  # the engine is back: subscribe, list, and A is gone
     await eventually(lambda: source.connected and source.sessions == 2, timeout=5)
     await eventually(lambda: ids(cat) == set())
+
+
+async def test_a_container_that_survives_sigterm_stops_draining_after_its_stop_timeout(start: Start) -> None:
+    """SIGTERM without a stop (`docker kill -s TERM`, an app that reloads on TERM):
+    once the container outlived its StopTimeout plus a margin, it is not stopping."""
+    engine = FakeEngine()
+    survivor = attrs(A, "web")
+    survivor["Config"]["StopTimeout"] = 0  # docker stop would have killed it at once
+    engine.running[A] = survivor
+    stopping = attrs(B, "api")
+    stopping["Config"]["StopTimeout"] = 30  # still inside its grace period
+    engine.running[B] = stopping
+    cat, _ = await start(engine, source_options={"drain_margin": 0.5})
+    ea, eb = f"{A[:12]}-80", f"{B[:12]}-80"
+    await eventually(lambda: state_of(cat, ea) is State.PASSING and state_of(cat, eb) is State.PASSING)
+    engine.streams[-1].push(event(A, "kill", signal="15"))
+    engine.streams[-1].push(event(B, "kill", signal="SIGTERM"))
+    await eventually(lambda: state_of(cat, ea) is State.DRAINING and state_of(cat, eb) is State.DRAINING)
+    await eventually(lambda: state_of(cat, ea) is State.PASSING, timeout=5)
+    assert state_of(cat, eb) is State.DRAINING
+    # A later SIGTERM drains it again.
+    engine.streams[-1].push(event(A, "kill", signal="15"))
+    await eventually(lambda: state_of(cat, ea) is State.DRAINING)
