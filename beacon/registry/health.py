@@ -321,6 +321,7 @@ class HealthChecker:
                     self._forget(eid, containers)
         for cid in containers:
             self._update_watch(cid)
+        self._sweep_heal()
         CHECKED_ENDPOINTS.set(len(self._targets))
 
     def _upsert(self, ep: Endpoint, containers: set[str]) -> None:
@@ -407,6 +408,16 @@ class HealthChecker:
         if info is None and heal is not None and not heal.restarting:
             # The container is gone (or between stop and start of a restart):
             # keep its history only while it still counts against the limit.
+            self._prune(heal)
+            if not heal.history:
+                del self._heal[cid]
+
+    def _sweep_heal(self) -> None:
+        """Free the restart history of containers no longer followed once it has
+        expired. _update_watch only sees a container when it leaves; one that
+        left while its restarts still counted would otherwise stay forever."""
+        for cid in [c for c, h in self._heal.items() if c not in self._containers and not h.restarting]:
+            heal = self._heal[cid]
             self._prune(heal)
             if not heal.history:
                 del self._heal[cid]

@@ -558,3 +558,22 @@ async def test_checks_run_without_docker_and_autoheal_is_inert(upstream: Upstrea
         await eventually(lambda: upstream.hits["/health"] >= 3, timeout=5)
         assert state_of(catalog, "c1-80") is C
         assert checker.autoheal_log() == []
+
+
+async def test_autoheal_history_of_a_destroyed_container_is_freed_once_expired(upstream: Upstream) -> None:
+    """A container restarted by autoheal and then destroyed leaves no record behind
+    once its restarts no longer count against the window (bounded memory under churn)."""
+    catalog = Catalog()
+    docker = FakeDocker()
+    upstream.status = 500
+    cid = "c1" * 32
+    heal = AutohealSpec(after=1, max_restarts=3, window=2.0, backoff=0.0)
+    async with running_checker(catalog, docker=docker) as checker:
+        catalog.set_source("container:c1", [container_endpoint(upstream.port, http_check(interval=0.05), heal)])
+        await eventually(lambda: len(docker.restarts) >= 1, timeout=5)
+        catalog.remove_source("container:c1")  # destroyed while its restart still counts
+        await eventually(lambda: "c1-80" not in catalog.snapshot.endpoints)
+        assert cid in checker._heal  # kept while inside the window: the limit must hold
+        await asyncio.sleep(2.1)  # the window passes
+        catalog.set_source("manual:other", [endpoint("other", upstream.port, None, service="other")])
+        await eventually(lambda: cid not in checker._heal, timeout=5)
