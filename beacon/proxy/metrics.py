@@ -13,9 +13,12 @@ their pipe - into metric families:
   beacon_proxy_ejections_total{service}                passive-health ejections
   beacon_proxy_open_connections{side}                  client | upstream, now
   beacon_proxy_route_conflicts                         conflicting routes now
+  beacon_proxy_worker_restarts_total                   worker processes restarted
 
 Requests that matched no route are counted under service "unrouted". A
-service's counters are dropped when it leaves the catalog.
+service's counters are dropped when it leaves the catalog. A worker process
+that dies leaves its last reported counters behind (kept by the parent), so
+the sums never go backwards when it is replaced.
 """
 
 from __future__ import annotations
@@ -97,6 +100,19 @@ class ProxyMetrics:
         }
 
 
+def fold_counters(into: dict[str, dict[str, Any]], services: dict[str, dict[str, Any]]) -> None:
+    """Add per-service counters (`ServiceStats.to_json()` form) into `into`."""
+    for name, s in services.items():
+        m = into.setdefault(name, {
+            "classes": [0] * 6, "buckets": [0] * (len(LATENCY_BUCKETS) + 1),
+            "total_seconds": 0.0, "attempts": 0, "retries": 0, "ejections": 0,
+        })  # fmt: skip
+        m["classes"] = [a + b for a, b in zip(m["classes"], s["classes"], strict=True)]
+        m["buckets"] = [a + b for a, b in zip(m["buckets"], s["buckets"], strict=True)]
+        for key in ("total_seconds", "attempts", "retries", "ejections"):
+            m[key] += s[key]
+
+
 class MetricsSource(Protocol):
     def metrics_json(self) -> list[dict[str, Any]]:
         """One `ProxyMetrics.to_json()` per process this server runs."""
@@ -122,19 +138,13 @@ class ProxyCollector(Collector):
         reports = [r for s in sources for r in s.metrics_json()]
         merged: dict[str, dict[str, Any]] = {}
         clients = upstreams = conflicts = 0
+        restarts = 0
         for report in reports:
             clients += report["client_connections"]
             upstreams += report["upstream_connections"]
             conflicts = max(conflicts, report["conflicts"])  # every process has the same table
-            for name, s in report["services"].items():
-                m = merged.setdefault(name, {
-                    "classes": [0] * 6, "buckets": [0] * (len(LATENCY_BUCKETS) + 1),
-                    "total_seconds": 0.0, "attempts": 0, "retries": 0, "ejections": 0,
-                })  # fmt: skip
-                m["classes"] = [a + b for a, b in zip(m["classes"], s["classes"], strict=True)]
-                m["buckets"] = [a + b for a, b in zip(m["buckets"], s["buckets"], strict=True)]
-                for key in ("total_seconds", "attempts", "retries", "ejections"):
-                    m[key] += s[key]
+            restarts += report.get("worker_restarts", 0)  # only the parent's report has it
+            fold_counters(merged, report["services"])
         requests = CounterMetricFamily(
             "beacon_proxy_requests", "HTTP responses sent by the proxy", labels=["service", "code_class"]
         )
@@ -179,6 +189,11 @@ class ProxyCollector(Collector):
         conflict_gauge = GaugeMetricFamily("beacon_proxy_route_conflicts", "Conflicting routes in the current table")
         conflict_gauge.add_metric([], conflicts)
         yield conflict_gauge
+        restart_counter = CounterMetricFamily(
+            "beacon_proxy_worker_restarts", "Proxy worker processes restarted after they exited unasked"
+        )
+        restart_counter.add_metric([], restarts)
+        yield restart_counter
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "code_class"])
@@ -188,6 +203,7 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily("beacon_proxy_ejections", "", labels=["service"])
         yield GaugeMetricFamily("beacon_proxy_open_connections", "", labels=["side"])
         yield GaugeMetricFamily("beacon_proxy_route_conflicts", "")
+        yield CounterMetricFamily("beacon_proxy_worker_restarts", "")
 
 
 COLLECTOR = ProxyCollector()

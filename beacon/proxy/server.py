@@ -11,17 +11,19 @@ metrics back over stdout, so /metrics covers every process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import pickle
 import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from typing import Any
 
 from beacon.config import Config, HostPort
 from beacon.proxy.datapath import ProxyCore, client_factory
-from beacon.proxy.metrics import COLLECTOR
+from beacon.proxy.metrics import COLLECTOR, UNROUTED, fold_counters
 from beacon.proxy.router import RoutingTable
 from beacon.proxy.wire import HEADER, SnapshotEncoder, frame, snapshot_to_wire
 from beacon.registry.catalog import Catalog
@@ -125,9 +127,12 @@ class ProxyServer:
 
     def metrics_json(self) -> list[dict[str, Any]]:
         core = self._local.core
-        reports = [w.metrics for w in self._workers if w.metrics is not None]
+        live = self.catalog.snapshot.services
+        reports = [r for w in self._workers for r in w.reports(live)]
         if core is not None:
-            reports.append(core.metrics.to_json(len(core.clients), len(core.upstreams), len(core.table.conflicts)))
+            report = core.metrics.to_json(len(core.clients), len(core.upstreams), len(core.table.conflicts))
+            report["worker_restarts"] = sum(w.restarts for w in self._workers)
+            reports.append(report)
         return reports
 
     # ------------------------------------------------------------ lifecycle
@@ -142,9 +147,9 @@ class ProxyServer:
                 # worker gets the then-current snapshot whole when it starts.
                 self._encoder.encode(self.catalog.snapshot, full=True)
             for n in range(1, workers):
-                worker = _Worker(n, self.config, self.address)
+                worker = _Worker(n, self.config, self.address, lambda: self.catalog.snapshot)
                 self._workers.append(worker)
-                await worker.start(lambda: self.catalog.snapshot)
+                await worker.start()
         except BaseException:
             await self.stop()
             raise
@@ -176,47 +181,164 @@ class ProxyServer:
         log.info("stopped: proxy on %s", self.address)
 
 
-class _Worker:
-    """One proxy worker process, fed snapshots over its stdin."""
+class RestartBackoff:
+    """Pure: how long to wait before restarting a worker that exited.
 
-    def __init__(self, number: int, config: Config, address: HostPort) -> None:
+    Each exit that follows a short run doubles the wait (base, 2*base, ... up
+    to cap), so a worker that crashes at once does not spin the CPU; a run of
+    at least `stable_after` seconds means the last crash was a one-off, and the
+    wait starts over from `base`.
+    """
+
+    def __init__(self, base: float, cap: float, stable_after: float) -> None:
+        self.base = base
+        self.cap = cap
+        self.stable_after = stable_after
+        self._failures = 0
+
+    def next_delay(self, ran_for: float) -> float:
+        if ran_for >= self.stable_after:
+            self._failures = 0
+        delay = min(self.cap, self.base * 2.0**self._failures)
+        if delay < self.cap:  # past the cap the exponent has no use (and could overflow)
+            self._failures += 1
+        return delay
+
+
+# Module constants rather than Config options: they guard against crash loops
+# and need no tuning per deployment (tests patch them).
+RESTART_BASE_DELAY = 0.5
+RESTART_MAX_DELAY = 30.0
+RESTART_STABLE_AFTER = 60.0
+READY_TIMEOUT = 15.0
+
+
+class _Worker:
+    """One proxy worker process, fed snapshots over its stdin, and restarted
+    (with backoff) whenever it exits while the proxy runs."""
+
+    def __init__(self, number: int, config: Config, address: HostPort, current: Callable[[], Snapshot]) -> None:
         self.number = number
         self.config = config
         self.address = address
+        self.current = current  # the catalog's snapshot now
         self.proc: asyncio.subprocess.Process | None = None
         self.metrics: dict[str, Any] | None = None
         self.ready = asyncio.Event()
+        self.restarts = 0
+        self._retired: dict[str, dict[str, Any]] = {}  # counters of replaced processes
         self._reader: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_requested = asyncio.Event()  # wakes the supervisor out of a backoff
+        self._backoff = RestartBackoff(RESTART_BASE_DELAY, RESTART_MAX_DELAY, RESTART_STABLE_AFTER)
 
-    async def start(self, current: Callable[[], Snapshot]) -> None:
-        """Start the process; `current` returns the catalog's snapshot now."""
+    async def start(self) -> None:
+        """Start the process and wait until it listens; then supervise it."""
+        await self._spawn()
+        if not await self._until_ready():
+            raise RuntimeError(f"proxy worker {self.number} did not start listening within {READY_TIMEOUT:g}s")
+        assert self.proc is not None
+        log.info("started: proxy worker %d (pid %d)", self.number, self.proc.pid)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _spawn(self) -> None:
+        self.ready.clear()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "beacon.proxy.worker", str(self.number),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.proc.stdin is not None
         # Snapshots published while the process was being created were not sent
-        # to it (proc was None), yet the shared encoder counts them as sent: so
-        # send the whole current snapshot, with no await between here and the
-        # write - every later delta then starts from what this worker holds.
+        # to it (they went to the previous, dead process or to none), yet the
+        # shared encoder counts them as sent: so send the whole current
+        # snapshot, with no await between here and the write - every later
+        # delta then starts from what this worker holds.
         setup = {"config": self.config, "address": self.address}
-        self.proc.stdin.write(frame(b"C", pickle.dumps(setup)) + frame(b"S", snapshot_to_wire(current())))
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self.proc.stdin.write(frame(b"C", pickle.dumps(setup)) + frame(b"S", snapshot_to_wire(self.current())))
+        self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))
+
+    async def _until(self, *waits: asyncio.Future[Any], timeout: float | None = None) -> None:
+        """Wait for the first of `waits` or stop(), never cancelling `waits`
+        (one is the reader task, which must see its process to the end)."""
+        stop_wait = asyncio.ensure_future(self._stop_requested.wait())
         try:
-            await asyncio.wait_for(self.ready.wait(), 15)
-        except TimeoutError:
-            raise RuntimeError(f"proxy worker {self.number} did not start listening within 15s") from None
-        log.info("started: proxy worker %d (pid %d)", self.number, self.proc.pid)
+            await asyncio.wait([*waits, stop_wait], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+
+    async def _until_ready(self) -> bool:
+        """True once the process listens; False if it exited, hung or we stop."""
+        assert self._reader is not None
+        ready_wait = asyncio.ensure_future(self.ready.wait())
+        try:
+            await self._until(ready_wait, self._reader, timeout=READY_TIMEOUT)
+        finally:
+            ready_wait.cancel()
+        return self.ready.is_set()
+
+    async def _supervise(self) -> None:
+        """Restart the process each time it exits, until stop().
+
+        It never waits on anything that stop() could be waiting on in turn,
+        and never spawns once `_stopping` is set, so stop() can await it."""
+        ran_since = time.monotonic()
+        while True:
+            assert self.proc is not None and self._reader is not None
+            await self._until(self._reader)
+            if self._stopping:
+                return
+            code = self.proc.returncode
+            self._retire_metrics()
+            delay = self._backoff.next_delay(time.monotonic() - ran_since)
+            log.error("failed: proxy worker %d exited with code %s, restarting in %.1fs", self.number, code, delay)
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), delay)
+                if self._stopping:
+                    return
+                try:
+                    await self._spawn()
+                    break
+                except OSError as e:  # e.g. out of file descriptors or memory: try again later
+                    delay = self._backoff.next_delay(0.0)
+                    log.error("failed: proxy worker %d could not be started (%s), retrying in %.1fs",
+                              self.number, e, delay)  # fmt: skip
+            ran_since = time.monotonic()
+            if await self._until_ready():
+                self.restarts += 1
+                log.warning("restarted: proxy worker %d (exit code %s) as pid %d", self.number, code,
+                            self.proc.pid)  # fmt: skip
+            elif not self._stopping and self.proc.returncode is None:
+                log.error("failed: proxy worker %d did not listen within %gs, killing it",
+                          self.number, READY_TIMEOUT)  # fmt: skip
+                self.proc.kill()  # the next turn sees it exit and backs off
+
+    def _retire_metrics(self) -> None:
+        """Keep a dead process's counters, so the sums /metrics reports never go
+        backwards (Prometheus would read that as a reset); its gauges go."""
+        if self.metrics is not None:
+            fold_counters(self._retired, self.metrics["services"])
+            self.metrics = None
+
+    def reports(self, live_services: Collection[str]) -> list[dict[str, Any]]:
+        """What this worker adds to /metrics: its process's last report and the
+        counters of the processes it replaced (of services still around)."""
+        reports = [self.metrics] if self.metrics is not None else []
+        if self._retired:
+            for name in [n for n in self._retired if n not in live_services and n != UNROUTED]:
+                del self._retired[name]  # the service left: drop it, as the workers do
+            reports.append({"services": self._retired, "client_connections": 0, "upstream_connections": 0,
+                            "conflicts": 0})  # fmt: skip
+        return reports
 
     def send_snapshot(self, payload: bytes) -> None:
         proc = self.proc
-        if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
+        if proc is not None and proc.returncode is None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write(frame(b"S", payload))
 
-    async def _read(self) -> None:
-        proc = self.proc
-        assert proc is not None and proc.stdout is not None
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
         try:
             while True:
                 head = await proc.stdout.readexactly(HEADER.size)
@@ -228,16 +350,17 @@ class _Worker:
                     self.metrics = json.loads(payload)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        code = await proc.wait()
-        if not self._stopping:
-            log.error("failed: proxy worker %d exited with code %s", self.number, code)
+        await proc.wait()
 
     async def stop(self, timeout: float) -> None:
         self._stopping = True
+        self._stop_requested.set()
+        if self._supervisor is not None:
+            await self._supervisor  # returns at once: it never spawns once _stopping is set
         proc = self.proc
         if proc is None:
             return
-        if proc.stdin is not None and not proc.stdin.is_closing():
+        if proc.returncode is None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write(frame(b"Q", b""))
             proc.stdin.close()
         try:

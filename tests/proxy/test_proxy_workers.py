@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 from beacon.metrics import exposition
 from beacon.proxy.wire import snapshot_from_wire, snapshot_to_wire
 from beacon.registry import Catalog, State
+from tests.helpers import eventually
 from tests.proxy.proxytest import backends, ep, proxy_server, put, raw_request
 
 
@@ -115,3 +119,120 @@ async def test_a_worker_gets_changes_published_while_its_process_starts(monkeypa
             # that missed the change would answer its share with 503.
             results = await asyncio.gather(*(raw_request(proxy.address, request) for _ in range(40)))
     assert [r[:12] for r in results] == [b"HTTP/1.1 200"] * 40
+
+
+@pytest.mark.parametrize(
+    ("ran_for", "expected"),
+    [
+        # Crash loop: each quick exit doubles the wait, up to the cap.
+        ([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]),
+        # A run of at least `stable_after` seconds starts over from the base delay.
+        ([0.1, 0.1, 0.1, 60.0, 0.1], [0.5, 1.0, 2.0, 0.5, 1.0]),
+        ([0.1, 0.1, 59.9], [0.5, 1.0, 2.0]),
+    ],
+)
+def test_restart_backoff_doubles_up_to_a_cap_and_resets_after_a_stable_run(
+    ran_for: list[float], expected: list[float]
+) -> None:
+    from beacon.proxy.server import RestartBackoff
+
+    backoff = RestartBackoff(base=0.5, cap=30.0, stable_after=60.0)
+    assert [backoff.next_delay(r) for r in ran_for] == expected
+
+
+def _exec_counter(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record (the time of) every worker process the proxy creates."""
+    real_exec = asyncio.create_subprocess_exec
+    spawned: list[float] = []
+
+    async def counting_exec(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        spawned.append(time.monotonic())
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", counting_exec)
+    return spawned
+
+
+def _web_2xx(proxy: Any) -> int:
+    """2xx responses of service web summed over every report /metrics reads."""
+    return sum(r["services"].get("web", {}).get("classes", [0, 0, 0])[2] for r in proxy.metrics_json())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_a_killed_worker_is_restarted_with_the_current_snapshot_and_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cat = Catalog()
+    spawned = _exec_counter(monkeypatch)
+    caplog.set_level(logging.INFO, logger="beacon.proxy")
+    request = b"GET / HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n"
+    async with backends("web", "late") as (web, late):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, proxy_workers=3, shutdown_timeout=3.0) as proxy:
+            assert proxy.address is not None
+            first, other = proxy._workers
+            assert first.proc is not None and other.proc is not None
+            old_pid, other_pid = first.proc.pid, other.proc.pid
+            before = await asyncio.gather(*(raw_request(proxy.address, request) for _ in range(30)))
+            assert [r[:12] for r in before] == [b"HTTP/1.1 200"] * 30
+            await eventually(lambda: first.metrics is not None and _web_2xx(proxy) == 30)
+            os.kill(old_pid, signal.SIGKILL)
+            # A service published while the worker is down must reach its replacement.
+            await eventually(lambda: first.proc is not None and first.proc.returncode is not None)
+            put(cat, "m:late", ep("late1", late.port, "late"))
+            await eventually(lambda: first.proc is not None and first.proc.pid != old_pid and first.ready.is_set(),
+                             timeout=20)  # fmt: skip
+            assert first.proc is not None
+            new_pid = first.proc.pid
+            assert _pid_alive(new_pid) and not _pid_alive(old_pid)
+            assert other.proc is not None and other.proc.pid == other_pid  # the healthy one is left alone
+            assert len(spawned) == 3  # two at start, one replacement
+            assert any(r.getMessage().startswith("restarted: proxy worker 1 (exit code -9)") for r in caplog.records), [
+                r.getMessage() for r in caplog.records]  # fmt: skip
+            # SO_REUSEPORT spreads 90 connections over the three processes:
+            # every one answers, for the old service and the one added meanwhile.
+            for host in ("web.localhost", "late.localhost"):
+                req = request.replace(b"web.localhost", host.encode())
+                results = await asyncio.gather(*(raw_request(proxy.address, req) for _ in range(45)))
+                assert [r[:12] for r in results] == [b"HTTP/1.1 200"] * 45, host
+            # The replacement serves its share too (its own metrics report).
+            def served_by_replacement() -> int:
+                m = first.metrics or {}
+                return sum(s["classes"][2] for s in m.get("services", {}).values())
+
+            await eventually(served_by_replacement, timeout=5)
+            assert "beacon_proxy_worker_restarts_total 1.0" in exposition()[0].decode()
+            # The dead process's counts are kept: the totals never went backwards.
+            await eventually(lambda: _web_2xx(proxy) == 75, timeout=5)
+            assert 'beacon_proxy_requests_total{code_class="2xx",service="web"} 75.0' in exposition()[0].decode()
+        # Nothing was restarted by the shutdown itself, and every process is gone.
+        assert len(spawned) == 3
+        assert not _pid_alive(new_pid) and not _pid_alive(other_pid)
+
+
+async def test_stop_during_a_restart_backoff_restarts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import beacon.proxy.server as server_module
+
+    # A long first delay: the stop surely lands while the restart waits.
+    monkeypatch.setattr(server_module, "RESTART_BASE_DELAY", 5.0)
+    cat = Catalog()
+    spawned = _exec_counter(monkeypatch)
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, proxy_workers=2, shutdown_timeout=3.0) as proxy:
+            (worker,) = proxy._workers
+            assert worker.proc is not None
+            os.kill(worker.proc.pid, signal.SIGKILL)
+            await eventually(lambda: worker.proc is not None and worker.proc.returncode is not None)
+            started = time.monotonic()
+        assert time.monotonic() - started < 4.0  # stop() did not sit out the backoff
+        await asyncio.sleep(1.0)
+        assert len(spawned) == 1  # only the worker started with the server
+        assert worker.restarts == 0
