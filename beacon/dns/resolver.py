@@ -68,6 +68,12 @@ class Answer:
     reply: DNSRecord
     udp_limit: int  # largest reply the client accepts over UDP
     rotate: bool = False  # the answer section is one RRset whose order may rotate
+    # The one service (its lowercased name, a key of `Zone.services`) this
+    # answer was built from alone; None: it may depend on anything in the
+    # snapshot (negative answers carry the SOA, whose serial is the index).
+    # The server keeps a cached answer across snapshots only while this
+    # service object is unchanged.
+    service: str | None = None
 
 
 def addr_label(address: IPAddress) -> str:
@@ -189,6 +195,7 @@ class _Reply:
         self.udp_limit = MIN_UDP_PAYLOAD
         self.opt: RR | None = None
         self.rotate = False
+        self.service: str | None = None
 
     def rcode(self, rcode: int) -> _Reply:
         self.record.header.rcode = rcode
@@ -197,6 +204,7 @@ class _Reply:
     def negative(self, rcode: int) -> _Reply:
         """NXDOMAIN or NODATA: the SOA in authority gives the negative TTL (RFC 2308)."""
         self.record.header.rcode = rcode
+        self.service = None  # the SOA serial is the snapshot index
         if self.zone is not None:
             self.record.header.aa = 1
             self.record.add_auth(
@@ -208,7 +216,7 @@ class _Reply:
         if self.opt is not None:
             self.record.add_ar(self.opt)
         self.record.set_header_qa()
-        return Answer(self.record, self.udp_limit, self.rotate)
+        return Answer(self.record, self.udp_limit, self.rotate, self.service)
 
 
 def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
@@ -329,10 +337,14 @@ def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts:
             tag = second
     else:
         tag, name = parts[0].decode("utf-8", "replace"), parts[1]
-    svc = zone.services.get(name.decode("utf-8", "replace"))
+    key = name.decode("utf-8", "replace")
+    svc = zone.services.get(key)
     if svc is None:
         out.negative(NXDOMAIN)
         return
+    # From here on only `svc` (and fixed settings) shape a positive answer;
+    # `negative` clears this again.
+    out.service = key
     members: Iterable[Endpoint] = svc.endpoints
     if tag is not None:
         members = [e for e in members if tag in (t.lower() for t in e.tags)]

@@ -1,13 +1,16 @@
 """The DNS transports: UDP and TCP listeners, the answer cache, forwarding.
 
 The hot path is a cache of packed answers keyed on the query bytes minus the
-2-byte ID. The catalog listener swaps the whole cache (and the zone) for an
-empty one on each new snapshot, in the loop thread, so every answer comes from
-exactly one snapshot. A UDP hit is: read a datagram, one dict lookup, patch
-the ID, `sendto`. Reads are batched per readiness event (raw non-blocking
-socket + `add_reader`), which is what lets one Python thread keep up with
-dnsmasq. Answers whose RRset may rotate keep a few pre-packed rotations that
-are handed out in turn.
+2-byte ID. On each new snapshot the catalog listener (in the loop thread, so
+no query sees a half-updated table) drops every entry that may differ under
+the new snapshot: the positive answers of services whose `Service` object
+changed (the catalog reuses unchanged ones), and every answer that is not
+attributed to one service (negative answers, containers, PTR, ...). What is
+left is exactly what the new snapshot would answer. A UDP hit is: read a
+datagram, one dict lookup, patch the ID, `sendto`. Reads are batched per
+readiness event (raw non-blocking socket + `add_reader`), which is what lets
+one Python thread keep up with dnsmasq. Answers whose RRset may rotate keep
+a few pre-packed rotations that are handed out in turn.
 
 A miss parses the query with dnslib, resolves it against the zone
 (`beacon.dns.resolver`, pure) and packs it; a name that is not ours goes to the
@@ -73,6 +76,21 @@ class _Forward:
 
 
 _Lookup = _Entry | _Forward | bytes | None
+# Cache keys by the one service their answer depends on; None: on anything.
+_DepIndex = dict[str | None, list[bytes]]
+
+
+def changed_services(old: Snapshot, new: Snapshot) -> set[str]:
+    """Lowercased names (the zone's keys) whose Service object is not the same.
+
+    Identity, not equality: the catalog keeps the very object of a service it
+    did not rebuild, and a rebuilt one may compare equal, which is fine to
+    treat as changed (one more miss, never a stale answer).
+    """
+    if old is new:
+        return set()
+    o, n = old.services, new.services
+    return {name.lower() for name in o.keys() | n.keys() if o.get(name) is not n.get(name)}
 
 
 class DnsServer:
@@ -95,6 +113,8 @@ class DnsServer:
         self._settings = ZoneSettings()
         self._cache: dict[bytes, _Entry] = {}
         self._tcp_cache: dict[bytes, _Entry] = {}
+        self._deps: _DepIndex = {}
+        self._tcp_deps: _DepIndex = {}
         self._fwd: dict[bytes, _Forward] = {}
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.Server] = []
@@ -179,6 +199,7 @@ class DnsServer:
         self._fold(self._cache)
         self._fold(self._tcp_cache)
         self._cache, self._tcp_cache = {}, {}
+        self._deps, self._tcp_deps = {}, {}
         dns_metrics.unregister(self.metrics)
         if self.addresses:
             log.info("stopped: dns on %s", ", ".join(map(str, self.addresses)))
@@ -224,14 +245,26 @@ class DnsServer:
 
     # -------------------------------------------------------------- snapshots
     def _on_snapshot(self, snapshot: Snapshot) -> None:
-        # Swap references only; the zone is built on the first miss.
-        self._fold(self._cache)
-        self._fold(self._tcp_cache)
+        # Runs in the loop thread between two reads: the cache is never seen
+        # half-pruned. The zone is rebuilt on the first miss.
+        changed = changed_services(self._snapshot, snapshot)
         self._snapshot = snapshot
         self._zone = None
-        self._cache = {}
-        self._tcp_cache = {}
+        self._prune(self._cache, self._deps, changed)
+        self._prune(self._tcp_cache, self._tcp_deps, changed)
+        # A reverse name becomes ours when an endpoint takes its address.
         self._fwd = {}
+
+    def _prune(self, cache: dict[bytes, _Entry], deps: _DepIndex, changed: set[str]) -> None:
+        """Drop the entries of `changed` services and every unattributed one."""
+        count = self.metrics.count
+        for name in (None, *changed):
+            # Each cached key is listed under exactly one name (a key is
+            # cached only on a miss, and the index is cleared with the cache).
+            for key in deps.pop(name, ()):
+                e = cache.pop(key, None)
+                if e is not None and e.hits:
+                    count(e.qtype, e.rcode, e.hits)
 
     def _fold(self, cache: dict[bytes, _Entry]) -> None:
         count = self.metrics.count
@@ -381,12 +414,19 @@ class DnsServer:
             return reply
         qtype = request.questions[0].qtype if request.questions else INVALID_QTYPE
         entry = _Entry(packed, qtype, answer.reply.header.rcode)
-        cache = self._tcp_cache if tcp else self._cache
+        cache, deps = (self._tcp_cache, self._tcp_deps) if tcp else (self._cache, self._deps)
         if len(cache) >= MAX_CACHE_ENTRIES:
             self._fold(cache)
             cache.clear()
+            deps.clear()
             self._fwd.clear()
-        cache[data[2:]] = entry
+        key = data[2:]
+        cache[key] = entry
+        keys = deps.get(answer.service)
+        if keys is None:
+            deps[answer.service] = [key]
+        else:
+            keys.append(key)
         return entry
 
     def _invalid(self, data: bytes) -> bytes | None:
