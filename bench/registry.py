@@ -36,6 +36,8 @@ import aiohttp
 import docker
 import docker.errors
 
+from beacon.registry.catalog import Catalog
+from beacon.registry.model import Endpoint, State
 from bench.common import median, percentile, print_table, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,7 +241,7 @@ async def synthetic(endpoints: int, services: int, changes: int) -> dict[str, An
     """Runs in its own process (see main): a whole Beacon fed by a synthetic source."""
     from beacon.app import App
     from beacon.config import Config, HostPort
-    from beacon.registry.model import Endpoint, Source, State
+    from beacon.registry.model import Source
 
     any_port = HostPort("127.0.0.1", 0)
     config = Config(
@@ -269,40 +271,14 @@ async def synthetic(endpoints: int, services: int, changes: int) -> dict[str, An
         fill = time.perf_counter() - t0
         await asyncio.sleep(0.2)  # let consumers settle after the big first snapshot
 
-        alone: list[float] = []
-        with_listeners: list[float] = []
-
-        def flipped(ep: Endpoint) -> Endpoint:
-            return replace(ep, state=State.CRITICAL if ep.state is State.PASSING else State.PASSING)
-
-        for n in range(changes):
-            cid = f"{(n * 7919) % endpoints:012x}"
-            key = f"container:{cid}"
-            (ep,) = catalog.source_endpoints(key).values()
-            before = catalog.snapshot.index
-            t = time.perf_counter()
-            catalog.set_source(key, [flipped(ep)])
-            catalog.publish()
-            with_listeners.append((time.perf_counter() - t) * 1000)
-            assert catalog.snapshot.index == before + 1, "every change must publish a snapshot"
-            await asyncio.sleep(0)  # let the loop run between changes, like real traffic
-
+        # With every consumer attached (API, DNS, proxy listeners run inside publish).
+        with_listeners = await time_one_changes(catalog, endpoints, changes, yield_between=True)
         # The same, with no consumers attached: the catalog's own share.
-        from beacon.registry.catalog import Catalog
-
         bare = Catalog()
         for key in catalog.sources("container:"):
             bare.set_source(key, catalog.source_endpoints(key).values())
         bare.publish()
-        for n in range(changes):
-            key = f"container:{(n * 7919) % endpoints:012x}"
-            (ep,) = bare.source_endpoints(key).values()
-            before = bare.snapshot.index
-            t = time.perf_counter()
-            bare.set_source(key, [flipped(ep)])
-            bare.publish()
-            alone.append((time.perf_counter() - t) * 1000)
-            assert bare.snapshot.index == before + 1, "every change must publish a snapshot"
+        alone = await time_one_changes(bare, endpoints, changes, yield_between=False)
         del bare
         rss, peak = rss_mb()
         snap = catalog.snapshot
@@ -313,6 +289,27 @@ async def synthetic(endpoints: int, services: int, changes: int) -> dict[str, An
         }
     finally:
         await app.stop()
+
+
+def _flipped(ep: Endpoint) -> Endpoint:
+    return replace(ep, state=State.CRITICAL if ep.state is State.PASSING else State.PASSING)
+
+
+async def time_one_changes(catalog: Catalog, endpoints: int, changes: int, *, yield_between: bool) -> list[float]:
+    """Milliseconds to publish a snapshot after flipping one endpoint's state, `changes` times."""
+    times: list[float] = []
+    for n in range(changes):
+        key = f"container:{(n * 7919) % endpoints:012x}"
+        (ep,) = catalog.source_endpoints(key).values()
+        before = catalog.snapshot.index
+        t = time.perf_counter()
+        catalog.set_source(key, [_flipped(ep)])
+        catalog.publish()
+        times.append((time.perf_counter() - t) * 1000)
+        assert catalog.snapshot.index == before + 1, "every change must publish a snapshot"
+        if yield_between:
+            await asyncio.sleep(0)  # let the loop run between changes, like real traffic
+    return times
 
 
 def run_synthetic_child(endpoints: int, services: int, changes: int) -> dict[str, Any]:

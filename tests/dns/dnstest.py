@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -51,6 +51,20 @@ async def dns_server(catalog: Catalog | None = None, **overrides: Any) -> AsyncI
         await server.stop()
 
 
+async def _query(
+    send: Callable[..., Awaitable[dns.message.Message]],
+    server: DnsServer | HostPort,
+    name: str,
+    rdtype: str,
+    timeout: float,
+    source: str | None,
+    make: dict[str, Any],
+) -> dns.message.Message:
+    addr = server if isinstance(server, HostPort) else server.addresses[0]
+    q = dns.message.make_query(name, rdtype, **make)
+    return await send(q, addr.host, port=addr.port, timeout=timeout, source=source)
+
+
 async def udp(
     server: DnsServer | HostPort,
     name: str,
@@ -60,9 +74,7 @@ async def udp(
     source: str | None = None,
     **make: Any,
 ) -> dns.message.Message:
-    addr = server if isinstance(server, HostPort) else server.addresses[0]
-    q = dns.message.make_query(name, rdtype, **make)
-    return await dns.asyncquery.udp(q, addr.host, port=addr.port, timeout=timeout, source=source)
+    return await _query(dns.asyncquery.udp, server, name, rdtype, timeout, source, make)
 
 
 async def tcp(
@@ -74,9 +86,7 @@ async def tcp(
     source: str | None = None,
     **make: Any,
 ) -> dns.message.Message:
-    addr = server if isinstance(server, HostPort) else server.addresses[0]
-    q = dns.message.make_query(name, rdtype, **make)
-    return await dns.asyncquery.tcp(q, addr.host, port=addr.port, timeout=timeout, source=source)
+    return await _query(dns.asyncquery.tcp, server, name, rdtype, timeout, source, make)
 
 
 def addresses(msg: dns.message.Message) -> list[str]:
