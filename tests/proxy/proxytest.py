@@ -38,6 +38,12 @@ async def proxy_server(catalog: Catalog, **overrides: Any) -> AsyncIterator[Prox
         await server.stop()
 
 
+async def connect(server: ProxyServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection to the proxy, for byte-exact requests."""
+    assert server.address is not None
+    return await asyncio.open_connection(server.address.host, server.address.port)
+
+
 def url(server: ProxyServer, path: str = "/") -> str:
     return f"http://{server.address}{path}"
 

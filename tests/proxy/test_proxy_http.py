@@ -13,6 +13,7 @@ from beacon.metrics import exposition
 from beacon.registry import Catalog, State
 from tests.proxy.proxytest import (
     backends,
+    connect,
     ep,
     proxy_server,
     put,
@@ -117,7 +118,7 @@ async def test_response_hop_by_hop_headers_are_removed() -> None:
     try:
         async with proxy_server(cat) as proxy:
             put(cat, "m:raw", ep("r1", backend.port, "raw"))
-            reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)  # type: ignore[union-attr]
+            reader, writer = await connect(proxy)
             writer.write(b"GET / HTTP/1.1\r\nHost: raw.localhost\r\n\r\n")
             status, headers, body = await read_response(reader)
             writer.close()
@@ -132,8 +133,7 @@ async def test_keep_alive_on_both_sides_reuses_one_upstream_connection_and_pipel
     cat = Catalog()
     async with backends("web") as (web,), proxy_server(cat) as proxy:
         put(cat, "m:web", ep("web1", web.port))
-        assert proxy.address is not None
-        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        reader, writer = await connect(proxy)
         req = b"GET /n HTTP/1.1\r\nHost: web.localhost\r\n\r\n"
         for _ in range(5):
             writer.write(req)
@@ -172,8 +172,7 @@ async def test_head_has_no_body_and_the_connection_stays_usable() -> None:
     cat = Catalog()
     async with backends("web") as (web,), proxy_server(cat) as proxy:
         put(cat, "m:web", ep("web1", web.port))
-        assert proxy.address is not None
-        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        reader, writer = await connect(proxy)
         writer.write(b"HEAD /h HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
         status, headers, _ = await read_response(reader, head_request=True)
         assert status == 200 and int(headers["content-length"]) > 0
@@ -187,8 +186,7 @@ async def test_expect_100_continue() -> None:
     cat = Catalog()
     async with backends("web") as (web,), proxy_server(cat, proxy_max_body_size=1000) as proxy:
         put(cat, "m:web", ep("web1", web.port))
-        assert proxy.address is not None
-        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        reader, writer = await connect(proxy)
         writer.write(b"POST /e HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert interim.startswith(b"HTTP/1.1 100 Continue")
@@ -286,8 +284,7 @@ async def test_close_delimited_upstream_response_is_rechunked_for_http11_clients
     try:
         async with proxy_server(cat) as proxy:
             put(cat, "m:raw", ep("r1", backend.port, "raw"))
-            assert proxy.address is not None
-            reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+            reader, writer = await connect(proxy)
             for _ in range(2):  # the client connection survives the upstream's close
                 writer.write(b"GET / HTTP/1.1\r\nHost: raw.localhost\r\n\r\n")
                 status, headers, body = await read_response(reader)
@@ -386,8 +383,7 @@ async def test_response_head_split_across_reads_and_interim_responses() -> None:
     try:
         async with proxy_server(cat) as proxy:
             put(cat, "m:raw", ep("r1", backend.port, "raw"))
-            assert proxy.address is not None
-            reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+            reader, writer = await connect(proxy)
             for _ in range(2):
                 writer.write(b"GET / HTTP/1.1\r\nHost: raw.localhost\r\n\r\n")
                 status, headers, body = await read_response(reader)

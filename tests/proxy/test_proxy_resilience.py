@@ -11,6 +11,7 @@ import pytest
 from beacon.registry import Catalog, State
 from tests.proxy.proxytest import (
     backends,
+    connect,
     ep,
     free_port,
     proxy_server,
@@ -164,8 +165,7 @@ async def test_slowloris_header_is_cut_off_by_the_header_timeout() -> None:
     cat = Catalog()
     async with backends("web") as (web,), proxy_server(cat, proxy_header_timeout=0.6) as proxy:
         put(cat, "m:web", ep("web1", web.port))
-        assert proxy.address is not None
-        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        reader, writer = await connect(proxy)
         writer.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n")
         started = time.monotonic()
         closed_after = None
@@ -197,8 +197,7 @@ async def test_an_idle_keep_alive_client_is_closed_after_the_idle_timeout() -> N
     cat = Catalog()
     async with backends("web") as (web,), proxy_server(cat, proxy_idle_timeout=0.5) as proxy:
         put(cat, "m:web", ep("web1", web.port))
-        assert proxy.address is not None
-        reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        reader, writer = await connect(proxy)
         writer.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
@@ -275,8 +274,7 @@ async def test_client_gone_mid_request_frees_the_upstream() -> None:
     cat = Catalog()
     async with backends("web") as (web,), proxy_server(cat) as proxy:
         put(cat, "m:web", ep("web1", web.port))
-        assert proxy.address is not None
-        _, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+        _, writer = await connect(proxy)
         writer.write(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
         await asyncio.sleep(0.2)
         writer.transport.abort()

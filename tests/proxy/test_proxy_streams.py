@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from beacon.registry import Catalog, State
-from tests.proxy.proxytest import backends, ep, proxy_server, put, raw_backend, raw_request, url
+from tests.proxy.proxytest import backends, connect, ep, proxy_server, put, raw_backend, raw_request, url
 
 SIZE = 256 * 1024 * 1024
 # The proxy, the backend and the sampler share this process; buffering a
@@ -201,8 +201,7 @@ async def test_bytes_sent_right_after_an_upgrade_request_reach_the_upstream_afte
     try:
         async with proxy_server(cat) as proxy:
             put(cat, "m:web", ep("web1", server.sockets[0].getsockname()[1]))
-            assert proxy.address is not None
-            reader, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+            reader, writer = await connect(proxy)
             writer.write(UPGRADE_HEAD + b"early bytes")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 101 ")
