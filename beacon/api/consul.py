@@ -72,7 +72,7 @@ REMOVED_NAMES_KEPT = 10_000  # removed services whose ModifyIndex is remembered
 MAINTENANCE_NOTES = "draining: the backend was asked to stop (SIGTERM); it gets no new traffic"
 _NODE_NAMESPACE = uuid.UUID("6f1d2c1e-6b1a-4c59-9a53-2b4d0c6b8e01")  # node name -> stable Consul node ID
 
-PARKED = Gauge("beacon_api_consul_blocking_queries", "Consul-compatible blocking queries waiting for a change")
+PARKED = Gauge("beacon_registry_api_consul_blocking_queries", "Consul-compatible blocking queries waiting for a change")
 
 
 class ConsulError(Exception):
@@ -889,7 +889,7 @@ class ConsulApi:
                 try:
                     # asyncio.wait adds a callback to the shared futures (no task per waiter) and
                     # removes it again when this query times out or its client hangs up.
-                    await asyncio.wait((slot.future, closing), timeout=remaining)
+                    await asyncio.wait((slot.future, closing), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     self._waiters.release(key, slot)
         finally:

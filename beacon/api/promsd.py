@@ -107,6 +107,12 @@ class PrometheusSd:
     def install(self, app: web.Application) -> None:
         app.router.add_get("/v1/prometheus/targets", self._targets)
 
+    async def start(self) -> None:
+        """Nothing to follow: each request renders the current snapshot (cached per snapshot)."""
+
+    async def stop(self) -> None:
+        self._cache.clear()
+
     async def _targets(self, request: web.Request) -> web.StreamResponse:
         try:
             states = parse_state_filter(request.query.get("state"))
