@@ -822,6 +822,11 @@ class ConsulApi:
     def watched_keys(self) -> int:
         return len(self._waiters.slots)
 
+    def parked_on(self, key: str) -> int:
+        """Blocking queries waiting on one key (`services`, `svc:<name>`, `nodes`, `node:<name>`)."""
+        slot = self._waiters.slots.get(key)
+        return slot.count if slot is not None else 0
+
     @property
     def tracker(self) -> IndexTracker:
         return self._tracker

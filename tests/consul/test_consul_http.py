@@ -176,3 +176,50 @@ async def test_shutdown_ends_parked_queries_at_once() -> None:
             resp = await asyncio.wait_for(task, 5)
             resp.release()
             assert time.monotonic() - started < 2.0
+
+
+def consul_meta(resp: aiohttp.ClientResponse) -> int:
+    """What hashicorp/consul/api's parseQueryMeta demands of every read (a missing header fails the call)."""
+    index = int(resp.headers["X-Consul-Index"])
+    int(resp.headers["X-Consul-LastContact"])
+    assert resp.headers["X-Consul-KnownLeader"] in ("true", "false")
+    return index
+
+
+async def test_prometheus_consul_sd_request_sequence(app: App, http: aiohttp.ClientSession) -> None:
+    """The requests Prometheus's Consul SD sends (discovery/consul/consul.go through hashicorp's api client:
+    `stale` with an empty value, `wait` in milliseconds, `index` once known, `node-meta` as key:value),
+    and the wake-ups it relies on: a new service wakes the catalog watch, a changed one its health watch."""
+    put(app.catalog, container_endpoint("aaa", "web", tags=("prod",), meta={"metrics_port": "9100"}))
+    async with http.get("/v1/agent/self") as resp:
+        assert (await resp.json())["Config"]["Datacenter"] == "dc1"
+    async with http.get("/v1/catalog/services?stale=&wait=120000ms&node-meta=rack:r1") as resp:
+        services_index = consul_meta(resp)
+        assert await resp.json() == {"web": ["prod"]}
+    async with http.get("/v1/health/service/web?stale=&wait=120000ms&tag=prod") as resp:
+        health_index = consul_meta(resp)
+        entry = (await resp.json())[0]
+    assert (entry["Service"]["Address"], entry["Service"]["Port"], entry["Node"]["Node"]) == ("10.0.0.5", 80, "node-a")
+    assert entry["Service"]["Meta"] == {"metrics_port": "9100"}
+
+    async def blocking(path: str, index: int) -> tuple[float, int]:
+        async with http.get(f"{path}?stale=&wait=120000ms&index={index}") as resp:
+            return time.monotonic(), consul_meta(resp)
+
+    catalog_watch = asyncio.create_task(blocking("/v1/catalog/services", services_index))
+    health_watch = asyncio.create_task(blocking("/v1/health/service/web", health_index))
+    await eventually(lambda: app.consul.parked_on("services") == 1 and app.consul.parked_on("svc:web") == 1)
+
+    changed_at = time.monotonic()
+    put(app.catalog, container_endpoint("aaa", "web", tags=("prod",), state=State.DRAINING))
+    woke_at, new_health = await asyncio.wait_for(health_watch, 5)
+    assert new_health > health_index and woke_at - changed_at < 1.0
+    assert not catalog_watch.done()  # a health change leaves the service list (and its watchers) alone
+
+    changed_at = time.monotonic()
+    put(app.catalog, container_endpoint("bbb", "api"))
+    woke_at, new_services = await asyncio.wait_for(catalog_watch, 5)
+    assert new_services > services_index and woke_at - changed_at < 1.0
+    async with http.get("/v1/health/service/web?stale=&wait=120000ms") as resp:
+        checks = (await resp.json())[0]["Checks"]
+    assert "_service_maintenance:aaa-80" in [c["CheckID"] for c in checks]  # Prometheus: health="maintenance"
