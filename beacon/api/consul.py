@@ -40,6 +40,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -172,20 +173,6 @@ def parse_flag(query: MultiMapping[str], name: str) -> bool:
 
 
 # -------------------------------------------------------------- the indexes
-def _service_delta(old: Snapshot, new: Snapshot) -> Iterable[str]:
-    """Names of services that differ between two snapshots (added, changed or removed).
-
-    The catalog reuses unchanged `Service` objects, so identity settles almost every
-    comparison without walking endpoints.
-    """
-    delta = getattr(new, "changed_since", None)
-    if callable(delta):  # Snapshot.changed_since (the registry's delta), when present: O(changed)
-        d = delta(old)
-        return {*d.services_changed, *d.services_removed}
-    names = new.services.keys() | old.services.keys()
-    return [n for n in names if old.services.get(n) is not new.services.get(n)]
-
-
 @dataclass(slots=True)
 class _EndpointIndex:
     create: int
@@ -211,7 +198,7 @@ class IndexTracker:
         self._node: dict[str, int] = {}
         self._endpoints: dict[str, _EndpointIndex] = {}
         self._node_members: dict[str, set[str]] = {}  # node -> endpoint ids
-        self._last = Snapshot.empty()
+        self._last = Snapshot(index=0, services=MappingProxyType({}), endpoints=MappingProxyType({}))
         self.update(snapshot)
 
     def consul(self, snapshot_index: int) -> int:
@@ -253,7 +240,8 @@ class IndexTracker:
         old_eps: dict[str, Endpoint] = {}
         new_eps: dict[str, Endpoint] = {}
         names_changed = False
-        for name in _service_delta(old, new):
+        # O(what changed) when `old` is the snapshot just before (the catalog recorded the delta).
+        for name in new.changed_since(old).services_touched:
             before, after = old.services.get(name), new.services.get(name)
             self._service[name] = idx
             keys.add("svc:" + name)
