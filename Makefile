@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images bench-registry bench-dns bench-proxy bench soak clean
+.PHONY: run test test-deps lint images bench-registry bench-dns bench-proxy bench-consul bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-dns: $(VENV)/.installed-dev
 
 bench-proxy: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.proxy $(ARGS)
+
+bench-consul: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.consul $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
 

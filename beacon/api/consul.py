@@ -39,7 +39,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -670,46 +670,53 @@ def _check_from_consul(raw: object) -> tuple[str, Any]:
 
 
 # ------------------------------------------------------------------ waiters
-@dataclass(slots=True)
-class _Slot:
-    future: asyncio.Future[None]
-    count: int = 0
-
-
-@dataclass(slots=True)
 class Waiters:
-    """One shared future per watched key; a snapshot resolves only the keys it changed.
+    """The parked blocking queries, by watched key; a snapshot wakes only the keys it changed.
 
-    A parked query holds a reference to its key's slot; the slot is dropped with its
-    last waiter (a client that hangs up is cancelled by aiohttp and releases it), so
-    memory follows the number of parked queries and nothing else.
+    Each parked query owns one future and one timer, kept in its key's set and dropped
+    with it (a client that hangs up is cancelled by aiohttp and leaves the set), so memory
+    follows the number of parked queries. Nothing is shared between waiters: no callback
+    list on a common future that every departure would have to search.
     """
 
-    slots: dict[str, _Slot] = field(default_factory=dict)
-    parked: int = 0
+    def __init__(self) -> None:
+        self.slots: dict[str, set[asyncio.Future[None]]] = {}
+        self.parked = 0
 
-    def acquire(self, key: str) -> _Slot:
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self.slots[key] = _Slot(asyncio.get_running_loop().create_future())
-        slot.count += 1
+    async def wait(self, key: str, timeout: float) -> None:
+        """Until `key` is woken, `timeout` seconds pass or everything is woken (shutdown)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiters = self.slots.get(key)
+        if waiters is None:
+            waiters = self.slots[key] = set()
+        waiters.add(future)
         self.parked += 1
-        return slot
+        timer = loop.call_later(timeout, _settle, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self.parked -= 1
+            waiters.discard(future)
+            if not waiters and self.slots.get(key) is waiters:
+                del self.slots[key]
 
-    def release(self, key: str, slot: _Slot) -> None:
-        slot.count -= 1
-        self.parked -= 1
-        if slot.count == 0 and self.slots.get(key) is slot:
-            del self.slots[key]
+    def count(self, key: str) -> int:
+        return len(self.slots.get(key, ()))
 
     def wake(self, keys: Iterable[str]) -> None:
         for key in keys:
-            slot = self.slots.pop(key, None)
-            if slot is not None and not slot.future.done():
-                slot.future.set_result(None)
+            for future in self.slots.pop(key, ()):
+                _settle(future)
 
     def wake_all(self) -> None:
         self.wake(list(self.slots))
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # ------------------------------------------------------------------- server
@@ -812,8 +819,7 @@ class ConsulApi:
 
     def parked_on(self, key: str) -> int:
         """Blocking queries waiting on one key (`services`, `svc:<name>`, `nodes`, `node:<name>`)."""
-        slot = self._waiters.slots.get(key)
-        return slot.count if slot is not None else 0
+        return self._waiters.count(key)
 
     @property
     def tracker(self) -> IndexTracker:
@@ -878,13 +884,7 @@ class ConsulApi:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                slot = self._waiters.acquire(key)
-                try:
-                    # asyncio.wait adds a callback to the shared futures (no task per waiter) and
-                    # removes it again when this query times out or its client hangs up.
-                    await asyncio.wait((slot.future, closing), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    self._waiters.release(key, slot)
+                await self._waiters.wait(key, remaining)
         finally:
             PARKED.dec()
 
