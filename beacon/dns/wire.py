@@ -73,6 +73,42 @@ def question_end(data: bytes) -> int | None:
     return pos if pos <= end else None
 
 
+def name_end(data: bytes) -> int | None:
+    """Offset just past the first question's name when it is plain labels, else None.
+
+    None also for a name with a compression pointer or an extended label
+    type: only then is lowercasing the name's bytes exactly DNS's ASCII case
+    folding (length bytes are below 64, so `bytes.lower` leaves them alone).
+    """
+    pos = HEADER_LEN
+    end = len(data)
+    while pos < end:
+        length = data[pos]
+        if length == 0:
+            return pos + 1 if pos - HEADER_LEN < 255 else None
+        if length & 0xC0:
+            return None
+        pos += 1 + length
+    return None
+
+
+def case_folded(data: bytes) -> tuple[bytes, int] | None:
+    """(the query minus its ID with the first name lowercased, where that name ends).
+
+    The cache key: queries that differ only in the case of their name
+    (0x20-randomising resolvers, or an attacker busting the cache) share one
+    entry. None when the name is not plain labels (the raw bytes are the key).
+    """
+    nend = name_end(data)
+    if nend is None:
+        return None
+    name = data[HEADER_LEN:nend]
+    low = name.lower()
+    if low is name or low == name:
+        return data[2:], nend
+    return data[2:HEADER_LEN] + low + data[nend:], nend
+
+
 def question_reply(data: bytes, qend: int, rcode: int, *, ra: bool) -> bytes:
     """A reply carrying the query's question and `rcode`, nothing else.
 
