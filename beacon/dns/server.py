@@ -37,6 +37,7 @@ from beacon.dns import metrics as dns_metrics
 from beacon.dns import wire
 from beacon.dns.allow import AllowList, list_docker_subnets
 from beacon.dns.forward import Forwarder, system_upstreams, without_self
+from beacon.dns.logs import Throttle, escape
 from beacon.dns.metrics import INVALID_QTYPE, DnsMetrics
 from beacon.dns.resolver import (
     Answer,
@@ -59,7 +60,6 @@ MAX_CACHE_ENTRIES = 20000  # bound against random names; cleared (not evicted) w
 MAX_CACHE_BYTES = 64 << 20  # and by size (packed answers over TCP reach 64 KB per rotation)
 _ENTRY_OVERHEAD = 300  # bytes of key, entry object and index slot, roughly
 UDP_READ_BATCH = 256  # datagrams per readiness event before yielding to the loop
-TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 asks servers to close idle connections after seconds
 TCP_MAX_INFLIGHT = 64  # forwarded queries pipelined on one connection
 TCP_MAX_WRITE_BUFFER = 1 << 20
 _RECV_SIZE = wire.MAX_QUERY_LEN + 1  # one more: a datagram this long is oversized
@@ -194,8 +194,10 @@ class DnsServer:
         *,
         resolv_conf: Path = Path("/etc/resolv.conf"),
         metrics_registry: CollectorRegistry | None = REGISTRY,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.catalog = catalog
         self.addresses: list[HostPort] = []
         self.metrics = DnsMetrics()
@@ -210,6 +212,8 @@ class DnsServer:
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.Server] = []
         self._tcp_conns: set[_TcpConnection] = set()
+        self._tcp_sweeper: asyncio.TimerHandle | None = None
+        self._throttle = Throttle(log, clock=clock)
         self._tasks: set[asyncio.Task[None]] = set()
         self._forwarder = Forwarder((), config.dns_recursor_timeout, self.metrics)
         self._allow = AllowList(())
@@ -279,6 +283,9 @@ class DnsServer:
             server.close()
         for conn in list(self._tcp_conns):
             conn.abort()
+        if self._tcp_sweeper is not None:
+            self._tcp_sweeper.cancel()
+            self._tcp_sweeper = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -536,6 +543,40 @@ class DnsServer:
         else:
             conn.send(found)
 
+    def _tcp_accept(self, conn: _TcpConnection) -> bool:
+        """Admit a new connection, or refuse it (False) at --dns-tcp-max-connections."""
+        cap = self.config.dns_tcp_max_connections
+        if len(self._tcp_conns) >= cap:
+            self.metrics.drop("tcp_limit")
+            self._throttle.log(
+                logging.WARNING, "tcp_limit",
+                "refused: DNS/TCP connection from %s: %d connections open (--dns-tcp-max-connections)",
+                escape(conn.host), cap,
+            )  # fmt: skip
+            return False
+        self._tcp_conns.add(conn)
+        if self._tcp_sweeper is None and self._loop is not None:
+            self._tcp_sweeper = self._loop.call_later(self._tcp_tick(), self._sweep_tcp)
+        return True
+
+    def _tcp_tick(self) -> float:
+        return max(0.05, min(1.0, self.config.dns_tcp_idle_timeout / 4))
+
+    def _sweep_tcp(self) -> None:
+        """Close connections that completed no query for --dns-tcp-idle-timeout.
+
+        Progress is a whole query or a reply sent, not a byte: a client that
+        dribbles one byte every few seconds is idle. One sweep for all
+        connections (not a timer each), driven by the server's clock.
+        """
+        self._tcp_sweeper = None
+        deadline = self.clock() - self.config.dns_tcp_idle_timeout
+        for conn in list(self._tcp_conns):
+            if not conn.tasks and conn.last_progress <= deadline:
+                conn.abort()
+        if self._tcp_conns and self._loop is not None:
+            self._tcp_sweeper = self._loop.call_later(self._tcp_tick(), self._sweep_tcp)
+
     def _forward_tcp(self, conn: _TcpConnection, msg: bytes, fwd: _Forward) -> None:
         if not self._forwarder.enabled:
             self.metrics.count(fwd.qtype, wire.REFUSED)
@@ -574,20 +615,16 @@ class _TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.host = ""
         self.tasks: set[asyncio.Task[None]] = set()
-        self._idle: asyncio.TimerHandle | None = None
+        self.last_progress = server.clock()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's does not subclass asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername")
         self.host = str(peer[0]) if peer else ""
-        self.server._tcp_conns.add(self)
-        self._arm_idle()
-
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(TCP_IDLE_TIMEOUT, self.abort)
+        self.last_progress = self.server.clock()
+        if not self.server._tcp_accept(self):
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -598,6 +635,7 @@ class _TcpConnection(asyncio.Protocol):
                 break
             msg = bytes(buf[2 : 2 + size])
             del buf[: 2 + size]
+            self.last_progress = self.server.clock()
             try:
                 self.server._tcp_query(self, msg)
             except Exception:
@@ -606,7 +644,6 @@ class _TcpConnection(asyncio.Protocol):
                 return
             if self.transport is None or self.transport.is_closing():
                 return
-        self._arm_idle()
 
     def send(self, reply: bytes) -> None:
         t = self.transport
@@ -615,6 +652,7 @@ class _TcpConnection(asyncio.Protocol):
         if t.get_write_buffer_size() > TCP_MAX_WRITE_BUFFER:
             self.abort()  # the client does not read its answers
             return
+        self.last_progress = self.server.clock()
         t.write(len(reply).to_bytes(2, "big") + reply)
 
     def abort(self) -> None:
@@ -622,8 +660,6 @@ class _TcpConnection(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
         for task in self.tasks:
             task.cancel()
         self.server._tcp_conns.discard(self)

@@ -4,17 +4,23 @@ case, what a miss may cost, and the cache's bound in bytes. Real sockets on
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import dns.flags
 import dns.message
 import pytest
+from prometheus_client.registry import CollectorRegistry
 
+from beacon.dns import DnsServer
 from beacon.dns import resolver as dns_resolver
 from beacon.registry import Catalog, Endpoint
 from tests.dns.dnstest import addresses, dns_server, ep, put, tcp, udp
+from tests.helpers import eventually, test_config
 
 
 def mixed_case(name: str, rng: random.Random) -> str:
@@ -85,3 +91,75 @@ async def test_the_cache_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) ->
             assert len(addresses(msg)) == 1000
             assert srv._tcp_cache.bytes <= 400_000
         assert 0 < len(srv._tcp_cache.entries) < 12
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def clocked_server(clock: FakeClock, catalog: Catalog | None = None, **overrides: Any) -> AsyncIterator[DnsServer]:
+    server = DnsServer(test_config(**overrides), catalog or Catalog(), metrics_registry=CollectorRegistry(), clock=clock)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(65536), 2) == b""
+    except ConnectionError:
+        return True
+
+
+async def test_a_tcp_client_dribbling_bytes_is_closed_after_the_idle_timeout() -> None:
+    clock = FakeClock()
+    cat = Catalog()
+    put(cat, "a", ep("a", "10.0.0.1"))
+    async with clocked_server(clock, cat, dns_tcp_idle_timeout=10.0) as srv:
+        addr = srv.addresses[0]
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+        query = dns.message.make_query("web.service.beacon", "A").to_wire()
+        writer.write(len(query).to_bytes(2, "big") + query)
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        assert dns.message.from_wire(await reader.readexactly(size)).answer  # a query is progress
+        clock.now += 9.0
+        srv._sweep_tcp()
+        assert not writer.is_closing() and len(srv._tcp_conns) == 1
+        # the next query, one byte every 5 s: bytes are not progress
+        for byte in (len(query).to_bytes(2, "big") + query)[:3]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            clock.now += 5.0
+            srv._sweep_tcp()
+        assert await closed_by_server(reader)
+        writer.close()
+        await eventually(lambda: not srv._tcp_conns)
+
+
+async def test_tcp_connections_are_capped_and_the_cap_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    cat = Catalog()
+    put(cat, "a", ep("a", "10.0.0.1"))
+    async with dns_server(cat, dns_tcp_max_connections=2) as srv:
+        addr = srv.addresses[0]
+        held = [await asyncio.open_connection(addr.host, addr.port) for _ in range(2)]
+        await eventually(lambda: len(srv._tcp_conns) == 2)
+        with caplog.at_level(logging.WARNING, logger="beacon.dns"):
+            for _ in range(4):
+                reader, writer = await asyncio.open_connection(addr.host, addr.port)
+                assert await closed_by_server(reader)
+                writer.close()
+        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused: DNS/TCP")]
+        assert len(refused) == 1 and "--dns-tcp-max-connections" in refused[0], refused
+        assert addresses(await udp(srv, "web.service.beacon")) == ["10.0.0.1"]  # UDP unaffected
+        held[0][1].close()
+        await eventually(lambda: len(srv._tcp_conns) == 1)
+        assert addresses(await tcp(srv, "web.service.beacon")) == ["10.0.0.1"]
+        for _, w in held[1:]:
+            w.close()
