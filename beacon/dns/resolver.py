@@ -26,15 +26,13 @@ from dataclasses import dataclass
 
 from dnslib import AAAA, EDNS0, NS, PTR, QTYPE, RD, RR, SOA, SRV, A, DNSHeader, DNSLabel, DNSRecord
 
-from beacon.dns.wire import FORMERR, NOERROR, NOTIMP, NXDOMAIN, REFUSED
+from beacon.dns.wire import FORMERR, MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, NOERROR, NOTIMP, NXDOMAIN, REFUSED
 from beacon.registry.model import Endpoint, Service, Snapshot, State
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Our receive limit, advertised in every OPT; also the cap on what we send over
-# UDP whatever the client claims (larger datagrams fragment).
-MAX_UDP_PAYLOAD = 4096
-MIN_UDP_PAYLOAD = 512  # RFC 1035: what a client without EDNS accepts
+# MAX_UDP_PAYLOAD: our receive limit, advertised in every OPT; also the cap on
+# what we send over UDP whatever the client claims (larger datagrams fragment).
 
 CLASS_IN = 1
 OPCODE_QUERY = 0
@@ -247,16 +245,20 @@ def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
     labels = tuple(label.lower() for label in q.qname.label)
     if sum(len(label) + 1 for label in labels) + 1 > 255:
         return out.rcode(FORMERR).finish()
+    if q.qclass != CLASS_IN:
+        # CHAOS (version.bind, hostname.bind, id.server) and other classes:
+        # refused here, never forwarded (an upstream would tell its version
+        # or name to anyone who asks us).
+        return out.rcode(REFUSED).finish()
     dl = zone.domain_labels
     if len(labels) >= len(dl) and labels[len(labels) - len(dl) :] == dl:
-        out.record.header.aa = 1
-        if q.qclass != CLASS_IN or q.qtype in (T_AXFR, T_IXFR):
-            out.record.header.aa = 0
+        if q.qtype in (T_AXFR, T_IXFR):
             return out.rcode(REFUSED).finish()
+        out.record.header.aa = 1
         _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)])
         return out.finish()
     targets = zone.reverse.get(labels) if labels[-2:] in _REVERSE_ZONES else None
-    if targets is not None and q.qclass == CLASS_IN:
+    if targets is not None:
         out.record.header.aa = 1
         if q.qtype in (T_PTR, T_ANY):
             out.record.add_answer(*(RR(q.qname, T_PTR, ttl=settings.ttl, rdata=PTR(t)) for t in targets))

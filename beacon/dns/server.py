@@ -417,6 +417,12 @@ class DnsServer:
     def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, fwd: _Forward) -> None:
         def done(reply: bytes) -> None:
             self.metrics.count(fwd.qtype, wire.rcode_of(reply))
+            if len(reply) > wire.MIN_UDP_PAYLOAD:
+                # An upstream may answer far more than this client accepts
+                # (it asked us, not them): never relay it oversize.
+                limit, edns = wire.udp_limit(data, fwd.qend)
+                if len(reply) > limit:
+                    reply = wire.truncate_reply(reply, fwd.qend, edns=edns)
             try:
                 sock.sendto(reply, addr)
             except OSError:

@@ -20,6 +20,7 @@ HEADER_LEN = 12
 MAX_QUERY_LEN = 4096
 
 _QR = 0x80  # in the third byte
+_TC = 0x02
 _OPCODE_MASK = 0x78
 _RD = 0x01
 _RA = 0x80  # in the fourth byte
@@ -119,6 +120,36 @@ def question_reply(data: bytes, qend: int, rcode: int, *, ra: bool) -> bytes:
         (_QR | (data[2] & (_OPCODE_MASK | _RD)), (_RA if ra else 0) | (data[3] & 0x10) | (rcode & 0x0F))
     )
     return data[:2] + flags + b"\x00\x01\x00\x00\x00\x00\x00\x00" + data[HEADER_LEN:qend]
+
+
+MIN_UDP_PAYLOAD = 512  # RFC 1035: what a client without EDNS accepts
+MAX_UDP_PAYLOAD = 4096  # the most we send over UDP whatever the client claims
+_T_OPT = 41
+# Our OPT record in a truncated reply: root owner, type OPT, 4096, no flags.
+_OPT_RR = b"\x00\x00\x29" + MAX_UDP_PAYLOAD.to_bytes(2, "big") + b"\x00\x00\x00\x00\x00\x00"
+
+
+def udp_limit(data: bytes, qend: int) -> tuple[int, bool]:
+    """(largest UDP reply the client of query `data` accepts, whether it sent EDNS).
+
+    The OPT record is looked for where a query has it: the first record
+    after the question when the query carries only additional records.
+    Anything else counts as no EDNS: 512 bytes, the safe reading.
+    """
+    if data[6:10] != b"\x00\x00\x00\x00" or data[10:12] == b"\x00\x00":
+        return MIN_UDP_PAYLOAD, False
+    if len(data) < qend + 11 or data[qend] != 0 or int.from_bytes(data[qend + 1 : qend + 3], "big") != _T_OPT:
+        return MIN_UDP_PAYLOAD, False
+    size = int.from_bytes(data[qend + 3 : qend + 5], "big")
+    return max(MIN_UDP_PAYLOAD, min(size, MAX_UDP_PAYLOAD)), True
+
+
+def truncate_reply(reply: bytes, qend: int, *, edns: bool) -> bytes:
+    """`reply` cut to its header and question with TC set (RFC 2181 section 9),
+    plus our OPT when the client spoke EDNS: the client retries over TCP."""
+    flags = bytes((reply[2] | _TC, reply[3]))
+    counts = b"\x00\x01\x00\x00\x00\x00" + (b"\x00\x01" if edns else b"\x00\x00")
+    return reply[:2] + flags + counts + reply[HEADER_LEN:qend] + (_OPT_RR if edns else b"")
 
 
 def rcode_of(reply: bytes) -> int:
