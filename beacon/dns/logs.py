@@ -38,7 +38,7 @@ class Throttle:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log `msg % args` unless `key` was logged less than `interval` ago. True when logged."""
         now = self._clock()
         last = self._last.get(key)
@@ -53,5 +53,5 @@ class Throttle:
         if skipped:
             msg += " (%d more like it in the last %ds)"
             args = (*args, skipped, int(now - last)) if last is not None else (*args, skipped, 0)
-        self._log.log(level, msg, *args)
+        self._log.log(level, msg, *args, exc_info=exc_info)
         return True

@@ -244,6 +244,9 @@ def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
     q = request.questions[0]
     labels = tuple(label.lower() for label in q.qname.label)
     if sum(len(label) + 1 for label in labels) + 1 > 255:
+        # RFC 1035 caps a name at 255 bytes: it cannot be echoed (nor packed),
+        # so the FORMERR carries no question.
+        out.record.questions = []
         return out.rcode(FORMERR).finish()
     if q.qclass != CLASS_IN:
         # CHAOS (version.bind, hostname.bind, id.server) and other classes:

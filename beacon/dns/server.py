@@ -512,8 +512,13 @@ class DnsServer:
             if not first or len(first) + 2 > limit:
                 first = pack(truncated(answer))[2:]
                 count = 1
-        except Exception:
-            log.exception("failed: answering a DNS query (%d bytes)", len(data))
+        except Exception as exc:  # a bug of ours; logged, throttled: a client may repeat it at will
+            self._throttle.log(
+                logging.ERROR, f"resolve:{type(exc).__name__}",
+                "failed: answering a DNS query (%d bytes, name %s): %s",
+                len(data), escape(data[12:wire.question_end(data) or 12 + 80]), escape(exc),
+                exc_info=True,
+            )  # fmt: skip
             reply = wire.header_reply(data, wire.SERVFAIL)
             self.metrics.count(INVALID_QTYPE, wire.SERVFAIL)
             return reply
@@ -644,8 +649,11 @@ class _TcpConnection(asyncio.Protocol):
             self.last_progress = self.server.clock()
             try:
                 self.server._tcp_query(self, msg)
-            except Exception:
-                log.exception("failed: answering a DNS query over TCP")
+            except Exception as exc:
+                self.server._throttle.log(
+                    logging.ERROR, f"tcp:{type(exc).__name__}", "failed: answering a DNS query over TCP: %s",
+                    escape(exc), exc_info=True,
+                )  # fmt: skip
                 self.abort()
                 return
             if self.transport is None or self.transport.is_closing():

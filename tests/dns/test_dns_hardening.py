@@ -13,13 +13,15 @@ from typing import Any
 
 import dns.flags
 import dns.message
+import dns.rcode
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
 from beacon.dns import DnsServer
 from beacon.dns import resolver as dns_resolver
+from beacon.dns.logs import Throttle, escape
 from beacon.registry import Catalog, Endpoint
-from tests.dns.dnstest import addresses, dns_server, ep, put, tcp, udp
+from tests.dns.dnstest import addresses, dns_server, ep, put, raw_udp, tcp, udp
 from tests.helpers import eventually, test_config
 
 
@@ -163,3 +165,59 @@ async def test_tcp_connections_are_capped_and_the_cap_is_logged_once(caplog: pyt
         assert addresses(await tcp(srv, "web.service.beacon")) == ["10.0.0.1"]
         for _, w in held[1:]:
             w.close()
+
+
+def long_name_query(qid: int, i: int) -> bytes:
+    """A query whose name is 321 bytes (over RFC 1035's 255), unique per `i`."""
+    labels = [f"{i:05d}".encode() + b"a" * 58] + [b"a" * 63] * 4
+    name = b"".join(bytes([len(x)]) + x for x in labels) + b"\x00"
+    return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
+
+
+async def test_names_over_255_bytes_get_formerr_without_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    async with dns_server() as srv:
+        with caplog.at_level(logging.DEBUG, logger="beacon"):
+            for i in range(300):
+                reply = await raw_udp(srv.addresses[0], long_name_query(i, i))
+                assert reply is not None and reply[:2] == i.to_bytes(2, "big") and reply[3] & 0x0F == 1  # FORMERR
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+        assert addresses(await udp(srv, "web.service.beacon")) == []  # still answering
+
+
+async def test_an_internal_error_is_logged_once_a_minute_not_per_query(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("boom\n[fake] forged line")
+
+    monkeypatch.setattr("beacon.dns.server.resolve", broken)
+    async with dns_server() as srv:
+        with caplog.at_level(logging.ERROR, logger="beacon"):
+            for i in range(50):
+                assert (await udp(srv, f"n{i}.service.beacon")).rcode() == dns.rcode.SERVFAIL
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info, [r.getMessage() for r in errors]
+        assert "\n" not in errors[0].getMessage() and "boom\\x0a[fake]" in errors[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [("web\n[x] forged", "web\\x0a[x] forged"), ("\x1b[31mred", "\\x1b[31mred"), ("é", "\\xe9"), (b"a\r\x00", "a\\x0d\\x00")],
+)
+def test_escape_keeps_log_lines_single_and_printable(raw: str | bytes, shown: str) -> None:
+    assert escape(raw) == shown
+    assert escape("x" * 500).endswith("...(500 chars)") and len(escape("x" * 500)) < 140
+
+
+def test_throttle_logs_once_per_interval_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    throttle = Throttle(logging.getLogger("beacon.dns.test"), interval=60, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="beacon.dns.test"):
+        assert throttle.log(logging.WARNING, "k", "refused: %s", "a")
+        assert not any(throttle.log(logging.WARNING, "k", "refused: %s", "b") for _ in range(9))
+        assert throttle.log(logging.WARNING, "other", "refused: %s", "c")
+        clock.now += 61
+        assert throttle.log(logging.WARNING, "k", "refused: %s", "d")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused: a", "refused: c", "refused: d (9 more like it in the last 61s)",
+    ]  # fmt: skip
