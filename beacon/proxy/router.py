@@ -55,7 +55,7 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class Conflict:
+class RouteConflict:
     host: bytes
     prefix: bytes
     winner: str
@@ -158,8 +158,7 @@ class RoutingTable:
     wildcard: dict[bytes, HostRoutes]  # key: suffix with its leading dot, b".example.com"
     any_host: HostRoutes | None
     routes: tuple[Route, ...]
-    conflicts: tuple[Conflict, ...]
-    services: frozenset[str]
+    conflicts: tuple[RouteConflict, ...]
     # Lookups by raw Host header value: repeated hosts skip normalisation.
     _cache: dict[bytes, tuple[HostRoutes, ...]] = field(default_factory=dict)
 
@@ -261,15 +260,15 @@ def build_table(
     if not changed and previous is not None:
         return previous
     all_routes = [r for name in sorted(memo) for r in memo[name][1]]
-    return table_from_routes(all_routes, services.keys())
+    return table_from_routes(all_routes)
 
 
-def table_from_routes(routes: Iterable[Route], services: Iterable[str]) -> RoutingTable:
+def table_from_routes(routes: Iterable[Route]) -> RoutingTable:
     claims: dict[tuple[bytes, bytes], list[Route]] = {}
     for route in routes:
         claims.setdefault((route.host, route.prefix), []).append(route)
     winners: list[Route] = []
-    conflicts: list[Conflict] = []
+    conflicts: list[RouteConflict] = []
     for (host, prefix), claimants in sorted(claims.items()):
         explicit = sorted((r for r in claimants if r.explicit), key=lambda r: r.service)
         implicit = sorted((r for r in claimants if not r.explicit), key=lambda r: r.service)
@@ -278,9 +277,9 @@ def table_from_routes(routes: Iterable[Route], services: Iterable[str]) -> Routi
         losers_explicit = sorted({r.service for r in explicit[1:]} - {winner.service})
         losers_implicit = sorted({r.service for r in implicit} - {winner.service} - set(losers_explicit))
         if losers_explicit:
-            conflicts.append(Conflict(host, prefix, winner.service, tuple(losers_explicit), "conflict"))
+            conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_explicit), "conflict"))
         if losers_implicit:
-            conflicts.append(Conflict(host, prefix, winner.service, tuple(losers_implicit), "shadowed"))
+            conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_implicit), "shadowed"))
     exact: dict[bytes, HostRoutes] = {}
     wildcard: dict[bytes, HostRoutes] = {}
     any_host: HostRoutes | None = None
@@ -300,5 +299,4 @@ def table_from_routes(routes: Iterable[Route], services: Iterable[str]) -> Routi
         any_host=any_host,
         routes=tuple(winners),
         conflicts=tuple(conflicts),
-        services=frozenset(services),
     )
