@@ -176,7 +176,7 @@ class ProxyCore:
             up.close()  # idle in the pool too long
             return
         up.detach()
-        if ex.response_started:
+        if ex.response_started and not self._unstart(ex):
             log.warning("timeout: upstream %s:%d stalled mid-response", up.state.address, up.state.port)
             self.endpoint_done(ex, FailureKind.STALLED)
             ex.client.abort()
@@ -212,10 +212,10 @@ class ProxyCore:
         sources = dict(old_sources)
         balancer, pool = self.balancer, self.pool
         endpoints = snapshot.endpoints
+        retired: list[EndpointState] = []
         for name in removed:
             balancer.remove_service(name)
-            for st in balancer.forget(sources.pop(name), endpoints):
-                pool.retire(st)
+            retired += balancer.forget(sources.pop(name), endpoints)
             self.metrics.forget(name)
         for name in changed:
             svc = services[name]
@@ -227,13 +227,23 @@ class ProxyCore:
             except ValueError as exc:
                 log.warning("ignored: beacon.lb of service %s: %s", name, exc)
                 policy, sticky = self.config.lb, False
-            for st in balancer.update_service(svc, policy, sticky, now):
-                pool.retire(st)
+            retired += balancer.update_service(svc, policy, sticky, now)
             if old is not None:
-                for st in balancer.forget(old, endpoints):
-                    pool.retire(st)
+                retired += balancer.forget(old, endpoints)
         self._pool_sources = sources
         self.table = table
+        for st in retired:
+            pool.retire(st)
+            if balancer.states.get(st.id) is not st:
+                # The endpoint left the catalog (or moved): a try still waiting
+                # for its answer may wait forever (a connection docker-proxy
+                # accepted for a container going away). Send it elsewhere now.
+                # (A draining endpoint keeps its in-flight requests.)
+                for conn in pool.waiting_on(st):
+                    ex = conn.exchange
+                    assert ex is not None
+                    conn.detach()
+                    self.upstream_failed(ex, conn, FailureKind.RESET, "endpoint left the catalog")
 
     # --------------------------------------------------------------- helpers
     def is_trusted(self, ip: str) -> bool:
@@ -468,7 +478,7 @@ class ProxyCore:
         self.endpoint_done(ex, kind)
         if ex.done:
             return
-        if ex.response_started:
+        if ex.response_started and not self._unstart(ex):
             self._warn(state, f"failed: upstream {state.address}:{state.port} broke mid-response: {detail}")
             ex.done = True
             if ex.stats is not None:
@@ -484,6 +494,15 @@ class ProxyCore:
         else:
             self._fail(ex, 502, f"upstream of service {state.service} failed: {detail}")
         ex.client.flush()
+
+    def _unstart(self, ex: Exchange) -> bool:
+        """Take back a response the client has not seen any byte of (a held
+        small response); True if the exchange may get another answer."""
+        if not ex.client.drop_held_output():
+            return False
+        ex.response_started = False
+        ex.status = 0
+        return True
 
     def _fail(self, ex: Exchange, status: int, message: str) -> None:
         """Answer an exchange with a proxy error (nothing of a response was sent yet)."""

@@ -76,6 +76,7 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         self.deadline = INF
         self.out: list[bytes] = []
+        self.held_from = -1  # >= 0: out[held_from:] is a response not to send yet
         self.rejected: RequestRejected | None = None
         self.eof = False
         self.peer = b""
@@ -395,9 +396,25 @@ class ClientConnection(asyncio.Protocol):
     def buffer_chunk(self, data: bytes) -> None:
         self.out += (b"%x\r\n" % len(data), data, CRLF)
 
+    def hold_output(self) -> None:
+        """Keep what is buffered from now on until `release_output` (a small
+        response, sent whole) or `drop_held_output` (its upstream died)."""
+        self.held_from = len(self.out)
+
+    def release_output(self) -> None:
+        self.held_from = -1
+
+    def drop_held_output(self) -> bool:
+        """Forget the held part of a response; False if nothing was held."""
+        if self.held_from < 0:
+            return False
+        del self.out[self.held_from :]
+        self.held_from = -1
+        return True
+
     def flush(self) -> None:
         out = self.out
-        if out:
+        if out and self.held_from < 0:
             if not self.transport.is_closing():
                 self.transport.write(b"".join(out))
             out.clear()

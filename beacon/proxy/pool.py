@@ -105,8 +105,10 @@ class UpstreamPool:
             for conn in idle:
                 conn.close()
 
-    def idle_count(self, state: EndpointState) -> int:
-        return len(self._idle.get(state, ()))
+    def waiting_on(self, state: EndpointState) -> list[UpstreamConnection]:
+        """Connections to `state` whose exchange has no response byte yet."""
+        return [c for c in self.connections if c.state is state and c.exchange is not None
+                and c.tunnel is None and not c.exchange.response_started]  # fmt: skip
 
     def close_all(self) -> None:
         for task in list(self._tasks):

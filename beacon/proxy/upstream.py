@@ -22,6 +22,8 @@ log = logging.getLogger("beacon.proxy")
 
 INF = float("inf")
 MAX_RESPONSE_HEAD = 256 * 1024
+# Content-Length bodies up to this size are held until complete (retryable).
+HOLD_LIMIT = 64 * 1024
 # How the response body goes to the client.
 BODY_NONE, BODY_RAW, BODY_CHUNKED, BODY_RAW_CLOSE = range(4)
 
@@ -277,6 +279,15 @@ class UpstreamConnection(asyncio.Protocol):
                 self.eof_body = True  # delimited by the upstream closing
             mode = BODY_CHUNKED if ex.http11 else BODY_RAW_CLOSE
         self.body_mode = mode
+        if mode == BODY_RAW and not self.finish_after_feed:
+            i = low.find(b"\r\ncontent-length:")
+            j = low.find(b"\r\n", i + 2)
+            length = low[i + 17 : j if j >= 0 else len(low)].strip()
+            if len(length) <= 6 and int(length) <= HOLD_LIMIT:
+                # A small body: the client gets the response only once it is
+                # complete, so an upstream that dies before its end (a killed
+                # backend) leaves nothing sent and the request can be retried.
+                ex.client.hold_output()
         close = (
             mode == BODY_RAW_CLOSE or ex.close_client or not ex.keep_alive
             or self.core.stopping or (not ex.request_done and status != 101)
@@ -320,4 +331,5 @@ class UpstreamConnection(asyncio.Protocol):
         assert ex is not None
         if self.body_mode == BODY_CHUNKED:
             ex.client.buffer(LAST_CHUNK)
+        ex.client.release_output()
         self.core.response_complete(ex, self, reusable=self.keep_alive and not self.eof_body)

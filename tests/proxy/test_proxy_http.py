@@ -403,7 +403,8 @@ async def test_response_head_split_across_reads_and_interim_responses() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # then the upstream closes
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # then the upstream closes: held, so a 502
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nshort",  # too large to hold: forwarded, cut off
     ],
 )
 async def test_a_broken_upstream_response_is_a_502(reply: bytes) -> None:
@@ -420,7 +421,7 @@ async def test_a_broken_upstream_response_is_a_502(reply: bytes) -> None:
             raw = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: raw.localhost\r\nConnection: close\r\n\r\n")
     finally:
         await backend.stop()
-    if reply.endswith(b"short"):
+    if b"100000" in reply:
         # The head was already forwarded: the client sees a cut-off body, never a fake success.
         assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"short")
     else:

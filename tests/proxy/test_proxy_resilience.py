@@ -355,3 +355,47 @@ async def test_a_failing_timeout_handler_does_not_stop_the_sweeper(
     assert second.startswith(b"HTTP/1.1 408 ")
     assert len(calls) >= 2
     assert any(r.getMessage().startswith("failed: proxy timeout") for r in caplog.records)
+
+
+async def test_a_small_response_cut_off_after_its_head_is_retried_not_truncated() -> None:
+    # A backend process killed between writing the head and the body (docker
+    # stop kills busybox httpd's per-request children mid-write): the client
+    # must get a whole response from another endpoint, not a cut-off one.
+    def head_then_reset(head: bytes, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n")
+        asyncio.get_running_loop().call_later(0.05, transport.abort)
+
+    dying = await raw_backend(head_then_reset)
+    cat = Catalog()
+    try:
+        async with backends("good") as (good,), proxy_server(cat, eject_consecutive_failures=1000) as proxy:
+            put(cat, "m:web", ep("dying", dying.port), ep("good", good.port))
+            async with aiohttp.ClientSession() as s:
+                results = [await get(s, url(proxy, f"/r{i}")) for i in range(4)]
+            assert [status for status, _ in results] == [200] * 4
+            assert all('"backend": "good"' in body for _, body in results)
+            assert len(dying.heads) >= 1  # it was tried, and its half answer never reached a client
+    finally:
+        await dying.stop()
+
+
+async def test_a_try_waiting_on_an_endpoint_that_leaves_the_catalog_is_retried_at_once() -> None:
+    # A connection accepted for a backend that is going away (docker-proxy in
+    # front of a container being stopped) may never answer: once the endpoint
+    # leaves the catalog, its waiting tries go elsewhere instead of waiting
+    # out the 30 s try timeout.
+    silent = await raw_backend(lambda head, transport: None)
+    cat = Catalog()
+    try:
+        async with backends("good") as (good,), proxy_server(cat, eject_consecutive_failures=1000) as proxy:
+            put(cat, "m:silent", ep("silent", silent.port))
+            async with aiohttp.ClientSession() as s:
+                waiting = asyncio.ensure_future(get(s, url(proxy, "/w")))
+                await eventually(lambda: len(silent.heads) == 1)
+                put(cat, "m:good", ep("good", good.port))
+                cat.remove_source("m:silent")
+                cat.publish()
+                status, body = await asyncio.wait_for(waiting, 5)
+            assert status == 200 and '"backend": "good"' in body
+    finally:
+        await silent.stop()
