@@ -32,6 +32,7 @@ from beacon.proxy.http1 import (
     connection_named,
     drop_named,
     error_response,
+    normalise_path,
     parse_absolute,
     printable,
 )  # fmt: skip
@@ -288,6 +289,7 @@ class ProxyCore:
                 if abs_host is None:
                     ex.error = ex.error or (400, "request target must be a path")
                 host = abs_host or host
+        url = normalise_path(url)  # before routing: /api/../admin is /admin (and is forwarded so)
         if host is None:
             if ex.http11:
                 ex.error = ex.error or (400, "missing Host header")
@@ -315,7 +317,12 @@ class ProxyCore:
             # Headers the client's Connection header names are hop-by-hop too.
             ex.lines = drop_named(ex.lines, connection_named(cv))
         client = ex.client
-        parts = [ex.method, b" ", target, b" HTTP/1.1\r\n", *ex.lines]
+        # Host: the one the request was routed by (an absolute-form target's
+        # authority replaces the header, RFC 9112 §3.2.2); never hop-by-hop.
+        parts = [ex.method, b" ", target, b" HTTP/1.1\r\n"]
+        if host:
+            parts += (b"Host: ", host, CRLF)
+        parts += ex.lines
         if ex.xff is None and ex.xfp is None:
             parts.append(client.forwarded)  # X-Forwarded-For and -Proto of this connection
         else:

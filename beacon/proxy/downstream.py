@@ -243,8 +243,7 @@ class ClientConnection(asyncio.Protocol):
         if code == RQ_HOST:
             if ex.host is not None:
                 ex.error = (400, "more than one Host header")
-            ex.host = value
-            ex.lines += (name, SEP, value, CRLF)
+            ex.host = value  # sent by the core: never filtered, replaced by an absolute-form authority
         elif code == RQ_CL:
             ex.cl = value
         elif code == RQ_TE:

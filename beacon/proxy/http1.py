@@ -177,3 +177,40 @@ def parse_absolute(url: bytes) -> tuple[bytes | None, bytes]:
     if not path.startswith(b"/"):
         path = b"/" + path
     return host, path
+
+
+# Percent-encoded unreserved characters (ALPHA, DIGIT, - . _ ~): RFC 3986
+# §6.2.2.2 says they are equivalent to the character itself.
+_UNRESERVED_ENCODED = re.compile(rb"%(3[0-9]|4[1-9a-fA-F]|5[0-9aA]|6[1-9a-fA-F]|7[0-9aA]|2[dDeE]|5[fF]|7[eE])")
+
+
+def _decode(m: re.Match[bytes]) -> bytes:
+    return bytes((int(m.group(1), 16),))
+
+
+def normalise_path(target: bytes) -> bytes:
+    """The request target's path with percent-encoded unreserved characters
+    decoded, empty segments merged (as nginx's `merge_slashes`) and dot
+    segments removed (RFC 3986 §5.2.4); the query is left alone.
+
+    An encoded slash (%2F) stays encoded and is not a segment separator, so
+    `..%2F` is not a dot segment: routing sees the same segments as a backend
+    that decodes %2F only after its own routing. Most targets take the fast
+    path (no `%`, `/.` or `//` in the path) and come back unchanged.
+    """
+    q = target.find(b"?")
+    path, query = (target, b"") if q < 0 else (target[:q], target[q:])
+    if b"%" not in path and b"/." not in path and b"//" not in path:
+        return target
+    if b"%" in path:
+        path = _UNRESERVED_ENCODED.sub(_decode, path)
+    segments = path.split(b"/")[1:]  # the path starts with "/"
+    out: list[bytes] = []
+    for seg in segments:
+        if seg == b"..":
+            if out:
+                out.pop()
+        elif seg and seg != b".":
+            out.append(seg)
+    trailing = bool(out) and segments[-1] in (b"", b".", b"..")
+    return b"/" + b"/".join(out) + (b"/" if trailing else b"") + query

@@ -28,6 +28,15 @@ HOLD_LIMIT = 64 * 1024
 BODY_NONE, BODY_RAW, BODY_CHUNKED, BODY_RAW_CLOSE = range(4)
 
 
+def _content_length(low: bytes) -> int:
+    """The Content-Length of a lowercase header block that has one (llhttp
+    checked it); -1 when it is too large to matter here."""
+    i = low.find(b"\r\ncontent-length:")
+    j = low.find(b"\r\n", i + 2)
+    value = low[i + 17 : j if j >= 0 else len(low)].strip()
+    return int(value) if len(value) <= 9 else -1
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to an endpoint, lent by the pool to one
     exchange at a time; it reports the response's outcome to the core."""
@@ -272,6 +281,13 @@ class UpstreamConnection(asyncio.Protocol):
             mode = BODY_NONE
             if ex.is_head:
                 self.finish_after_feed = True
+                if chunked or (has_cl and _content_length(low) != 0):
+                    # It announced a body it must not send: should it send one
+                    # anyway, even late, those bytes would become the answer to
+                    # the next request on this connection (another client's).
+                    # So it is never reused. (nginx's keepalive cache only drops
+                    # bytes that arrive while a connection is idle; so do we.)
+                    self.keep_alive = False
         elif has_cl:
             mode = BODY_RAW
         else:
@@ -279,15 +295,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self.eof_body = True  # delimited by the upstream closing
             mode = BODY_CHUNKED if ex.http11 else BODY_RAW_CLOSE
         self.body_mode = mode
-        if mode == BODY_RAW and not self.finish_after_feed:
-            i = low.find(b"\r\ncontent-length:")
-            j = low.find(b"\r\n", i + 2)
-            length = low[i + 17 : j if j >= 0 else len(low)].strip()
-            if len(length) <= 6 and int(length) <= HOLD_LIMIT:
-                # A small body: the client gets the response only once it is
-                # complete, so an upstream that dies before its end (a killed
-                # backend) leaves nothing sent and the request can be retried.
-                ex.client.hold_output()
+        if mode == BODY_RAW and 0 <= _content_length(low) <= HOLD_LIMIT:
+            # A small body: the client gets the response only once it is
+            # complete, so an upstream that dies before its end (a killed
+            # backend) leaves nothing sent and the request can be retried.
+            ex.client.hold_output()
         close = (
             mode == BODY_RAW_CLOSE or ex.close_client or not ex.keep_alive
             or self.core.stopping or (not ex.request_done and status != 101)

@@ -10,6 +10,7 @@ from beacon.proxy.http1 import (
     error_response,
     filter_hop_headers,
     filter_response_headers,
+    normalise_path,
     parse_absolute,
     status_line,
 )
@@ -93,3 +94,30 @@ def test_status_lines_are_cached_but_bounded() -> None:
     assert status_line(200, b"OK") == b"HTTP/1.1 200 OK\r\n"
     for i in range(600):  # reasons come from upstreams: any number of them
         assert status_line(200, b"R%d" % i) == b"HTTP/1.1 200 R%d\r\n" % i
+
+
+@pytest.mark.parametrize(
+    ("target", "normal"),
+    [
+        (b"/", b"/"),
+        (b"/api/users?x=/../y", b"/api/users?x=/../y"),  # the query is not a path
+        (b"/api/../admin/", b"/admin/"),
+        (b"/api/%2e%2e/admin/", b"/admin/"),
+        (b"/api/%2E%2e/admin", b"/admin"),
+        (b"/api//../admin/", b"/admin/"),  # empty segments merge first, as nginx's merge_slashes
+        (b"/api/.%2e/admin/", b"/admin/"),
+        (b"/a/./b/../c", b"/a/c"),
+        (b"/a/b/..", b"/a/"),
+        (b"/a/b/.", b"/a/b/"),
+        (b"/..", b"/"),
+        (b"/../../etc/passwd", b"/etc/passwd"),
+        (b"//x//y/", b"/x/y/"),
+        (b"/%61pi/%7Euser", b"/api/~user"),  # percent-encoded unreserved characters are decoded
+        (b"/a%2Fb/..%2F..%2Fadmin", b"/a%2Fb/..%2F..%2Fadmin"),  # an encoded slash is not a separator
+        (b"/a%20b/%3F", b"/a%20b/%3F"),  # reserved and other encodings stay
+        (b"/.hidden/x.txt", b"/.hidden/x.txt"),
+        (b"/a/...", b"/a/..."),
+    ],
+)
+def test_paths_are_normalised_before_routing(target: bytes, normal: bytes) -> None:
+    assert normalise_path(target) == normal
