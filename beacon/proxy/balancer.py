@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from beacon.proxy.router import HTTP_PROTOCOLS
 from beacon.registry.model import POLICIES, Endpoint, Service, State
 
 P2C_THRESHOLD = 8
@@ -350,7 +351,7 @@ class Balancer:
                 st = states[ep.id] = EndpointState(ep.id, ep.service, ep.address, ep.port, ep.weight)
             st.weight = max(1, ep.weight)
             st.service = ep.service
-            if ep.state is State.PASSING:
+            if ep.state is State.PASSING and ep.protocol in HTTP_PROTOCOLS:
                 if ep.id not in self._passing:
                     # Back from critical/draining: an active check vouches for it.
                     st.ejected_until = 0.0

@@ -69,7 +69,7 @@ class ProxyCore:
         self.loop = loop
         self.clock = clock or loop.time
         self.metrics = ProxyMetrics()
-        self.table: RoutingTable = build_table({}, config.proxy_domain)
+        self.table: RoutingTable = build_table({}, config.proxy_domain, expose_by_default=config.proxy_expose_by_default)
         self.balancer = Balancer(
             Ejection(
                 threshold=config.eject_consecutive_failures,
@@ -197,7 +197,8 @@ class ProxyCore:
         reused when no route changed.
         """
         now = self.now = self.clock()
-        table = build_table(snapshot, self.config.proxy_domain, self._route_cache, self.table)
+        table = build_table(snapshot, self.config.proxy_domain, self._route_cache, self.table,
+                            self.config.proxy_expose_by_default)  # fmt: skip
         if table is not self.table:
             conflicts = {c.describe() for c in table.conflicts}
             for text in sorted(conflicts - self._conflicts):

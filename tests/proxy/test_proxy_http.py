@@ -15,6 +15,7 @@ from tests.proxy.proxytest import (
     backends,
     connect,
     ep,
+    free_port,
     proxy_server,
     put,
     raw_backend,
@@ -520,3 +521,18 @@ async def test_bytes_on_an_idle_pooled_connection_or_behind_a_204_are_never_forw
             writer.close()
     finally:
         await backend.stop()
+
+
+async def test_an_endpoint_that_is_not_http_never_gets_a_request() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,), proxy_server(cat) as proxy:
+        put(cat, "m:dns", ep("u1", web.port, "dns", protocol="udp"))
+        put(cat, "m:web", ep("w1", web.port, "web"), ep("w2", free_port(), "web", protocol="udp", weight=100))
+        assert proxy.address is not None
+        raw = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: dns.localhost\r\nConnection: close\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 404 ")
+        async with aiohttp.ClientSession() as s:
+            for _ in range(4):
+                await get_json(s, url(proxy), "web.localhost")
+        assert stat(proxy, "web", "attempts") == 4
+    assert len(web.requests) == 4
