@@ -187,6 +187,7 @@ OPTIONS: tuple[Option, ...] = (
     # --- proxy
     Option("proxy_listen", "--proxy-listen", parse_hostport, HostPort("127.0.0.1", 8080), "HTTP proxy listener", metavar="HOST:PORT"),
     Option("proxy_domain", "--proxy-domain", _dns_domain, "localhost.", "route Host <service>.<domain> to the service"),
+    Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
@@ -233,6 +234,7 @@ class Config:
     dns_tcp_idle_timeout: float = 10.0
     proxy_listen: HostPort = HostPort("127.0.0.1", 8080)
     proxy_domain: str = "localhost."
+    proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
