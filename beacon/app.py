@@ -14,6 +14,8 @@ import signal
 import socket
 from typing import Protocol
 
+from beacon.api.consul import ConsulApi
+from beacon.api.promsd import PrometheusSd
 from beacon.config import Config
 from beacon.dns import DnsServer
 from beacon.proxy import ProxyServer
@@ -44,6 +46,8 @@ class App:
         self.health = HealthChecker(config, self.catalog, docker=self.docker)
         self.dns = DnsServer(config, self.catalog)
         self.proxy = ProxyServer(config, self.catalog)
+        self.consul = ConsulApi(config, self.catalog, manual=self.manual, node=self.node,
+                                api_address=lambda: str(self.api.address or config.api_listen))
         self.api = ApiServer(
             config,
             self.catalog,
@@ -51,6 +55,7 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
+            extensions=[self.consul, PrometheusSd(self.catalog)],
         )
         self._started: list[Component] = []
 

@@ -181,7 +181,9 @@ class ApiServer:
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
+        extensions: Iterable[Any] = (),  # route sets with install(app), start(), stop() (Consul API, Prometheus SD)
     ) -> None:
+        self._extensions = list(extensions)
         self._config = config
         self._catalog = catalog
         self._manual = manual
@@ -218,6 +220,8 @@ class ApiServer:
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
+        for extension in self._extensions:
+            extension.install(app)
         return app
 
     async def start(self) -> None:
@@ -226,6 +230,8 @@ class ApiServer:
         self._base_index = self._last.index
         self._unlisten = self._catalog.add_listener(self._on_snapshot)
         SNAPSHOT_COLLECTOR.attach(self._current_snapshot)
+        for extension in self._extensions:
+            await extension.start()
         # handler_cancellation: a client that hangs up stops its blocking query.
         runner = web.AppRunner(
             self.app,
@@ -250,6 +256,8 @@ class ApiServer:
     async def stop(self) -> None:
         # Wake blocking queries and watch streams so they end now, not at their timeout.
         self._closing.set()
+        for extension in self._extensions:
+            await extension.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
