@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -105,7 +105,7 @@ class ClusterSource:
         self._nodes: dict[str, NodeInfo] = {}
         self._published: dict[str, Endpoint] = {}  # own endpoint id -> last version written
         self._durable: dict[str, bytes] = {}  # own manual id -> durable record written
-        self._seen_services: Mapping[str, object] = {}
+        self._previous = Snapshot(index=0, services={}, endpoints={})
         self._bad_keys: set[str] = set()  # keys whose record we could not use (logged once)
         self._unlisten: list[Callable[[], None]] = []
         self._manual_task: asyncio.Task[None] | None = None
@@ -197,29 +197,11 @@ class ClusterSource:
 
     # ------------------------------------------------ local -> store (diff)
     def _on_snapshot(self, snap: Snapshot) -> None:
-        for eid in self._changed_endpoint_ids(snap):
+        # O(what changed): the catalog recorded the delta to the snapshot before.
+        delta = snap.changed_since(self._previous)
+        self._previous = snap
+        for eid in delta.endpoints_changed | delta.endpoints_removed:
             self._publish_endpoint(eid, snap.endpoints.get(eid))
-
-    def _changed_endpoint_ids(self, snap: Snapshot) -> set[str]:
-        """Endpoint ids that may differ from the previous snapshot.
-
-        Services are compared by identity (the catalog reuses unchanged
-        Service objects). TODO(registry): use Snapshot.changed_since(previous)
-        once it lands on main; this is the one place to replace.
-        """
-        seen = self._seen_services
-        ids: set[str] = set()
-        for name, svc in snap.services.items():
-            old = seen.get(name)
-            if old is not svc:
-                ids.update(e.id for e in svc.endpoints)
-                if old is not None:
-                    ids.update(e.id for e in old.endpoints)  # type: ignore[attr-defined]
-        for name, old in seen.items():
-            if name not in snap.services:
-                ids.update(e.id for e in old.endpoints)  # type: ignore[attr-defined]
-        self._seen_services = snap.services
-        return ids
 
     def _publish_endpoint(self, eid: str, ep: Endpoint | None) -> None:
         owner = self._catalog.owner_of(eid) if ep is not None else None

@@ -211,13 +211,15 @@ class EtcdStore:
             raise ValueError(f"own key {key!r} outside {self._own_prefix!r}")
         desired = self._desired[leased]
         if value is None:
-            if desired.pop(key, None) is None and key not in self._written[leased]:
-                return
+            # Deleting a key this session never wrote (one an earlier run left,
+            # say) is still a delete: etcd may hold it.
+            known = desired.pop(key, None) is not None or key in self._written[leased]
         else:
             if desired.get(key) == value:
                 return
             desired[key] = value
-        if self._written[leased].get(key) == value:
+            known = True
+        if known and self._written[leased].get(key) == value:
             self._dirty[leased].discard(key)
         else:
             self._dirty[leased].add(key)
