@@ -21,12 +21,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/beacon run $(ARGS)
 
-# Debian tools the suite uses as independent clients (dig, curl) and the test images.
+# Debian tools the suite uses as independent clients (dig, curl), etcd for the cluster tests, and the test images.
 test-deps:
 	@command -v dig >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bind9-dnsutils curl >/dev/null)
 	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@command -v etcd >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null)
 
 images:
 	bash tests/images/build.sh
