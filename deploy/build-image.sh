@@ -36,8 +36,10 @@ if [ "$(cat "$wheels/.stamp" 2>/dev/null || true)" != "$stamp" ]; then
 fi
 
 old="$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
-docker build -q --build-arg "BASE=$base" --build-arg PIP_INSTALL_ARGS=--no-index -t "$tag" "$root" >/dev/null 2>"$root/deploy/wheels/.build.log" || {
-  cat "$root/deploy/wheels/.build.log" >&2; exit 1; }
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+docker build -q --build-arg "BASE=$base" --build-arg PIP_INSTALL_ARGS=--no-index -t "$tag" "$root" >/dev/null 2>"$log" || {
+  cat "$log" >&2; exit 1; }
 new="$(docker image inspect -f '{{.Id}}' "$tag")"
 # The image this tag pointed to before is ours and now unnamed: free it (its
 # layers that the new image shares stay, so the build cache keeps working).
