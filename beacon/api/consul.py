@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from multidict import MultiMapping
@@ -931,6 +931,24 @@ def _always_leader() -> tuple[bool, float]:
     return True, 0.0
 
 
+class _Store(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def last_sync_age(self) -> float | None: ...
+
+
+def store_leader(store: _Store) -> Leader:
+    """X-Consul-KnownLeader / LastContact from the shared store (etcd mode): known while it is
+    connected; last contact is the age of the last successful sync with it."""
+
+    def leader() -> tuple[bool, float]:
+        age = store.last_sync_age()
+        return store.connected, 0.0 if age is None else age
+
+    return leader
+
+
 class ConsulApi:
     """The Consul-compatible routes, mounted on the API's aiohttp application by `install`.
 
@@ -949,14 +967,14 @@ class ConsulApi:
         datacenter: str = DATACENTER,
         local_address: str = "",
         api_address: Callable[[], str] | None = None,
-        leader: Leader = _always_leader,
+        leader: Leader | None = None,  # None: one node, always its own leader
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._catalog = catalog
         self._manual = manual
         self._datacenter = datacenter
-        self._leader = leader
+        self._leader = leader or _always_leader
         self._rand = rand
         self._api_address = api_address or (lambda: str(config.api_listen))
         token = config.api_token.encode("utf-8", "surrogateescape")
@@ -1316,4 +1334,5 @@ __all__ = [
     "parse_go_duration",
     "parse_query_options",
     "registration_from_consul",
+    "store_leader",
 ]
