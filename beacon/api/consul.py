@@ -1218,16 +1218,15 @@ class ConsulApi:
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        allowed = sorted({
-            route.method
-            for resource in request.app.router.resources()
-            for route in resource
-            if route.handler != self._unknown and route.method != "*"
-            and resource.get_info().get("path") == path
-        })
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if any(route.handler == self._unknown for route in resource):
+                continue
+            _, methods = await resource.resolve(request)  # the methods of a resource whose path matches
+            allowed |= methods
         if allowed:
             return web.Response(status=405, text=f"method {request.method} not allowed",
-                                headers={"Allow": ", ".join(allowed)})
+                                headers={"Allow": ", ".join(sorted(allowed))})
         return web.Response(
             status=404,
             text=f"Beacon does not serve {path}: its Consul-compatible API covers /v1/catalog/services, "
