@@ -93,6 +93,7 @@ class ProxyCore:
         self._trust_cache: dict[str, bool] = {}
         self._route_cache: dict[str, tuple[Service, list[Route]]] = {}
         self._pool_sources: dict[str, Service] = {}
+        self._snapshot: Snapshot | None = None  # the last one applied
         self._conflicts: set[str] = set()
         self._rid_prefix = os.urandom(5).hex().encode() + b"-"
         self._rid = itertools.count(1)
@@ -192,13 +193,15 @@ class ProxyCore:
     def apply(self, snapshot: Snapshot) -> None:
         """Swap in routes and pools for a new snapshot (established connections stay).
 
-        Called inside the catalog's publish, so it is incremental: only services
-        whose Service object changed are rebuilt, and the routing table is
-        reused when no route changed.
+        Called inside the catalog's publish, so it is incremental: only the
+        services `snapshot.changed_since` the last one names are rebuilt, and
+        the routing table is reused when no route changed.
         """
         now = self.now = self.clock()
+        previous, self._snapshot = self._snapshot, snapshot
+        delta = snapshot.changed_since(previous) if previous is not None else None
         table = build_table(snapshot, self.config.proxy_domain, self._route_cache, self.table,
-                            self.config.proxy_expose_by_default)  # fmt: skip
+                            self.config.proxy_expose_by_default, delta)  # fmt: skip
         if table is not self.table:
             conflicts = {c.describe() for c in table.conflicts}
             for text in sorted(conflicts - self._conflicts):
@@ -206,8 +209,12 @@ class ProxyCore:
             self._conflicts = conflicts
         services = snapshot.services
         old_sources = self._pool_sources
-        changed = [name for name, svc in services.items() if old_sources.get(name) is not svc]
-        removed = [name for name in old_sources if name not in services]
+        if delta is None:
+            changed = list(services)
+            removed = [name for name in old_sources if name not in services]
+        else:
+            changed = [name for name in delta.services_changed if old_sources.get(name) is not services.get(name)]
+            removed = [name for name in delta.services_removed if name in old_sources]
         if not changed and not removed:
             self.table = table
             return
