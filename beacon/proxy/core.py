@@ -178,6 +178,12 @@ class ProxyCore:
             up.close()  # idle in the pool too long
             return
         up.detach()
+        if not ex.request_done and not ex.response_started:
+            # The client is still sending its body: the wait is its doing, not
+            # the endpoint's (a slow or stalled client must not eject it).
+            self.endpoint_done(ex, None, neutral=True)
+            self._fail(ex, 408, "request body timeout")
+            return
         if ex.response_started and not self._unstart(ex):
             log.warning("timeout: upstream %s:%d stalled mid-response", up.state.address, up.state.port)
             self.endpoint_done(ex, FailureKind.STALLED)
@@ -416,14 +422,17 @@ class ProxyCore:
             conn.pause_reading()
 
     # ------------------------------------------------------------- outcomes
-    def endpoint_done(self, ex: Exchange, failure: FailureKind | None) -> None:
-        """The exchange's try is over: tell the balancer how it went."""
+    def endpoint_done(self, ex: Exchange, failure: FailureKind | None, neutral: bool = False) -> None:
+        """The exchange's try is over: tell the balancer how it went (`neutral`:
+        it says nothing about the endpoint, e.g. the client went away)."""
         state = ex.endpoint
         if state is None:
             return
         ex.endpoint = None
         balancer = self.balancer
         balancer.drop(state)
+        if neutral:
+            return
         if failure is None:
             balancer.success(state)
             return
@@ -541,7 +550,7 @@ class ProxyCore:
         ex.upstream = None
         if up is not None:
             up.detach()  # mid-request or mid-response: the connection is out of sync
-        self.endpoint_done(ex, None)
+        self.endpoint_done(ex, None, neutral=True)
 
 
 def client_factory(core: ProxyCore) -> Callable[[], asyncio.Protocol]:

@@ -144,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.in_head:
             self.deadline = core.now + core.idle_timeout
+        heading = self.cur if self.in_head else None  # a head in progress before this chunk
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -151,7 +152,12 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
             return
-        if self.in_head:
+        if self.in_head and self.cur is heading:
+            # The same head spans the whole chunk: count it all (httptools
+            # buffers a header line it has not finished, so this is the bound
+            # on that). A head that began inside this chunk is not counted for
+            # it - the chunk also held the requests before it - only for the
+            # next ones: the bound is then the limit plus one read.
             self.head_raw += len(data)
             if self.head_raw > core.max_header_size:
                 self._reject(RequestRejected(431, "request header too large"))

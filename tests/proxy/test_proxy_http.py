@@ -536,3 +536,23 @@ async def test_an_endpoint_that_is_not_http_never_gets_a_request() -> None:
                 await get_json(s, url(proxy), "web.localhost")
         assert stat(proxy, "web", "attempts") == 4
     assert len(web.requests) == 4
+
+
+async def test_thousands_of_pipelined_requests_are_all_answered_without_a_spurious_431() -> None:
+    def ok(head: bytes, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    backend = await raw_backend(ok)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:raw", ep("r1", backend.port, "raw"))
+            assert proxy.address is not None
+            n = 5000
+            one = b"GET /p HTTP/1.1\r\nHost: raw.localhost\r\nX-Pad: %s\r\n\r\n" % (b"p" * 20)
+            last = b"GET /p HTTP/1.1\r\nHost: raw.localhost\r\nConnection: close\r\n\r\n"
+            raw = await raw_request(proxy.address, one * (n - 1) + last, timeout=30)
+    finally:
+        await backend.stop()
+    assert raw.count(b"HTTP/1.1 431 ") == 0
+    assert raw.count(b"HTTP/1.1 200 ") == n

@@ -399,3 +399,30 @@ async def test_a_try_waiting_on_an_endpoint_that_leaves_the_catalog_is_retried_a
             assert status == 200 and '"backend": "good"' in body
     finally:
         await silent.stop()
+
+
+async def test_a_slow_client_body_is_a_408_and_never_counts_against_the_endpoint() -> None:
+    # POST with Content-Length 100 and a body that trickles: the try timeout
+    # runs out while the client is still sending - the client's fault.
+    cat = Catalog()
+    clock = ManualClock()
+    async with backends("web") as (web,), proxy_server(
+        cat, clock, proxy_try_timeout=30.0, proxy_header_timeout=0.2, eject_consecutive_failures=1
+    ) as proxy:
+        put(cat, "m:web", ep("web1", web.port), ep("web2", web.port))
+        for _ in range(2):  # one failure would eject either endpoint
+            reader, writer = await connect(proxy)
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 100\r\n\r\nx")
+            await eventually(lambda: in_flight(proxy, "web") == 1)
+            for _ in range(7):  # a byte every 5 s (of the proxy's clock): past the 30 s try timeout
+                clock.advance(5.0)
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)  # pacing: the proxy reads the byte and ticks before time moves on
+            answer = await asyncio.wait_for(reader.read(-1), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+        assert stat(proxy, "web", "ejections") == 0
+        assert in_flight(proxy, "web") == 0
+        ok = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n" + CLOSE + b"\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 ")
