@@ -295,6 +295,10 @@ class ProxyCore:
         host = ex.host
         if ex.method == b"CONNECT":
             ex.error = ex.error or (405, "CONNECT is not supported by this reverse proxy")
+        elif ex.method == b"TRACE":
+            # It would echo the request back, cookies and credentials included
+            # (cross-site tracing); nginx answers 405 too.
+            ex.error = ex.error or (405, "TRACE is not supported by this reverse proxy")
         if url[:1] != b"/":
             if url == b"*":
                 url = b"/"
