@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import random
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,8 @@ class ProxyCore:
         self.connect_timeout = config.proxy_connect_timeout
         self.max_header_size = config.proxy_max_header_size
         self.max_body_size = config.proxy_max_body_size
+        self.max_connections = config.proxy_max_connections or default_max_connections()
+        self._at_cap = False
         self._trusted = config.trusted_proxies
         self._trust_cache: dict[str, bool] = {}
         self._route_cache: dict[str, tuple[Service, list[Route]]] = {}
@@ -132,13 +135,30 @@ class ProxyCore:
         return self.metrics.to_json(len(self.clients), len(self.pool), len(self.table.conflicts),
                                     self.balancer.in_flight())  # fmt: skip
 
-    def client_opened(self, client: ClientConnection) -> bool:
-        """A client connected; False if it must be closed at once (draining)."""
+    def client_opened(self, client: ClientConnection) -> str | None:
+        """A client connected: None to serve it, else why it must be closed at once."""
+        if self.stopping:
+            self.clients.add(client)
+            return ""
+        if len(self.clients) >= self.max_connections:
+            # Make room from an idle keep-alive connection (as nginx reuses
+            # them) before refusing; the scan only happens at the cap.
+            idle = next((c for c in self.clients if c.is_idle() and not c.closing), None)
+            if idle is None:
+                self.metrics.refused_connections += 1
+                if not self._at_cap:
+                    self._at_cap = True
+                    log.warning("refused: proxy connections at the cap (--proxy-max-connections %d); "
+                                "new ones get a 503 until some close", self.max_connections)  # fmt: skip
+                return "too many connections"
+            idle.close()
         self.clients.add(client)
-        return not self.stopping
+        return None
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        if self._at_cap and len(self.clients) < self.max_connections * 0.9:
+            self._at_cap = False  # the next time the cap is hit is logged again
         if self._drained is not None and not self.clients:
             self._drained.set()
 
@@ -555,6 +575,22 @@ class ProxyCore:
         if up is not None:
             up.detach()  # mid-request or mid-response: the connection is out of sync
         self.endpoint_done(ex, None, neutral=True)
+
+
+# File descriptors left to everything but proxied connections: the API, DNS,
+# the Docker socket, health checks (a check failing with EMFILE would pull a
+# healthy endpoint), logs.
+FD_RESERVE_MIN = 256
+
+
+def default_max_connections() -> int:
+    """Client connections that fit the open-file limit, each with an upstream
+    connection, after a reserve for the control plane; at most 10,000."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    reserve = max(FD_RESERVE_MIN, soft // 8)
+    return max(16, min(10_000, (soft - reserve) // 2))
 
 
 def client_factory(core: ProxyCore) -> Callable[[], asyncio.Protocol]:

@@ -96,7 +96,11 @@ class ClientConnection(asyncio.Protocol):
         self.xff_line = b"X-Forwarded-For: " + self.peer + CRLF
         self.forwarded = self.xff_line + b"X-Forwarded-Proto: http\r\n"
         self.deadline = core.now + core.header_timeout
-        if not core.client_opened(self):
+        refused = core.client_opened(self)
+        if refused is not None:
+            self.mode = MODE_CLOSING
+            if refused:
+                transport.write(error_response(503, refused, core.next_request_id(), True))
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -112,6 +116,10 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         self.queue.clear()
         self.cur = None
+
+    @property
+    def closing(self) -> bool:
+        return self.mode == MODE_CLOSING
 
     def close(self) -> None:
         self.mode = MODE_CLOSING
