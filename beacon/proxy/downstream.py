@@ -100,7 +100,7 @@ class ClientConnection(asyncio.Protocol):
         if refused is not None:
             self.mode = MODE_CLOSING
             if refused:
-                transport.write(error_response(503, refused, core.next_request_id(), True))
+                self.transport.write(error_response(503, refused, core.next_request_id(), True))
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
