@@ -14,6 +14,8 @@ import signal
 import socket
 from typing import Protocol
 
+from beacon.api.consul import ConsulApi
+from beacon.api.promsd import PrometheusSd
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
 from beacon.proxy import ProxyServer
@@ -54,6 +56,8 @@ class App:
             self.cluster = ClusterSource(self.catalog, store, node=self.node, manual=self.manual)
         self.dns = DnsServer(config, self.catalog)
         self.proxy = ProxyServer(config, self.catalog)
+        self.consul = ConsulApi(config, self.catalog, manual=self.manual, node=self.node,
+                                api_address=lambda: str(self.api.address or config.api_listen))
         self.api = ApiServer(
             config,
             self.catalog,
@@ -63,6 +67,7 @@ class App:
             routes=self.proxy.routes_json,
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
+            extensions=[self.consul, PrometheusSd(self.catalog)],
         )
         self._started: list[Component] = []
 

@@ -225,9 +225,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("dns_recursors", "--dns-recursors", _recursor, None, "upstream resolvers for other names (default: /etc/resolv.conf; 'none': refuse)", repeated=True, metavar="IP[:PORT]"),
     Option("dns_recursor_timeout", "--dns-recursor-timeout", _positive_duration, 2.0, "timeout per upstream try"),
     Option("dns_allow", "--dns-allow", _network, None, "networks allowed to use forwarding when listening beyond loopback (default: loopback and Docker networks)", repeated=True, metavar="CIDR"),
+    Option("dns_tcp_max_connections", "--dns-tcp-max-connections", _positive_int, 256, "DNS/TCP connections open at once; more are closed at accept"),
+    Option("dns_tcp_idle_timeout", "--dns-tcp-idle-timeout", _positive_duration, 10.0, "close a DNS/TCP connection that completes no query for this long"),
     # --- proxy
     Option("proxy_listen", "--proxy-listen", parse_hostport, HostPort("127.0.0.1", 8080), "HTTP proxy listener", metavar="HOST:PORT"),
     Option("proxy_domain", "--proxy-domain", _dns_domain, "localhost.", "route Host <service>.<domain> to the service"),
+    Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
@@ -278,8 +281,11 @@ class Config:
     dns_recursor_timeout: float = 2.0
     # None: loopback plus the Docker networks, found at start.
     dns_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    dns_tcp_max_connections: int = 256
+    dns_tcp_idle_timeout: float = 10.0
     proxy_listen: HostPort = HostPort("127.0.0.1", 8080)
     proxy_domain: str = "localhost."
+    proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

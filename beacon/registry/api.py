@@ -183,7 +183,9 @@ class ApiServer:
         heartbeat_interval: float = 15.0,
         nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
         store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
+        extensions: Iterable[Any] = (),  # route sets with install(app), start(), stop() (Consul API, Prometheus SD)
     ) -> None:
+        self._extensions = list(extensions)
         self._config = config
         self._catalog = catalog
         self._manual = manual
@@ -223,6 +225,8 @@ class ApiServer:
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
+        for extension in self._extensions:
+            extension.install(app)
         return app
 
     async def start(self) -> None:
@@ -231,6 +235,8 @@ class ApiServer:
         self._base_index = self._last.index
         self._unlisten = self._catalog.add_listener(self._on_snapshot)
         SNAPSHOT_COLLECTOR.attach(self._current_snapshot)
+        for extension in self._extensions:
+            await extension.start()
         # handler_cancellation: a client that hangs up stops its blocking query.
         runner = web.AppRunner(
             self.app,
@@ -255,6 +261,8 @@ class ApiServer:
     async def stop(self) -> None:
         # Wake blocking queries and watch streams so they end now, not at their timeout.
         self._closing.set()
+        for extension in self._extensions:
+            await extension.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
