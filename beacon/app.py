@@ -65,9 +65,9 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
+            extensions=[self.consul, PrometheusSd(self.catalog)],
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
-            extensions=[self.consul, PrometheusSd(self.catalog)],
         )
         self._started: list[Component] = []
 

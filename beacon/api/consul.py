@@ -40,6 +40,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -211,7 +212,7 @@ class IndexTracker:
         self._node: dict[str, int] = {}
         self._endpoints: dict[str, _EndpointIndex] = {}
         self._node_members: dict[str, set[str]] = {}  # node -> endpoint ids
-        self._last = Snapshot.empty()
+        self._last = Snapshot(index=0, services=MappingProxyType({}), endpoints=MappingProxyType({}))
         self.update(snapshot)
 
     def consul(self, snapshot_index: int) -> int:

@@ -181,9 +181,9 @@ class ApiServer:
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
+        extensions: Iterable[Any] = (),  # route sets with install(app), start(), stop() (Consul API, Prometheus SD)
         nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
         store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
-        extensions: Iterable[Any] = (),  # route sets with install(app), start(), stop() (Consul API, Prometheus SD)
     ) -> None:
         self._extensions = list(extensions)
         self._config = config
