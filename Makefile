@@ -58,6 +58,10 @@ bench-dns: $(VENV)/.installed-dev
 bench-proxy: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.proxy $(ARGS)
 
+# Cluster: propagation over two real Docker hosts, and 1,000 x 100 simulated endpoints on a real etcd.
+bench-cluster: $(VENV)/.installed-dev images test-deps
+	$(BIN)/python -m bench.cluster $(ARGS)
+
 bench: bench-registry bench-dns bench-proxy
 
 # Bounded (at most 10 min): container churn + proxy/DNS load + watchers; prints RSS, fds, p99s over time.
