@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench soak clean
+.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench-cluster bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
