@@ -40,7 +40,7 @@ def endpoint_to_wire(ep: Endpoint, *, full: bool = False) -> bytes:
         "meta": dict(ep.meta),
         "source": ep.source.to_json(),
     }
-    for name in ("dns_ttl", "lb", "http_path_prefix"):
+    for name in ("dns_ttl", "lb", "http_path_prefix", "locality"):
         if (value := getattr(ep, name)) is not None:
             out[name] = value
     if ep.http_hosts:
@@ -156,6 +156,7 @@ def endpoint_from_wire(raw: bytes, *, node: str) -> Endpoint:
         meta=MappingProxyType(dict(sorted(meta.items()))),
         dns_ttl=_int(d, "dns_ttl", 0, 2**31 - 1, None),
         lb=_get(d, "lb", str, None),
+        locality=_get(d, "locality", str, None),
         http_hosts=_strings(d, "http_hosts"),
         http_path_prefix=_get(d, "http_path_prefix", str, None),
         http_strip_prefix=bool(_get(d, "http_strip_prefix", bool, False)),
