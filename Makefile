@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench soak clean
+.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench-cluster bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-dns: $(VENV)/.installed-dev
 
 bench-proxy: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.proxy $(ARGS)
+
+# Cluster: propagation over two real Docker hosts, and 1,000 x 100 simulated endpoints on a real etcd.
+bench-cluster: $(VENV)/.installed-dev images test-deps
+	$(BIN)/python -m bench.cluster $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
 

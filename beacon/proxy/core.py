@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,7 @@ class ProxyCore:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
+        self._local_node = config.node or socket.gethostname()  # as App names this node
         self.loop = loop
         self.clock = clock or loop.time
         self.metrics = ProxyMetrics()
@@ -262,7 +264,9 @@ class ProxyCore:
             except ValueError as exc:
                 log.warning("ignored: beacon.lb of service %s: %s", name, exc)
                 policy, sticky = self.config.lb, False
-            retired += balancer.update_service(svc, policy, sticky, now)
+            # Cluster hook: beacon.lb.locality=prefer-local prefers this node's endpoints.
+            prefer = self._local_node if any(ep.locality == "prefer-local" for ep in svc.endpoints) else None
+            retired += balancer.update_service(svc, policy, sticky, now, prefer_node=prefer)
             if old is not None:
                 retired += balancer.forget(old, endpoints)
         self._pool_sources = sources
