@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench-cluster bench soak clean
+.PHONY: run test test-deps lint images image bench bench-registry bench-dns bench-proxy soak clean
+.PHONY: bench-cluster bench-consul bench-tls
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,9 @@ bench-proxy: $(VENV)/.installed-dev
 # Cluster: propagation over two real Docker hosts, and 1,000 x 100 simulated endpoints on a real etcd.
 bench-cluster: $(VENV)/.installed-dev images test-deps
 	$(BIN)/python -m bench.cluster $(ARGS)
+
+bench-consul: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.consul $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
 
