@@ -107,7 +107,7 @@ MODE_HTTP, MODE_UPGRADING, MODE_TUNNEL, MODE_CLOSING = range(4)
 PAUSE_PIPELINE, PAUSE_BUFFER, PAUSE_UPSTREAM = 1, 2, 4
 
 REASONS = {
-    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    200: b"OK", 308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }  # fmt: skip
@@ -139,12 +139,13 @@ def status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
-def error_response(status: int, message: str, request_id: bytes, close: bool, head_only: bool = False) -> bytes:
+def error_response(status: int, message: str, request_id: bytes, close: bool, head_only: bool = False,
+                   extra: bytes = b"") -> bytes:
     body = message.encode("utf-8", "replace") + b"\n"
     parts = [
         status_line(status, REASONS.get(status, b"Error")),
         b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
-        b"X-Request-Id: " + request_id + CRLF,
+        b"X-Request-Id: " + request_id + extra + CRLF,  # extra: b"\r\nName: value" lines
         b"Connection: close\r\n" if close else b"",
         CRLF,
         b"" if head_only else body,
@@ -161,7 +162,7 @@ class Exchange:
 
     __slots__ = (
         "attempts", "body_log", "body_log_size", "body_size", "chunked", "cl", "client",
-        "close_client", "conn_value", "cookie", "done", "endpoint", "error", "expect", "head",
+        "close_client", "conn_value", "cookie", "done", "endpoint", "error", "expect", "extra", "head",
         "host", "http11", "idempotent", "is_head", "keep_alive", "last_failure", "lines",
         "method", "pending", "pending_size", "reqid", "request_done", "response_started",
         "route", "set_cookie", "stats", "status", "t0", "tried", "upgrade",
@@ -209,6 +210,7 @@ class Exchange:
         self.attempts = 0
         self.last_failure = ""
         self.set_cookie: bytes | None = None
+        self.extra = b""  # response header lines (b"\r\nName: value") the TLS hooks add
         self.t0 = time.perf_counter()
 
     # --------------------------------------------------------- request body
@@ -235,6 +237,9 @@ class Exchange:
 
 class ClientConnection(asyncio.Protocol):
     """The downstream side: parses requests, answers errors, streams responses."""
+
+    forwarded_proto = b"X-Forwarded-Proto: http\r\n"  # TLS connections (tls/frontend.py) say https
+    tls = False
 
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
@@ -273,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = ip.encode()
         self.trusted = core.is_trusted(ip)
         self.xff_line = b"X-Forwarded-For: " + self.peer + CRLF
-        self.forwarded = self.xff_line + b"X-Forwarded-Proto: http\r\n"
+        self.forwarded = self.xff_line + self.forwarded_proto
         self.deadline = core.now + core.header_timeout
         if core.stopping:
             transport.close()
@@ -876,6 +881,8 @@ class UpstreamConnection(asyncio.Protocol):
             parts = [b"HTTP/1.1", buf[start + 8 : first], block, b"\r\nX-Request-Id: ", ex.reqid]
         if ex.set_cookie is not None:
             parts.append(ex.set_cookie)
+        if ex.extra:
+            parts.append(ex.extra)
         if status == 101:
             parts.append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade_value or b""))
         elif mode == BODY_CHUNKED:
@@ -996,6 +1003,8 @@ class ProxyCore:
         self._sweeper: asyncio.TimerHandle | None = None
         self._tick = max(0.02, min(1.0, min(self.header_timeout, self.idle_timeout, self.try_timeout) / 4))
         self._last_log: dict[str, float] = {}
+        # Set by the TLS frontend: may answer a request before routing (ex.error / ex.extra).
+        self.intercept: Callable[[Exchange, bytes, bytes], None] | None = None
 
     # ------------------------------------------------------------- lifecycle
     def start_timers(self) -> None:
@@ -1196,6 +1205,8 @@ class ProxyCore:
             host = b""
         if ex.cl is not None and self.max_body_size and int(ex.cl) > self.max_body_size:
             ex.error = ex.error or (413, f"request body larger than {self.max_body_size} bytes")
+        if self.intercept is not None and ex.error is None:
+            self.intercept(ex, host, url)  # TLS: ACME challenge, https redirect, HSTS
         if ex.error is not None:
             ex.stats = self.metrics.service(UNROUTED)
             return
@@ -1224,7 +1235,7 @@ class ProxyCore:
         else:
             parts.append(ex.client.xff_line if ex.xff is None else
                          b"X-Forwarded-For: " + ex.xff + b", " + ex.client.peer + CRLF)  # fmt: skip
-            parts.append(b"X-Forwarded-Proto: http\r\n" if ex.xfp is None else b"X-Forwarded-Proto: " + ex.xfp + CRLF)
+            parts.append(ex.client.forwarded_proto if ex.xfp is None else b"X-Forwarded-Proto: " + ex.xfp + CRLF)
         parts += (b"X-Forwarded-Host: ", host if ex.xfh is None else ex.xfh, b"\r\nX-Request-Id: ", ex.reqid, CRLF)
         if upgrade and ex.upgrade_value is not None:
             ex.upgrade = True
@@ -1245,7 +1256,7 @@ class ProxyCore:
             body_pending = not ex.request_done and (ex.chunked or ex.cl not in (None, b"0"))
             close = ex.close_client or not ex.keep_alive or self.stopping or body_pending or status in CLOSING_ERRORS
             ex.close_client = close
-            client.out.append(error_response(status, message, ex.reqid or b"-", close, ex.is_head))
+            client.out.append(error_response(status, message, ex.reqid or b"-", close, ex.is_head, ex.extra))
             ex.response_started = True
             ex.status = status
             self.finish(ex)
