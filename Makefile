@@ -25,6 +25,8 @@ run: $(VENV)/.installed
 test-deps:
 	@command -v dig >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bind9-dnsutils curl >/dev/null)
+	@command -v pebble >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null)
 
 images:
 	bash tests/images/build.sh

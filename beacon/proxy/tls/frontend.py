@@ -73,10 +73,15 @@ class TlsClientConnection(ClientConnection):
     forwarded_proto = b"X-Forwarded-Proto: https\r\n"
     tls = True
 
+    def __init__(self, core: ProxyCore, frontend: TlsFrontend) -> None:
+        super().__init__(core)
+        self.frontend = frontend
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None and sslobj.selected_alpn_protocol() == ALPN_ACME:
+            self.frontend.tls_alpn_validations += 1
             transport.close()  # a TLS-ALPN-01 validation: the handshake was the answer (RFC 8737)
             return
         # Only the first chunk can be an HTTP/2 preface; later chunks go straight
@@ -111,6 +116,7 @@ class TlsFrontend:
         self._https_suffix = b""
         self._dir_task: asyncio.Task[None] | None = None
         self._logged_problems: set[str] = set()
+        self.tls_alpn_validations = 0  # TLS-ALPN-01 handshakes seen (the ACME server's)
         if config.acme_storage:
             store = FileCertStore(config.acme_storage)
             store.open()
@@ -141,7 +147,7 @@ class TlsFrontend:
             sock.setblocking(False)
             core = self.core
             self.server = await loop.create_server(
-                lambda: TlsClientConnection(core), sock=sock, backlog=1024, ssl=ctx,
+                lambda: TlsClientConnection(core, self), sock=sock, backlog=1024, ssl=ctx,
                 ssl_handshake_timeout=self.config.proxy_header_timeout,
             )  # fmt: skip
         except BaseException:

@@ -16,8 +16,9 @@ import hashlib
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,8 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 ORDER_DEADLINE = 120.0  # seconds for validation + finalization of one order
 NETWORK_TIMEOUT = 15
+BAD_NONCE_TRIES = 4
+T = TypeVar("T")
 
 
 @challenges.ChallengeResponse.register
@@ -52,6 +55,19 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
 
     def validation(self, account_key: JWK, **unused: Any) -> str:
         return self.key_authorization(account_key)
+
+
+def retry_bad_nonce(call: Callable[..., T], *args: Any) -> T:
+    """Call an ACME operation again on badNonce (servers reject nonces at will;
+    Pebble does it to 5 % on purpose). `acme` retries one POST once; a second
+    rejection in a row would otherwise fail the whole order."""
+    for attempt in range(BAD_NONCE_TRIES):
+        try:
+            return call(*args)
+        except messages.Error as exc:
+            if exc.code != "badNonce" or attempt == BAD_NONCE_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class ChallengeBook:
@@ -124,7 +140,7 @@ class AcmeIssuer:
             verify: Any = self.ca_bundle or True  # requests takes a CA bundle path here
             net = client.ClientNetwork(key, alg=ES256, verify_ssl=verify, user_agent="beacon",
                                        timeout=NETWORK_TIMEOUT)  # fmt: skip
-            directory = client.ClientV2.get_directory(self.directory_url, net)
+            directory = retry_bad_nonce(client.ClientV2.get_directory, self.directory_url, net)
             acme = client.ClientV2(directory, net)
             reg_name = f"account/{self._account_id}.json"
             stored = self.store.read(reg_name)
@@ -134,9 +150,9 @@ class AcmeIssuer:
                 contact = (f"mailto:{self.email}",) if self.email else ()
                 new = messages.NewRegistration(contact=contact, terms_of_service_agreed=True)
                 try:
-                    regr = acme.new_account(new)
+                    regr = retry_bad_nonce(acme.new_account, new)
                 except errors.ConflictError as exc:  # the key has an account already
-                    regr = acme.query_registration(messages.RegistrationResource(uri=exc.location))
+                    regr = retry_bad_nonce(acme.query_registration, messages.RegistrationResource(uri=exc.location))
                 net.account = regr
                 self.store.write(reg_name, regr.json_dumps().encode())
                 log.info("added: ACME account %s at %s", regr.uri, self.directory_url)
@@ -162,7 +178,7 @@ class AcmeIssuer:
         assert key is not None
         cert_key = new_key_pem()
         csr = crypto_util.make_csr(cert_key, [host])
-        order = acme.new_order(csr)
+        order = retry_bad_nonce(acme.new_order, csr)
         answered: list[tuple[str | None, str | None]] = []
         try:
             for authz in order.authorizations:
@@ -170,7 +186,7 @@ class AcmeIssuer:
                     continue  # reused authorization
                 answered.append(self._answer(acme, key, host, authz))
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_DEADLINE)
-            done = acme.poll_and_finalize(order, deadline)
+            done = retry_bad_nonce(acme.poll_and_finalize, order, deadline)
         finally:
             for token, alpn_host in answered:
                 self.book.remove(token=token, host=alpn_host)
@@ -191,10 +207,10 @@ class AcmeIssuer:
             token = chall.encode("token")
             if typ == "http-01":
                 self.book.put_http01(token, validation)
-                acme.answer_challenge(body, response)
+                retry_bad_nonce(acme.answer_challenge, body, response)
                 return token, None
             self.book.put_alpn(host, tls_alpn_challenge_context(host, validation))
-            acme.answer_challenge(body, response)
+            retry_bad_nonce(acme.answer_challenge, body, response)
             return None, host
         raise errors.Error(f"the ACME server offers neither http-01 nor tls-alpn-01 for {host}")
 
