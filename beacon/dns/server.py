@@ -80,19 +80,6 @@ _Lookup = _Entry | _Forward | bytes | None
 _DepIndex = dict[str | None, list[bytes]]
 
 
-def changed_services(old: Snapshot, new: Snapshot) -> set[str]:
-    """Lowercased names (the zone's keys) whose Service object is not the same.
-
-    Identity, not equality: the catalog keeps the very object of a service it
-    did not rebuild, and a rebuilt one may compare equal, which is fine to
-    treat as changed (one more miss, never a stale answer).
-    """
-    if old is new:
-        return set()
-    o, n = old.services, new.services
-    return {name.lower() for name in o.keys() | n.keys() if o.get(name) is not n.get(name)}
-
-
 class DnsServer:
     def __init__(
         self,
@@ -247,7 +234,8 @@ class DnsServer:
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         # Runs in the loop thread between two reads: the cache is never seen
         # half-pruned. The zone is rebuilt on the first miss.
-        changed = changed_services(self._snapshot, snapshot)
+        # The zone's keys are lowercased names.
+        changed = {name.lower() for name in snapshot.changed_since(self._snapshot).services_touched}
         self._snapshot = snapshot
         self._zone = None
         self._prune(self._cache, self._deps, changed)

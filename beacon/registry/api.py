@@ -130,25 +130,6 @@ def parse_states(raw: str | None) -> frozenset[State] | None:
     return frozenset(states)
 
 
-def changed_services(old: Snapshot, new: Snapshot, only: str | None = None) -> tuple[list[str], list[str]]:
-    """Names of services changed (or added) and removed between two snapshots.
-
-    The catalog keeps unchanged `Service` objects, so identity settles almost
-    every comparison without walking endpoints.
-    """
-    names: Iterable[str] = (only,) if only is not None else new.services.keys() | old.services.keys()
-    changed, removed = [], []
-    for name in names:
-        before, after = old.services.get(name), new.services.get(name)
-        if before is after:
-            continue
-        if after is None:
-            removed.append(name)
-        elif before != after:
-            changed.append(name)
-    return sorted(changed), sorted(removed)
-
-
 def filter_endpoints(
     snap: Snapshot, service: str | None, tag: str | None, states: frozenset[State] | None
 ) -> list[Endpoint]:
@@ -285,11 +266,11 @@ class ApiServer:
             self._unlisten = None
 
     def _on_snapshot(self, snap: Snapshot) -> None:
-        changed, removed = changed_services(self._last, snap)
-        for name in (*changed, *removed):
+        delta = snap.changed_since(self._last)
+        for name in delta.services_touched:
             self._service_index[name] = snap.index
         self._last = snap
-        if removed and len(self._service_index) > len(snap.services) + 10_000:
+        if delta.services_removed and len(self._service_index) > len(snap.services) + 10_000:
             # Forget removed names; an unknown name falls back to the base index.
             self._base_index = snap.index
             self._service_index = {n: i for n, i in self._service_index.items() if n in snap.services}
@@ -499,13 +480,16 @@ class ApiServer:
                 new = await self._next_snapshot(snap.index, timeout)
                 if self._closing.is_set():
                     break
-                changed, removed = changed_services(snap, new, only)
+                delta = new.changed_since(snap)
+                changed, removed = delta.services_changed, delta.services_removed
+                if only is not None:
+                    changed, removed = changed & {only}, removed & {only}
                 snap = new
                 if changed or removed:
                     data = {
                         "index": new.index,
-                        "services": [new.services[n].to_json() for n in changed],
-                        "removed": removed,
+                        "services": [new.services[n].to_json() for n in sorted(changed)],
+                        "removed": sorted(removed),
                     }
                     await response.write(_sse("change", new.index, data))
                     last_write = loop.time()
@@ -549,4 +533,4 @@ def _sse(event: str, index: int, data: object) -> bytes:
     return f"id: {index}\nevent: {event}\ndata: {payload}\n\n".encode()
 
 
-__all__ = ["ApiError", "ApiServer", "BlockingQuery", "changed_services", "parse_blocking"]
+__all__ = ["ApiError", "ApiServer", "BlockingQuery", "parse_blocking"]
