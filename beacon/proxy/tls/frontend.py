@@ -47,7 +47,7 @@ from beacon.proxy.tls.issuer import AcmeIssuer, ChallengeBook
 from beacon.proxy.tls.manager import CertificateManager
 from beacon.proxy.tls.policy import SiteTable, build_sites, may_order
 from beacon.proxy.tls.store import FileCertStore
-from beacon.registry.model import Service, Snapshot
+from beacon.registry.model import Snapshot
 
 if TYPE_CHECKING:
     from beacon.proxy.datapath import ProxyCore
@@ -111,8 +111,8 @@ class TlsFrontend:
         self.file_certs: dict[str, Certificate] = {}
         self.manager: CertificateManager | None = None
         self.server: asyncio.Server | None = None
-        self._site_memo: dict[str, Service] = {}
-        self._services: Any = {}
+        self._site_memo: dict[str, Any] = {}  # policy.build_sites' per-service cache
+        self._snapshot: Snapshot | None = None
         self._https_suffix = b""
         self._dir_task: asyncio.Task[None] | None = None
         self._logged_problems: set[str] = set()
@@ -183,27 +183,23 @@ class TlsFrontend:
 
     # ------------------------------------------------------------ snapshots
     def apply(self, snapshot: Snapshot) -> None:
-        services = snapshot.services
-        if self._services is not services and self._changed(services):
-            self.sites = build_sites(services, self.config.proxy_domain, self.config.tls_default)
-            for problem in self.sites.problems:
-                if problem not in self._logged_problems:
-                    self._logged_problems.add(problem)
-                    log.warning("ignored: %s", problem)
-            if len(self._logged_problems) > 10000:
-                self._logged_problems.clear()
-        self._services = services
+        """A new snapshot: recompute the sites only when a service changed."""
+        previous, self._snapshot = self._snapshot, snapshot
+        if previous is not None:
+            delta = snapshot.changed_since(previous)
+            if not delta.services_changed and not delta.services_removed:
+                return
+        self.sites = build_sites(snapshot.services, self.config.proxy_domain, self.config.tls_default,
+                                 self._site_memo)  # fmt: skip
+        for problem in self.sites.problems:
+            if problem not in self._logged_problems:
+                self._logged_problems.add(problem)
+                log.warning("ignored: %s", problem)
+        if len(self._logged_problems) > 10000:
+            self._logged_problems.clear()
         if self.manager is not None:
             allow = self.config.acme_allow
             self.manager.want(h for h in self.sites.hosts() if may_order(h, self.sites, allow))
-
-    def _changed(self, services: Any) -> bool:
-        """Did any Service object change (the catalog reuses unchanged ones)?"""
-        memo = self._site_memo
-        changed = len(memo) != len(services) or any(memo.get(n) is not s for n, s in services.items())
-        if changed:
-            self._site_memo = dict(services)
-        return changed
 
     # ----------------------------------------------------------- certificates
     def _rebuild_index(self) -> None:

@@ -107,29 +107,51 @@ def service_settings(svc: Service, default: str, problems: list[str]) -> tuple[b
     return tls, bool(redirect) and tls, hsts if tls else None
 
 
-def build_sites(services: Mapping[str, Service], domain: str, default: str = "off") -> SiteTable:
+@dataclass(frozen=True, slots=True)
+class _ServiceSites:
+    service: Service
+    hosts: tuple[str, ...]  # empty: no TLS
+    redirect: bool
+    hsts: str | None
+    problems: tuple[str, ...]
+
+
+def _service_sites(svc: Service, domain_b: bytes, default: str) -> _ServiceSites:
+    problems: list[str] = []
+    tls, redirect, hsts = service_settings(svc, default, problems)
+    hosts: tuple[str, ...] = ()
+    if tls:
+        hosts = tuple(dict.fromkeys(r.host.decode("ascii", "replace") for r in service_routes(svc, domain_b)
+                                    if r.host != ANY_HOST))  # fmt: skip
+    return _ServiceSites(svc, hosts, redirect, hsts, tuple(problems))
+
+
+def build_sites(services: Mapping[str, Service], domain: str, default: str = "off",
+                memo: dict[str, _ServiceSites] | None = None) -> SiteTable:  # fmt: skip
     """Every host a TLS-enabled service's routes name -> its Site.
 
     Several services on one host (different path prefixes): TLS and redirect if
-    any of them asks, HSTS from the first (by name) that sets it.
+    any of them asks, HSTS from the first (by name) that sets it. `memo` (kept
+    by the caller between snapshots) skips services whose object is unchanged.
     """
     domain_b = domain.strip().rstrip(".").lower().encode("ascii")
+    memo = memo if memo is not None else {}
+    for gone in [n for n in memo if n not in services]:
+        del memo[gone]
     problems: list[str] = []
     merged: dict[str, Site] = {}
     for name in sorted(services):
         svc = services[name]
-        tls, redirect, hsts = service_settings(svc, default, problems)
-        if not tls:
-            continue
-        for route in service_routes(svc, domain_b):
-            if route.host == ANY_HOST:
-                continue
-            host = route.host.decode("ascii", "replace")
+        part = memo.get(name)
+        if part is None or part.service is not svc:
+            part = memo[name] = _service_sites(svc, domain_b, default)
+        problems += part.problems
+        for host in part.hosts:
             old = merged.get(host)
             if old is None:
-                merged[host] = Site(host, redirect, hsts, (name,))
+                merged[host] = Site(host, part.redirect, part.hsts, (name,))
             else:
-                merged[host] = Site(host, old.redirect or redirect, old.hsts or hsts,
+                merged[host] = Site(host, old.redirect or part.redirect, old.hsts or part.hsts,
                                     tuple(dict.fromkeys((*old.services, name))))  # fmt: skip
     table = SiteTable(problems=tuple(problems))
     for host, site in merged.items():
