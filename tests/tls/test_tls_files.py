@@ -246,3 +246,4 @@ async def test_bad_handshakes_never_stall_other_connections(ca: TestCA, tmp_path
         finally:
             for s in [*garbage, *silent, half]:
                 s.close()
+
