@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +26,7 @@ from beacon.proxy.tls.frontend import TlsFrontend
 from tests.conftest import RUN_ID, ContainerFactory
 from tests.helpers import eventually, test_config
 from tests.tls.pebble import ZONE, Pebble, ZoneResolver, dns_zone, new_pebble, start_pebble
-from tests.tls.tlstest import dns_names, get, peer_cert, run, tls_connect
+from tests.tls.tlstest import client_context, dns_names, get, peer_cert, run, tls_connect
 
 ANY = HostPort("127.0.0.1", 0)
 LOOPBACK_PORT = {"80/tcp": ("127.0.0.1", None)}
@@ -175,6 +176,11 @@ async def test_restart_reuses_the_stored_certificate_and_renewal_swaps_it_under_
             root = env.pebble.root_pem()
             reader, writer = await tls_connect(env.https, host, root)
             assert (await get(reader, writer, host))[0] == 200
+            session = aiohttp.ClientSession()
+            ws = await session.ws_connect(f"wss://127.0.0.1:{env.https.port}/ws", headers={"Host": host},
+                                          server_hostname=host, ssl=client_context(root))  # fmt: skip
+            await ws.send_str("before")
+            assert (await ws.receive_str(timeout=5)) == "b1:before"
             # Move the clock past two thirds of the lifetime: the manager renews.
             manager = env.tls.manager
             assert manager is not None
@@ -185,6 +191,10 @@ async def test_restart_reuses_the_stored_certificate_and_renewal_swaps_it_under_
             # The keep-alive connection opened before the renewal still works, on the old certificate.
             assert (await get(reader, writer, host))[0] == 200
             assert peer_cert(writer).serial_number == x509.load_pem_x509_certificate(first.chain_pem).serial_number
+            await ws.send_str("after")  # the websocket too
+            assert (await ws.receive_str(timeout=5)) == "b1:after"
+            await ws.close()
+            await session.close()
             _, w2 = await tls_connect(env.https, host, root)
             second_serial = peer_cert(w2).serial_number
             assert second_serial != peer_cert(writer).serial_number
