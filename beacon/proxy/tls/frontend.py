@@ -32,7 +32,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import REGISTRY, Collector
 
 from beacon.config import Config, HostPort
-from beacon.proxy.datapath import MODE_CLOSING, ClientConnection, Exchange
+from beacon.proxy.downstream import MODE_CLOSING, ClientConnection
+from beacon.proxy.exchange import Exchange
 from beacon.proxy.router import normalise_host
 from beacon.proxy.tls.certs import (
     ALPN_ACME,
@@ -50,7 +51,7 @@ from beacon.proxy.tls.store import FileCertStore
 from beacon.registry.model import Snapshot
 
 if TYPE_CHECKING:
-    from beacon.proxy.datapath import ProxyCore
+    from beacon.proxy.core import ProxyCore
 
 log = logging.getLogger("beacon.proxy.tls")
 
