@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench soak clean
+.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench-tls bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-dns: $(VENV)/.installed-dev
 
 bench-proxy: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.proxy $(ARGS)
+
+bench-tls: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.tls $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
 
