@@ -118,6 +118,8 @@ class TlsFrontend:
         self._dir_task: asyncio.Task[None] | None = None
         self._logged_problems: set[str] = set()
         self.tls_alpn_validations = 0  # TLS-ALPN-01 handshakes seen (the ACME server's)
+        if config.acme_ca_bundle and not Path(config.acme_ca_bundle).is_file():
+            raise RuntimeError(f"--acme-ca-bundle {config.acme_ca_bundle}: no such file")
         if config.acme_storage:
             store = FileCertStore(config.acme_storage)
             store.open()

@@ -18,12 +18,14 @@ time instead of waiting:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from beacon.proxy.tls.certs import Certificate, load_pair
 from beacon.proxy.tls.issuer import AcmeIssuer, Issued
@@ -33,6 +35,7 @@ log = logging.getLogger("beacon.proxy.tls")
 
 # Module constants rather than options: they protect the CA's rate limits and
 # need no tuning per deployment (tests patch them).
+T = TypeVar("T")
 RETRY_BASE = 60.0
 RETRY_CAP = 6 * 3600.0
 CHECK_INTERVAL = 10.0
@@ -41,6 +44,35 @@ CHECK_INTERVAL = 10.0
 def retry_delay(failures: int) -> float:
     """Pure: the wait after the n-th failure in a row (n >= 1)."""
     return min(RETRY_CAP, RETRY_BASE * 2.0 ** min(failures - 1, 30))
+
+
+def in_daemon_thread(loop: asyncio.AbstractEventLoop, call: Callable[[str], T], arg: str) -> asyncio.Future[T]:
+    """Run a blocking ACME call in its own daemon thread. Not an executor: a
+    thread inside `acme`'s polling cannot be interrupted, and executor threads
+    are joined at exit - a stalled CA would hold up Beacon's shutdown. Orders
+    are rare (one thread per order, one order per host at a time)."""
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if future.done():
+            return  # cancelled (shutdown) meanwhile
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = call(arg)
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name=f"beacon-acme-{arg}", daemon=True).start()
+    return future
 
 
 def store_key(host: str) -> str:
@@ -68,7 +100,6 @@ class CertificateManager:
         self.orders: dict[str, asyncio.Task[None]] = {}
         self.issued_total: dict[str, int] = {}
         self.failures_total: dict[str, int] = {}
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="beacon-acme")
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -86,8 +117,6 @@ class CertificateManager:
             task.cancel()
         if self.orders:
             await asyncio.gather(*self.orders.values(), return_exceptions=True)
-        # A thread inside a blocking ACME call cannot be interrupted: do not wait for it.
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def load_stored(self) -> None:
         """Certificates and retry state from the store: a restart re-issues nothing."""
@@ -165,7 +194,7 @@ class CertificateManager:
         renewing = host in self.certs
         log.info("ordering: certificate for %s (%s)", host, "renewal" if renewing else "first")
         try:
-            issued = await loop.run_in_executor(self._executor, self._locked_issue, host)
+            issued = await in_daemon_thread(loop, self._locked_issue, host)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
