@@ -32,6 +32,8 @@ test-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null)
 	@(docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null) && command -v systemd-analyze >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose systemd >/dev/null)
+	@command -v pebble >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null)
 
 images:
 	bash tests/images/build.sh
@@ -65,6 +67,9 @@ bench-cluster: $(VENV)/.installed-dev images test-deps
 
 bench-consul: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.consul $(ARGS)
+
+bench-tls: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.tls $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
 
