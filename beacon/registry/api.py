@@ -33,6 +33,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from beacon import __version__
+from beacon.api.ui import install_ui
 from beacon.config import Config, HostPort, parse_duration
 from beacon.metrics import SNAPSHOT_COLLECTOR, exposition
 from beacon.registry.catalog import Catalog
@@ -237,6 +238,7 @@ class ApiServer:
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
+        install_ui(app, self._catalog)  # the dashboard at /ui/ (beacon/api/ui.py, ops)
         return app
 
     async def start(self) -> None:

@@ -1,0 +1,1 @@
+"""The HTTP API's extra route sets (the dashboard); the REST API itself still lives in beacon.registry.api."""
