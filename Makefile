@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench clean
+.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/beacon run $(ARGS)
 
-# Debian tools the suite uses as independent clients (dig, curl) and the test images.
+# Debian tools the suite uses as independent clients (dig, curl), etcd for the cluster tests, and the test images.
 test-deps:
 	@command -v dig >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bind9-dnsutils curl >/dev/null)
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@command -v etcd >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null)
 	@(docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null) && command -v systemd-analyze >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose systemd >/dev/null)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -57,6 +61,10 @@ bench-proxy: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.proxy $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
+
+# Bounded (at most 10 min): container churn + proxy/DNS load + watchers; prints RSS, fds, p99s over time.
+soak: $(VENV)/.installed-dev images
+	$(BIN)/python -m bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) tests/images/.build .pytest_cache .mypy_cache .ruff_cache

@@ -9,8 +9,16 @@
    snapshot consumers, no Docker) is fed 10,000 endpoints in 1,000 services;
    then the time to apply one change and publish the snapshot (listeners
    included) is measured, and the process RSS.
+3. Registrations at scale. A catalog pre-filled with 10,000 and then 100,000
+   endpoints (10 per service) takes 10,000 more registrations, each published
+   at once (as `PUT /v1/endpoints/{id}` does): registrations/s and the cost of
+   one publish, for new endpoints that each bring a new service and for new
+   endpoints that all join one service; alone and with a whole Beacon (API,
+   DNS, proxy, health checker) listening. Printed, not judged. Each run stops
+   after `--scale-budget` seconds (the rate is then over what was done).
 
     python -m bench.registry [--containers 50] [--endpoints 10000] [--services 1000]
+                             [--scale 10000,100000] [--scale-budget 20] [--skip-scale]
 """
 
 from __future__ import annotations
@@ -312,6 +320,95 @@ async def time_one_changes(catalog: Catalog, endpoints: int, changes: int, *, yi
     return times
 
 
+# ------------------------------------------------------- 3. registrations
+def _registration(i: int, service: str) -> Endpoint:
+    from beacon.registry.model import Source
+
+    return Endpoint(
+        id=f"reg-{i}", service=service, address=f"10.200.{(i >> 8) & 255}.{i & 255}", port=9000,
+        source=Source("manual"), node="bench", tags=("reg",),
+    )
+
+
+async def registrations(prefill: int, count: int, layout: str, with_app: bool, budget: float) -> dict[str, Any]:
+    """`count` registrations, each published at once, into a catalog of `prefill` endpoints.
+
+    layout "spread": each registration brings a new service; "one": all join one service.
+    """
+    from beacon.app import App
+    from beacon.config import Config, HostPort
+    from beacon.registry.model import Source
+
+    app: App | None = None
+    if with_app:
+        any_port = HostPort("127.0.0.1", 0)
+        app = App(Config(
+            api_listen=any_port, dns_listen=(any_port,), proxy_listen=any_port,
+            dns_recursors=(), docker=False, node="bench", log_level="warning",
+        ))
+        await app.start()
+        catalog = app.catalog
+    else:
+        catalog = Catalog()
+    try:
+        for i in range(prefill):
+            cid = f"{i:012x}"
+            catalog.set_source(f"container:{cid}", [Endpoint(
+                id=f"{cid}-80", service=f"svc-{i // 10:05d}",
+                address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", port=8080,
+                source=Source("container", container_id=cid, container_name=f"c{i}"), node="bench",
+            )])
+        catalog.publish()
+        await asyncio.sleep(0.1)  # let consumers settle after the big first snapshot
+        publish_ms: list[float] = []
+        t0 = time.perf_counter()
+        done = 0
+        for i in range(count):
+            service = f"reg-{i:05d}" if layout == "spread" else "svc-00000"
+            catalog.set_source(f"manual:reg-{i}", [_registration(i, service)])
+            t = time.perf_counter()
+            catalog.publish()
+            publish_ms.append((time.perf_counter() - t) * 1000)
+            done += 1
+            if with_app and i % 16 == 0:
+                await asyncio.sleep(0)  # let the consumers' tasks run, like real traffic
+            if time.perf_counter() - t0 > budget:
+                break
+        elapsed = time.perf_counter() - t0
+        return {"done": done, "per_s": done / elapsed, "publish_ms": publish_ms}
+    finally:
+        if app is not None:
+            await app.stop()
+
+
+def run_registrations_child(prefill: int, count: int, layout: str, with_app: bool, budget: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.registry", "--registrations-child", "--endpoints", str(prefill),
+         "--changes", str(count), "--layout", layout, "--scale-budget", str(budget),
+         *(["--with-app"] if with_app else [])],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def scale_rows(sizes: list[int], budget: float) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for size in sizes:
+        for with_app in (False, True):
+            for layout in ("spread", "one"):
+                what = "each a new service" if layout == "spread" else "all into one service"
+                who = "whole Beacon listening" if with_app else "catalog alone"
+                print(f"registrations: 10,000 at {size:,} endpoints, {what}, {who} ...", file=sys.stderr)
+                r = run_registrations_child(size, 10_000, layout, with_app, budget)
+                pub = r["publish_ms"]
+                rows.append([
+                    f"10,000 registrations at {size:,} endpoints, {what} ({who})", r["done"],
+                    f"{r['per_s']:,.0f}/s", f"{median(pub):.3f} ms", f"{percentile(pub, 99):.3f} ms",
+                ])
+    return rows
+
+
 def run_synthetic_child(endpoints: int, services: int, changes: int) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "bench.registry", "--synthetic-child",
@@ -330,12 +427,30 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=1_000)
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--skip-docker", action="store_true", help="only the synthetic part")
+    parser.add_argument("--scale", default="10000,100000", help="catalog sizes for the registration rows")
+    parser.add_argument("--scale-budget", type=float, default=20.0, help="seconds per registration run at most")
+    parser.add_argument("--skip-scale", action="store_true", help="no registration rows")
+    parser.add_argument("--only-scale", action="store_true", help="only the registration rows")
     parser.add_argument("--synthetic-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--registrations-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=("spread", "one"), default="spread", help=argparse.SUPPRESS)
+    parser.add_argument("--with-app", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.synthetic_child:
         result = asyncio.run(synthetic(args.endpoints, args.services, args.changes))
         print(json.dumps(result))
+        return
+    if args.registrations_child:
+        result = asyncio.run(
+            registrations(args.endpoints, args.changes, args.layout, args.with_app, args.scale_budget)
+        )
+        print(json.dumps(result))
+        return
+    if args.only_scale:
+        sizes = [int(x) for x in args.scale.split(",") if x.strip()]
+        print()
+        print_table(["measure", "n", "rate", "publish median", "publish p99"], scale_rows(sizes, args.scale_budget))
         return
 
     rows: list[list[object]] = []
@@ -372,6 +487,10 @@ def main() -> None:
     ])
     print()
     print_table(["measure", "n", "p50/median", "p99", "max", "target", "verdict"], rows)
+    if not args.skip_scale:
+        sizes = [int(x) for x in args.scale.split(",") if x.strip()]
+        print()
+        print_table(["measure", "n", "rate", "publish median", "publish p99"], scale_rows(sizes, args.scale_budget))
     print(
         f"\n(empty Beacon RSS {syn['rss_empty_mb']:.0f} MB; filling {syn['endpoints']} endpoints took "
         f"{syn['fill_s']:.2f} s; machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})"

@@ -1,1 +1,1 @@
-"""The HTTP API's extra route sets (the dashboard); the REST API itself still lives in beacon.registry.api."""
+"""Beacon's HTTP APIs: the REST API and the views mounted on it (Consul-compatible, Prometheus SD)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +95,8 @@ class Transition:
 class HealthHistory:
     """A bounded log of endpoint state changes, fed one snapshot at a time.
 
-    Only services whose object changed are compared (the catalog reuses an
-    unchanged `Service`), so a snapshot costs O(what changed) plus one identity
-    check per service.
+    Only the services `Snapshot.changed_since` names are compared, so a
+    snapshot costs O(what changed).
     """
 
     def __init__(self, limit: int = HISTORY_LIMIT, clock: Callable[[], float] = time.time) -> None:
@@ -110,10 +109,8 @@ class HealthHistory:
         if previous is None:
             return  # the starting point: what exists now has no history yet
         now = self._clock()
-        for name in previous.services.keys() | snap.services.keys():
+        for name in sorted(snap.changed_since(previous).services_touched):
             before_svc, after_svc = previous.services.get(name), snap.services.get(name)
-            if before_svc is after_svc:
-                continue
             before = {e.id: e for e in before_svc.endpoints} if before_svc is not None else {}
             after = {e.id: e for e in after_svc.endpoints} if after_svc is not None else {}
             for eid in sorted(before.keys() | after.keys()):
@@ -144,28 +141,34 @@ class HealthHistory:
 
 
 class Dashboard:
-    """The routes of `/ui/` and the history behind them, attached to one catalog."""
+    """The routes of `/ui/` and the history behind them, attached to one catalog.
+
+    An API extension: the API server calls `install(app)` when it builds its
+    application, then `start()` / `stop()` with its own lifecycle.
+    """
 
     def __init__(self, catalog: Catalog, history: HealthHistory | None = None) -> None:
         self._catalog = catalog
         self.history = history if history is not None else HealthHistory()
         self._files = {name: (UI_DIR / name).read_bytes() for name in STATIC_FILES}
+        self._unlisten: Callable[[], None] | None = None
 
     def install(self, app: web.Application) -> None:
         app.router.add_get("/ui", self._redirect)
         app.router.add_get("/ui/", self._index)
         app.router.add_get("/ui/history.json", self._history)
         app.router.add_get("/ui/{file}", self._static)
-        app.cleanup_ctx.append(self._follow_catalog)
 
-    async def _follow_catalog(self, app: web.Application) -> AsyncIterator[None]:
-        """Record transitions while the API runs (started and stopped with it)."""
-        self.history.observe(self._catalog.snapshot)
-        unlisten = self._catalog.add_listener(self.history.observe)
-        try:
-            yield
-        finally:
-            unlisten()
+    async def start(self) -> None:
+        """Record transitions from now on (what exists now is the starting point)."""
+        if self._unlisten is None:
+            self.history.observe(self._catalog.snapshot)
+            self._unlisten = self._catalog.add_listener(self.history.observe)
+
+    async def stop(self) -> None:
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
 
     async def _redirect(self, request: web.Request) -> web.Response:
         # A response, not a raised HTTPException: the API's error middleware
@@ -193,11 +196,4 @@ class Dashboard:
         )
 
 
-def install_ui(app: web.Application, catalog: Catalog) -> Dashboard:
-    """Add the dashboard's routes to the API's application."""
-    dashboard = Dashboard(catalog)
-    dashboard.install(app)
-    return dashboard
-
-
-__all__ = ["Dashboard", "HealthHistory", "Transition", "endpoint_reason", "install_ui"]
+__all__ = ["Dashboard", "HealthHistory", "Transition", "endpoint_reason"]

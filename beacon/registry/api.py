@@ -33,7 +33,6 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from beacon import __version__
-from beacon.api.ui import install_ui
 from beacon.config import Config, HostPort, parse_duration
 from beacon.metrics import SNAPSHOT_COLLECTOR, exposition
 from beacon.registry.catalog import Catalog
@@ -131,25 +130,6 @@ def parse_states(raw: str | None) -> frozenset[State] | None:
     return frozenset(states)
 
 
-def changed_services(old: Snapshot, new: Snapshot, only: str | None = None) -> tuple[list[str], list[str]]:
-    """Names of services changed (or added) and removed between two snapshots.
-
-    The catalog keeps unchanged `Service` objects, so identity settles almost
-    every comparison without walking endpoints.
-    """
-    names: Iterable[str] = (only,) if only is not None else new.services.keys() | old.services.keys()
-    changed, removed = [], []
-    for name in names:
-        before, after = old.services.get(name), new.services.get(name)
-        if before is after:
-            continue
-        if after is None:
-            removed.append(name)
-        elif before != after:
-            changed.append(name)
-    return sorted(changed), sorted(removed)
-
-
 def filter_endpoints(
     snap: Snapshot, service: str | None, tag: str | None, states: frozenset[State] | None
 ) -> list[Endpoint]:
@@ -201,13 +181,19 @@ class ApiServer:
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
+        extensions: Iterable[Any] = (),  # route sets with install(app), start(), stop() (Consul API, Prometheus SD)
+        nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
+        store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
     ) -> None:
+        self._extensions = list(extensions)
         self._config = config
         self._catalog = catalog
         self._manual = manual
         self._docker = docker
         self._health = health
         self._routes = routes  # the proxy's routing table, as JSON (routes and conflicts)
+        self._nodes = nodes
+        self._store = store
         self._heartbeat = heartbeat_interval
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
         token = config.api_token.encode("utf-8", "surrogateescape")
@@ -235,10 +221,12 @@ class ApiServer:
         r.add_get("/v1/watch", self._watch)
         r.add_get("/v1/autoheal", self._autoheal)
         r.add_get("/v1/routes", self._routes_table)
+        r.add_get("/v1/nodes", self._nodes_table)
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
-        install_ui(app, self._catalog)  # the dashboard at /ui/ (beacon/api/ui.py, ops)
+        for extension in self._extensions:
+            extension.install(app)
         return app
 
     async def start(self) -> None:
@@ -247,6 +235,8 @@ class ApiServer:
         self._base_index = self._last.index
         self._unlisten = self._catalog.add_listener(self._on_snapshot)
         SNAPSHOT_COLLECTOR.attach(self._current_snapshot)
+        for extension in self._extensions:
+            await extension.start()
         # handler_cancellation: a client that hangs up stops its blocking query.
         runner = web.AppRunner(
             self.app,
@@ -271,6 +261,8 @@ class ApiServer:
     async def stop(self) -> None:
         # Wake blocking queries and watch streams so they end now, not at their timeout.
         self._closing.set()
+        for extension in self._extensions:
+            await extension.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -287,11 +279,11 @@ class ApiServer:
             self._unlisten = None
 
     def _on_snapshot(self, snap: Snapshot) -> None:
-        changed, removed = changed_services(self._last, snap)
-        for name in (*changed, *removed):
+        delta = snap.changed_since(self._last)
+        for name in delta.services_touched:
             self._service_index[name] = snap.index
         self._last = snap
-        if removed and len(self._service_index) > len(snap.services) + 10_000:
+        if delta.services_removed and len(self._service_index) > len(snap.services) + 10_000:
             # Forget removed names; an unknown name falls back to the base index.
             self._base_index = snap.index
             self._service_index = {n: i for n, i in self._service_index.items() if n in snap.services}
@@ -501,13 +493,16 @@ class ApiServer:
                 new = await self._next_snapshot(snap.index, timeout)
                 if self._closing.is_set():
                     break
-                changed, removed = changed_services(snap, new, only)
+                delta = new.changed_since(snap)
+                changed, removed = delta.services_changed, delta.services_removed
+                if only is not None:
+                    changed, removed = changed & {only}, removed & {only}
                 snap = new
                 if changed or removed:
                     data = {
                         "index": new.index,
-                        "services": [new.services[n].to_json() for n in changed],
-                        "removed": removed,
+                        "services": [new.services[n].to_json() for n in sorted(changed)],
+                        "removed": sorted(removed),
                     }
                     await response.write(_sse("change", new.index, data))
                     last_write = loop.time()
@@ -532,8 +527,22 @@ class ApiServer:
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document(__version__))
 
+    async def _nodes_table(self, request: web.Request) -> web.Response:
+        snap = self._catalog.snapshot
+        if self._nodes is not None:
+            return json_response(self._nodes(), snap)
+        node = self._manual.node
+        count = sum(1 for e in snap.endpoints.values() if e.node == node)
+        table = {"node": node, "store": None, "nodes": [{"node": node, "local": True, "lease": "none", "endpoints": count}]}
+        return json_response(table, snap)
+
     async def _healthz(self, request: web.Request) -> web.Response:
         snap = self._catalog.snapshot
+        if self._store is not None and not getattr(self._store, "connected", False):
+            # Degraded, not dead: the last catalog is served and local changes still apply.
+            docker = "disabled" if self._docker is None else (
+                "connected" if getattr(self._docker, "connected", False) else "disconnected")
+            return json_response({"status": "degraded", "docker": docker, "store": "disconnected"}, snap, status=503)
         if self._docker is None:
             return json_response({"status": "ok", "docker": "disabled"}, snap)
         if getattr(self._docker, "connected", False):
@@ -551,4 +560,4 @@ def _sse(event: str, index: int, data: object) -> bytes:
     return f"id: {index}\nevent: {event}\ndata: {payload}\n\n".encode()
 
 
-__all__ = ["ApiError", "ApiServer", "BlockingQuery", "changed_services", "parse_blocking"]
+__all__ = ["ApiError", "ApiServer", "BlockingQuery", "parse_blocking"]

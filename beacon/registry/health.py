@@ -237,9 +237,8 @@ class HealthChecker:
         self._watches: dict[str, _DockerWatch] = {}  # container id -> Docker health watch
         self._heal: dict[str, _HealState] = {}  # container id -> restart history
         self._autoheal_log: collections.deque[dict[str, object]] = collections.deque(maxlen=AUTOHEAL_LOG_SIZE)
-        # Snapshot diffing: services are compared by identity (the catalog reuses
-        # unchanged Service objects), then only changed services are walked.
-        self._seen_services: Mapping[str, object] = {}
+        # The snapshot last followed: only the services changed since are walked.
+        self._seen: Snapshot | None = None
         self._tracked_by_service: dict[str, set[str]] = {}
         self._containers: dict[str, _Container] = {}  # autoheal containers by id
         self._container_of: dict[str, str] = {}  # endpoint id -> autoheal container id
@@ -279,7 +278,7 @@ class HealthChecker:
         self._heap.clear()
         self._targets.clear()
         self._watches.clear()
-        self._seen_services = {}
+        self._seen = None
         self._tracked_by_service.clear()
         self._containers.clear()
         self._container_of.clear()
@@ -300,10 +299,8 @@ class HealthChecker:
 
     # ------------------------------------------------------ following snapshots
     def _on_snapshot(self, snap: Snapshot) -> None:
-        seen = self._seen_services
-        changed = [name for name, svc in snap.services.items() if seen.get(name) is not svc]
-        changed += [name for name in seen if name not in snap.services]
-        self._seen_services = snap.services
+        changed = snap.services.keys() if self._seen is None else snap.changed_since(self._seen).services_touched
+        self._seen = snap
         containers: set[str] = set()
         for name in changed:
             old_ids = self._tracked_by_service.pop(name, set())

@@ -8,6 +8,7 @@ ever sees a half-updated table.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -203,17 +204,83 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotDelta:
+    """What changed between two snapshots, by name / id.
+
+    "Changed" includes added; a name is in at most one of changed/removed.
+    """
+
+    services_changed: frozenset[str] = frozenset()
+    services_removed: frozenset[str] = frozenset()
+    endpoints_changed: frozenset[str] = frozenset()
+    endpoints_removed: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.services_changed or self.services_removed or self.endpoints_changed or self.endpoints_removed)
+
+    @property
+    def services_touched(self) -> frozenset[str]:
+        """Every service whose answer may differ: changed, added or removed."""
+        return self.services_changed | self.services_removed
+
+
+NO_CHANGE = SnapshotDelta()
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Snapshot:
-    """The whole catalog at one index. `services` and `endpoints` are read-only maps."""
+    """The whole catalog at one index. `services` and `endpoints` are read-only maps.
+
+    The catalog publishes each snapshot with the delta from the one before it
+    (`previous_index`, `delta`), so `changed_since(that one)` costs nothing;
+    snapshots built elsewhere (tests, the proxy's workers) carry no delta.
+    """
 
     index: int
     services: Mapping[str, Service]
     endpoints: Mapping[str, Endpoint]
-    created_at: float = 0.0  # monotonic seconds when published
+    previous_index: int | None = None  # the snapshot `delta` is against
+    delta: SnapshotDelta | None = field(default=None, compare=False, repr=False)
+    # The snapshot `delta` is against, weakly: a strong reference would keep
+    # every snapshot ever published alive. Identity, not the index, proves that
+    # `previous` is that snapshot (two catalogs may both publish index 7).
+    _previous: weakref.ref[Snapshot] | None = field(default=None, compare=False, repr=False)
 
-    @classmethod
-    def empty(cls) -> Snapshot:
-        return cls(index=0, services=MappingProxyType({}), endpoints=MappingProxyType({}))
+    def changed_since(self, previous: Snapshot) -> SnapshotDelta:
+        """Services and endpoints changed (or added) and removed since `previous`.
+
+        O(what changed) when `previous` is the snapshot published just before
+        this one (the catalog recorded the delta). For any other `previous` - a
+        reader that skipped snapshots, or snapshots not from the catalog - it
+        falls back to comparing both maps, O(services + endpoints): identity
+        first (the catalog keeps the object of everything it did not change),
+        then equality, so an equal rebuilt value does not count as changed.
+        """
+        if previous is self:
+            return NO_CHANGE
+        if self.delta is not None and self._previous is not None and self._previous() is previous:
+            return self.delta
+        s_changed, s_removed = _diff(previous.services, self.services)
+        e_changed, e_removed = _diff(previous.endpoints, self.endpoints)
+        return SnapshotDelta(s_changed, s_removed, e_changed, e_removed)
+
+    def followed_by(
+        self,
+        index: int,
+        services: Mapping[str, Service],
+        endpoints: Mapping[str, Endpoint],
+        delta: SnapshotDelta,
+    ) -> Snapshot:
+        """The next snapshot, recording `delta` as what changed since this one."""
+        return Snapshot(index, services, endpoints, self.index, delta, weakref.ref(self))
+
+
+def _diff(old: Mapping[str, object], new: Mapping[str, object]) -> tuple[frozenset[str], frozenset[str]]:
+    if old is new:
+        return frozenset(), frozenset()
+    changed = frozenset(k for k, v in new.items() if (o := old.get(k)) is not v and o != v)
+    removed = frozenset(k for k in old if k not in new)
+    return changed, removed
 
 
 def parse_lb(text: str | None, default: str = "round_robin") -> tuple[str, bool]:

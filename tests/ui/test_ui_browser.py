@@ -94,8 +94,20 @@ def wait_for(driver: WebDriver, css: str, timeout: float = 15, gone: bool = Fals
         raise AssertionError(f"{css!r} {'still' if gone else 'never'} on the page after {timeout}s") from None
 
 
+# The page re-renders on every change: read in one script call (atomic in the
+# page's thread) rather than through element handles that a render makes stale.
 def text_of(driver: WebDriver, css: str) -> str:
-    return str(driver.find_element(By.CSS_SELECTOR, css).text)
+    text = driver.execute_script("const e = document.querySelector(arguments[0]); return e && e.innerText;", css)
+    assert text is not None, f"{css!r} is not on the page"
+    return str(text)
+
+
+def attribute(driver: WebDriver, css: str, name: str) -> str:
+    return str(driver.execute_script("return document.querySelector(arguments[0]).getAttribute(arguments[1]);", css, name))
+
+
+def background(driver: WebDriver, css: str) -> str:
+    return str(driver.execute_script("return getComputedStyle(document.querySelector(arguments[0])).backgroundColor;", css))
 
 
 @pytest.mark.timeout(120)
@@ -119,7 +131,7 @@ def test_dashboard_shows_a_container_appear_turn_red_with_the_reason_and_go(
     wait_for(browser, f'{row}[data-state="passing"]')
     assert f"{service}" in text_of(browser, card) and "1/1 passing" in text_of(browser, card)
     assert app.name in text_of(browser, row)
-    assert browser.find_element(By.CSS_SELECTOR, card).get_attribute("data-health") == "ok"
+    assert attribute(browser, card, "data-health") == "ok"
 
     # Traffic through the proxy shows up as a request rate and a p99.
     for _ in range(30):
@@ -137,11 +149,10 @@ def test_dashboard_shows_a_container_appear_turn_red_with_the_reason_and_go(
     wait_for(browser, f'{row}[data-state="critical"]')
     reason = text_of(browser, f"{row} .reason")
     assert "404" in reason, reason
-    assert browser.find_element(By.CSS_SELECTOR, card).get_attribute("data-health") == "down"
+    assert attribute(browser, card, "data-health") == "down"
     problem = text_of(browser, f'#problems [data-problem="{app.id[:12]}-80"]')
     assert "critical" in problem and "404" in problem, problem
-    badge = browser.find_element(By.CSS_SELECTOR, f"{row} .state")
-    assert badge.value_of_css_property("background-color") == "rgba(198, 40, 40, 1)"  # --bad
+    assert background(browser, f"{row} .state") == "rgb(198, 40, 40)"  # --bad
     wait_for(browser, f'#history tr[data-history="{app.id[:12]}-80"][data-state="critical"]')
     browser.save_screenshot(str(tmp_path / "2-critical.png"))
 

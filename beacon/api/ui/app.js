@@ -6,6 +6,7 @@
 //                      events with the changed services and removed names
 //   ../v1/routes       the proxy's routing table and its conflicts
 //   ../healthz         Docker connection
+//   ../v1/nodes        the nodes (several with a shared store) and the store connection
 //   ../metrics         proxy counters: request/error rate and p99 per service,
 //                      computed here between two scrapes
 //   history.json       recent endpoint state changes (kept by the server)
@@ -29,6 +30,7 @@
     routes: { routes: [], conflicts: [] },
     history: [],
     docker: null, // {status, docker} from /healthz, or null when unknown
+    nodes: null, // the body of /v1/nodes, or null when unknown
     live: "connecting",
     samples: [], // [{t, per: Map(service -> {total, errors, buckets: Map(le -> count)})}]
   };
@@ -175,11 +177,9 @@
   }
 
   async function pollHealth() {
-    try {
-      state.docker = await getJSON("healthz");
-    } catch (err) {
-      state.docker = null;
-    }
+    const [docker, nodes] = await Promise.allSettled([getJSON("healthz"), getJSON("v1/nodes")]);
+    state.docker = docker.status === "fulfilled" ? docker.value : null;
+    state.nodes = nodes.status === "fulfilled" && Array.isArray(nodes.value.nodes) ? nodes.value : null;
     scheduleRender();
     setTimeout(pollHealth, HEALTH_EVERY);
   }
@@ -289,6 +289,11 @@
     const problems = [];
     const d = state.docker && state.docker.docker;
     if (d === "disconnected") problems.push({ kind: "critical", text: "Docker engine disconnected: containers are not being watched" });
+    const store = state.nodes && state.nodes.store;
+    if (store && !store.connected) problems.push({ kind: "critical", text: "shared store disconnected: other nodes' changes are not seen" });
+    for (const n of (state.nodes && state.nodes.nodes) || []) {
+      if (n.lease === "expired") problems.push({ kind: "warning", text: `node ${n.node}: lease expired (its endpoints left the catalog)` });
+    }
     for (const s of services) {
       const h = health(s);
       if (h.kind === "down") problems.push({ kind: "critical", text: `service ${s.name}: no passing endpoint (0/${h.total})`, service: s.name });
@@ -412,17 +417,23 @@
   }
 
   function renderNodes(services) {
+    // Every node /v1/nodes knows, plus any node an endpoint names.
     const nodes = new Map();
+    const entry = (name) => {
+      let n = nodes.get(name);
+      if (!n) nodes.set(name, (n = { passing: 0, total: 0, lease: "" }));
+      return n;
+    };
+    for (const info of (state.nodes && state.nodes.nodes) || []) entry(info.node).lease = info.lease;
     for (const s of services) {
       for (const e of s.endpoints) {
-        const n = nodes.get(e.node || "?") || { passing: 0, total: 0 };
+        const n = entry(e.node || "?");
         n.total += 1;
         if (e.state === "passing") n.passing += 1;
-        nodes.set(e.node || "?", n);
       }
     }
     if (!nodes.size) {
-      $("nodes").replaceChildren(el("p", { class: "muted" }, "No endpoints yet."));
+      $("nodes").replaceChildren(el("p", { class: "muted" }, "No nodes yet."));
       return;
     }
     const rows = [...nodes.entries()]
@@ -430,13 +441,27 @@
       .map(([name, n]) =>
         el(
           "tr",
-          { "data-node": name, "data-state": n.passing < n.total ? "warning" : "passing" },
+          { "data-node": name, "data-state": n.lease === "expired" || n.passing < n.total ? "warning" : "passing" },
           cell("node", {}, name),
+          cell("lease", {}, n.lease || "–"),
           cell("endpoints", {}, `${n.passing}/${n.total} passing`),
         ),
       );
+    const store = state.nodes && state.nodes.store;
     $("nodes").replaceChildren(
-      el("div", { class: "card" }, el("table", { class: "stack" }, el("thead", {}, el("tr", {}, el("th", {}, "node"), el("th", {}, "endpoints"))), el("tbody", {}, rows))),
+      el(
+        "div",
+        { class: "card" },
+        el(
+          "table",
+          { class: "stack" },
+          el("thead", {}, el("tr", {}, ["node", "lease", "endpoints"].map((h) => el("th", {}, h)))),
+          el("tbody", {}, rows),
+        ),
+      ),
+      store
+        ? el("p", { class: store.connected ? "muted" : "problem" }, `shared store ${store.connected ? "connected" : "disconnected"}`)
+        : null,
     );
   }
 
