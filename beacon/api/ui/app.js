@@ -52,6 +52,10 @@
   const $ = (id) => document.getElementById(id);
   const cell = (label, attrs, ...children) => el("td", { "data-label": label, ...attrs }, ...children);
   const stateBadge = (s) => el("span", { class: `state ${s}` }, s);
+  // A check's output can be a whole error page: show the start, the rest on hover.
+  const REASON_SHOWN = 160;
+  const short = (text) => (text.length > REASON_SHOWN ? `${text.slice(0, REASON_SHOWN)}…` : text);
+  const reasonCell = (text) => cell("reason", { class: "reason", title: text.length > REASON_SHOWN ? text : null }, short(text));
   const time = (seconds) => new Date(seconds * 1000).toLocaleTimeString();
 
   // Why an endpoint is in its state (mirrors beacon.api.ui.endpoint_reason).
@@ -303,7 +307,7 @@
         const who = e.source && e.source.container_name ? ` (${e.source.container_name})` : "";
         problems.push({
           kind: e.state,
-          text: `${s.name} ${e.id}${who} ${e.address}:${e.port} is ${e.state}${reason ? `: ${reason}` : ""}`,
+          text: `${s.name} ${e.id}${who} ${e.address}:${e.port} is ${e.state}${reason ? `: ${short(reason)}` : ""}`,
           endpoint: e.id,
         });
       }
@@ -361,7 +365,7 @@
         cell("address", {}, el("code", {}, `${e.address}:${e.port}`)),
         cell("source", {}, e.source && e.source.container_name ? e.source.container_name : e.source ? e.source.kind : ""),
         cell("node", {}, e.node),
-        cell("reason", { class: "reason" }, reasonOf(e)),
+        reasonCell(reasonOf(e)),
         cell("checked", {}, cs && cs.last_checked ? time(cs.last_checked) : e.check ? "not yet" : "no check"),
       );
     });
@@ -479,7 +483,7 @@
         cell("service", {}, t.service),
         cell("endpoint", {}, el("code", {}, t.endpoint)),
         cell("change", {}, t.before ? stateBadge(t.before) : "new", " → ", t.after ? stateBadge(t.after) : el("span", { class: "state gone" }, "removed")),
-        cell("reason", { class: "reason" }, t.reason),
+        reasonCell(t.reason),
       ),
     );
     $("history").replaceChildren(
