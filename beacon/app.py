@@ -16,6 +16,7 @@ from typing import Protocol
 
 from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
+from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
 from beacon.proxy import ProxyServer
@@ -66,7 +67,7 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
-            extensions=[self.consul, PrometheusSd(self.catalog)],
+            extensions=[self.consul, PrometheusSd(self.catalog), Dashboard(self.catalog)],
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
         )
