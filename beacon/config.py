@@ -188,6 +188,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
+    Option("proxy_isolated", "--proxy-isolated", parse_bool, False, "forward only in worker processes (--proxy-workers of them), never in the process that runs the API, DNS and Docker watch"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
     Option("proxy_attempts", "--proxy-attempts", _positive_int, 3, "tries per request (first + retries)"),
     Option("proxy_try_timeout", "--proxy-try-timeout", _positive_duration, 30.0, "timeout of one upstream try (until the response header)"),
@@ -234,6 +235,7 @@ class Config:
     proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
+    proxy_isolated: bool = False
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_attempts: int = 3
     proxy_try_timeout: float = 30.0
