@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,7 @@ class ProxyCore:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
+        self._local_node = config.node or socket.gethostname()  # as App names this node
         self.loop = loop
         self.clock = clock or loop.time
         self.metrics = ProxyMetrics()
@@ -103,6 +105,8 @@ class ProxyCore:
         self._sweeper: asyncio.TimerHandle | None = None
         self._tick = max(0.02, min(1.0, min(self.header_timeout, self.idle_timeout, self.try_timeout) / 4))
         self._last_log: dict[str, float] = {}
+        # Set by the TLS frontend: may answer a request before routing (ex.error / ex.extra).
+        self.intercept: Callable[[Exchange, bytes, bytes], None] | None = None
 
     # ------------------------------------------------------------- lifecycle
     def start_timers(self) -> None:
@@ -262,7 +266,9 @@ class ProxyCore:
             except ValueError as exc:
                 log.warning("ignored: beacon.lb of service %s: %s", name, exc)
                 policy, sticky = self.config.lb, False
-            retired += balancer.update_service(svc, policy, sticky, now)
+            # Cluster hook: beacon.lb.locality=prefer-local prefers this node's endpoints.
+            prefer = self._local_node if any(ep.locality == "prefer-local" for ep in svc.endpoints) else None
+            retired += balancer.update_service(svc, policy, sticky, now, prefer_node=prefer)
             if old is not None:
                 retired += balancer.forget(old, endpoints)
         self._pool_sources = sources
@@ -334,6 +340,8 @@ class ProxyCore:
             host = b""
         if ex.cl is not None and self.max_body_size and int(ex.cl) > self.max_body_size:
             ex.error = ex.error or (413, f"request body larger than {self.max_body_size} bytes")
+        if self.intercept is not None and ex.error is None:
+            self.intercept(ex, host, url)  # TLS: ACME challenge, https redirect, HSTS
         if ex.error is not None:
             ex.stats = self.metrics.service(UNROUTED)
             return
@@ -366,7 +374,7 @@ class ProxyCore:
         else:
             parts.append(client.xff_line if ex.xff is None else
                          b"X-Forwarded-For: " + ex.xff + b", " + client.peer + CRLF)  # fmt: skip
-            parts.append(b"X-Forwarded-Proto: http\r\n" if ex.xfp is None else b"X-Forwarded-Proto: " + ex.xfp + CRLF)
+            parts.append(client.forwarded_proto if ex.xfp is None else b"X-Forwarded-Proto: " + ex.xfp + CRLF)
         parts += (b"X-Forwarded-Host: ", host if ex.xfh is None else ex.xfh, b"\r\nX-Request-Id: ", ex.reqid, CRLF)
         if upgrade and ex.upgrade_value is not None:
             ex.upgrade = True
@@ -387,7 +395,7 @@ class ProxyCore:
             body_pending = not ex.request_done and (ex.chunked or ex.cl not in (None, b"0"))
             close = ex.close_client or not ex.keep_alive or self.stopping or body_pending or status in CLOSING_ERRORS
             ex.close_client = close
-            client.buffer(error_response(status, message, ex.reqid or b"-", close, ex.is_head))
+            client.buffer(error_response(status, message, ex.reqid or b"-", close, ex.is_head, ex.extra))
             ex.response_started = True
             ex.status = status
             self.finish(ex)

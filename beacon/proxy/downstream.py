@@ -55,6 +55,9 @@ PAUSE_PIPELINE, PAUSE_BUFFER, PAUSE_UPSTREAM = 1, 2, 4
 class ClientConnection(asyncio.Protocol):
     """The downstream side: parses requests, answers errors, streams responses."""
 
+    forwarded_proto = b"X-Forwarded-Proto: http\r\n"  # TLS connections (tls/frontend.py) say https
+    tls = False
+
     def __init__(self, core: ProxyCore) -> None:
         # The core decides routing and outcomes; this connection owns its parser,
         # its output buffer, its deadline and the order of its exchanges.
@@ -94,7 +97,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = ip.encode()
         self.trusted = core.is_trusted(ip)
         self.xff_line = b"X-Forwarded-For: " + self.peer + CRLF
-        self.forwarded = self.xff_line + b"X-Forwarded-Proto: http\r\n"
+        self.forwarded = self.xff_line + self.forwarded_proto
         self.deadline = core.now + core.header_timeout
         refused = core.client_opened(self)
         if refused is not None:

@@ -314,6 +314,8 @@ class UpstreamConnection(asyncio.Protocol):
             parts = [b"HTTP/1.1", buf[start + 8 : first], block, b"\r\nX-Request-Id: ", ex.reqid]
         if ex.set_cookie is not None:
             parts.append(ex.set_cookie)
+        if ex.extra:
+            parts.append(ex.extra)
         if status == 101:
             parts.append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade_value or b""))
         elif mode == BODY_CHUNKED:
