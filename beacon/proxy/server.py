@@ -1,11 +1,6 @@
 """ProxyServer: the proxy's lifecycle - listener, snapshots in, workers, drain.
 
-With `--proxy-workers N` the parent serves as worker 0 in its own event loop
-and starts N-1 worker processes (`python -m beacon.proxy.worker`). Each binds
-its own listening socket on the same port with SO_REUSEPORT, so the kernel
-spreads new connections across processes. The parent forwards every snapshot
-to the workers over their stdin pipe (see wire.py); workers send their
-metrics back over stdout, so /metrics covers every process.
+How workers share the port, get snapshots and report metrics: README.md "Workers".
 """
 
 from __future__ import annotations
