@@ -278,6 +278,8 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
                 meta[name] = value
             else:
                 problems.add(key, value, "metadata key must be 1-128 of A-Z a-z 0-9 . _ -")
+        elif key == "beacon.tls" or key.startswith("beacon.tls."):
+            meta[key] = value  # parsed by beacon/proxy/tls/policy.py (its own typed parser)
 
     dns_ttl: int | None = None
     if (raw := labels.get("beacon.dns.ttl")) is not None:
