@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -134,6 +134,41 @@ def _recursor(text: str) -> HostPort:
         return parse_hostport(text)
 
 
+def _store_url(text: str) -> str:
+    """'memory' or etcd://HOST:PORT[,HOST:PORT...] (normalised)."""
+    t = text.strip()
+    if t == "memory":
+        return t
+    if not t.startswith("etcd://"):
+        raise ValueError(f"expected memory or etcd://HOST:PORT[,HOST:PORT...], got {text!r}")
+    members = [p for p in t[len("etcd://"):].split(",") if p.strip()]
+    if not members:
+        raise ValueError(f"no etcd endpoint in {text!r}")
+    parsed = [parse_hostport(m) for m in members]
+    if any(hp.port == 0 for hp in parsed):
+        raise ValueError(f"an etcd endpoint needs a port, got {text!r}")
+    return "etcd://" + ",".join(str(hp) for hp in parsed)
+
+
+def etcd_endpoints(store: str) -> tuple[str, ...]:
+    """The HOST:PORT list of an etcd:// store URL (empty for memory)."""
+    return tuple(store[len("etcd://"):].split(",")) if store.startswith("etcd://") else ()
+
+
+def _store_prefix(text: str) -> str:
+    t = text.strip()
+    if not re.fullmatch(r"/[A-Za-z0-9_.\-/]*", t) or "//" in t:
+        raise ValueError(f"expected a key prefix like /beacon/, got {text!r}")
+    return t if t.endswith("/") else t + "/"
+
+
+def _lease_ttl(text: str) -> float:
+    value = parse_duration(text)
+    if not 1 <= value <= 3600:
+        raise ValueError(f"expected a lease TTL between 1s and 1h, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str  # Config field
@@ -173,6 +208,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("resync_interval", "--resync-interval", parse_duration, 30.0, "periodic full resync with Docker (a diff)"),
     Option("deregister_critical_after", "--deregister-critical-after", parse_duration, 60.0, "remove a manual endpoint critical for this long"),
     Option("check_concurrency", "--check-concurrency", _positive_int, 64, "active health checks run at once"),
+    # --- cluster store (password: BEACON_ETCD_PASSWORD only, never a flag)
+    Option("store", "--store", _store_url, "memory", "catalog store: memory (one host) or etcd://HOST:PORT[,HOST:PORT...]", metavar="URL"),
+    Option("store_prefix", "--store-prefix", _store_prefix, "/beacon/", "key prefix of this Beacon cluster in etcd"),
+    Option("lease_ttl", "--lease-ttl", _lease_ttl, 10.0, "etcd lease TTL: a dead agent's endpoints leave other nodes after it"),
+    Option("etcd_cacert", "--etcd-cacert", str, "", "CA certificate file to verify etcd (turns on TLS)", metavar="FILE"),
+    Option("etcd_cert", "--etcd-cert", str, "", "client certificate file for etcd (TLS)", metavar="FILE"),
+    Option("etcd_key", "--etcd-key", str, "", "client key file for etcd (TLS)", metavar="FILE"),
+    Option("etcd_user", "--etcd-user", str, "", "etcd user (password from BEACON_ETCD_PASSWORD)"),
     # --- dns
     Option("dns_listen", "--dns-listen", parse_hostport, (HostPort("127.0.0.1", 8600),), "DNS listener, UDP and TCP (repeatable)", repeated=True, metavar="HOST:PORT"),
     Option("dns_domain", "--dns-domain", _dns_domain, "beacon.", "domain Beacon is authoritative for"),
@@ -187,6 +230,7 @@ OPTIONS: tuple[Option, ...] = (
     # --- proxy
     Option("proxy_listen", "--proxy-listen", parse_hostport, HostPort("127.0.0.1", 8080), "HTTP proxy listener", metavar="HOST:PORT"),
     Option("proxy_domain", "--proxy-domain", _dns_domain, "localhost.", "route Host <service>.<domain> to the service"),
+    Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
@@ -196,10 +240,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_idle_timeout", "--proxy-idle-timeout", _positive_duration, 60.0, "idle keep-alive timeout, both sides"),
     Option("proxy_header_timeout", "--proxy-header-timeout", _positive_duration, 10.0, "time a client has to send its request header"),
     Option("proxy_max_header_size", "--proxy-max-header-size", _positive_int, 65536, "largest request header, bytes"),
+    Option("proxy_max_connections", "--proxy-max-connections", _non_negative_int, 0, "most client connections per proxy process (0: from the open-file limit, at most 10000)"),
     Option("proxy_max_body_size", "--proxy-max-body-size", _non_negative_int, 0, "largest request body, bytes (0: no limit)"),
     Option("eject_consecutive_failures", "--eject-consecutive-failures", _positive_int, 5, "gateway errors in a row that eject an endpoint"),
     Option("eject_base_time", "--eject-base-time", _positive_duration, 30.0, "first ejection time, grows with each ejection"),
     Option("eject_max_percent", "--eject-max-percent", _fraction, 0.5, "most of a pool that may be ejected at once (at least one endpoint stays)"),
+    # --- proxy TLS (beacon/proxy/tls/README.md)
+    Option("proxy_tls_listen", "--proxy-tls-listen", parse_hostport, None, "HTTPS listener of the proxy (e.g. 0.0.0.0:443; default: none)", metavar="HOST:PORT"),
+    Option("tls_cert_dir", "--tls-cert-dir", str, "", "directory of NAME.crt + NAME.key PEM pairs, reloaded on change"),
+    Option("tls_default", "--tls-default", _choice("off", "on", "redirect"), "off", "TLS for services without a beacon.tls label: off, on, or on with a redirect from http"),
+    Option("acme_storage", "--acme-storage", str, "", "directory for the ACME account and certificates (turns ACME on)"),
+    Option("acme_email", "--acme-email", str, "", "contact address of the ACME account"),
+    Option("acme_directory", "--acme-directory", str, "https://acme-v02.api.letsencrypt.org/directory", "ACME directory URL (Let's Encrypt staging: https://acme-staging-v02.api.letsencrypt.org/directory)"),
+    Option("acme_ca_bundle", "--acme-ca-bundle", str, "", "CA bundle trusted for the ACME server's own HTTPS (step-ca, Pebble)"),
+    Option("acme_allow", "--acme-allow", str, (), "host patterns ACME may order for (e.g. *.example.com; default: every public-looking TLS route host)", repeated=True, metavar="PATTERN"),
+    Option("acme_challenge", "--acme-challenge", _choice("http-01", "tls-alpn-01"), "http-01", "challenge answered first (the other if the server lacks it)"),
 )
 
 
@@ -219,6 +274,14 @@ class Config:
     resync_interval: float = 30.0
     deregister_critical_after: float = 60.0
     check_concurrency: int = 64
+    store: str = "memory"
+    store_prefix: str = "/beacon/"
+    lease_ttl: float = 10.0
+    etcd_cacert: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password: str = field(default="", repr=False)  # BEACON_ETCD_PASSWORD only
     dns_listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 8600),)
     dns_domain: str = "beacon."
     dns_ttl: int = 0
@@ -233,6 +296,7 @@ class Config:
     dns_tcp_idle_timeout: float = 10.0
     proxy_listen: HostPort = HostPort("127.0.0.1", 8080)
     proxy_domain: str = "localhost."
+    proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -243,9 +307,19 @@ class Config:
     proxy_header_timeout: float = 10.0
     proxy_max_header_size: int = 65536
     proxy_max_body_size: int = 0
+    proxy_max_connections: int = 0
     eject_consecutive_failures: int = 5
     eject_base_time: float = 30.0
     eject_max_percent: float = 0.5
+    proxy_tls_listen: HostPort | None = None
+    tls_cert_dir: str = ""
+    tls_default: str = "off"
+    acme_storage: str = ""
+    acme_email: str = ""
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_ca_bundle: str = ""
+    acme_allow: tuple[str, ...] = ()
+    acme_challenge: str = "http-01"
 
     def validate(self) -> Config:
         """Check options that depend on each other; raise ConfigError naming them."""
@@ -257,6 +331,20 @@ class Config:
             raise ConfigError("--proxy-try-timeout must be at least --proxy-connect-timeout")
         if self.resync_interval < 1:
             raise ConfigError("--resync-interval must be at least 1s")
+        if self.store == "memory" and (self.etcd_cacert or self.etcd_cert or self.etcd_key or self.etcd_user):
+            raise ConfigError("--etcd-* options need --store etcd://...")
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ConfigError("--etcd-cert and --etcd-key go together")
+        if self.etcd_user and not self.etcd_password:
+            raise ConfigError("--etcd-user needs the password in BEACON_ETCD_PASSWORD")
+        if self.proxy_tls_listen is None and (self.tls_cert_dir or self.acme_storage):
+            raise ConfigError("--tls-cert-dir and --acme-storage need --proxy-tls-listen")
+        if self.proxy_tls_listen is not None and self.proxy_workers > 1:
+            raise ConfigError("--proxy-tls-listen runs in the main process only: use --proxy-workers 1")
+        if not self.acme_storage and (self.acme_email or self.acme_ca_bundle or self.acme_allow):
+            raise ConfigError("--acme-email, --acme-ca-bundle and --acme-allow need --acme-storage")
+        if self.acme_storage and not self.acme_directory.startswith(("https://", "http://")):
+            raise ConfigError("--acme-directory must be an http(s) URL")
         return self
 
 
@@ -293,6 +381,8 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
             values[opt.name] = _parse_value(opt, raw)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace(opt.flag, source, 1)) from None
+    if env.get("BEACON_ETCD_PASSWORD"):
+        values["etcd_password"] = env["BEACON_ETCD_PASSWORD"]  # never a flag: argv is visible to all
     if not values.get("docker_host") and env.get("DOCKER_HOST"):
         values["docker_host"] = env["DOCKER_HOST"]  # the Docker CLI's own variable
     known = {f.name for f in fields(Config)}

@@ -181,13 +181,19 @@ class ApiServer:
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
+        extensions: Iterable[Any] = (),  # route sets with install(app), start(), stop() (Consul API, Prometheus SD)
+        nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
+        store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
     ) -> None:
+        self._extensions = list(extensions)
         self._config = config
         self._catalog = catalog
         self._manual = manual
         self._docker = docker
         self._health = health
         self._routes = routes  # the proxy's routing table, as JSON (routes and conflicts)
+        self._nodes = nodes
+        self._store = store
         self._heartbeat = heartbeat_interval
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
         token = config.api_token.encode("utf-8", "surrogateescape")
@@ -215,9 +221,12 @@ class ApiServer:
         r.add_get("/v1/watch", self._watch)
         r.add_get("/v1/autoheal", self._autoheal)
         r.add_get("/v1/routes", self._routes_table)
+        r.add_get("/v1/nodes", self._nodes_table)
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
+        for extension in self._extensions:
+            extension.install(app)
         return app
 
     async def start(self) -> None:
@@ -226,6 +235,8 @@ class ApiServer:
         self._base_index = self._last.index
         self._unlisten = self._catalog.add_listener(self._on_snapshot)
         SNAPSHOT_COLLECTOR.attach(self._current_snapshot)
+        for extension in self._extensions:
+            await extension.start()
         # handler_cancellation: a client that hangs up stops its blocking query.
         runner = web.AppRunner(
             self.app,
@@ -250,6 +261,8 @@ class ApiServer:
     async def stop(self) -> None:
         # Wake blocking queries and watch streams so they end now, not at their timeout.
         self._closing.set()
+        for extension in self._extensions:
+            await extension.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -514,8 +527,22 @@ class ApiServer:
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document(__version__))
 
+    async def _nodes_table(self, request: web.Request) -> web.Response:
+        snap = self._catalog.snapshot
+        if self._nodes is not None:
+            return json_response(self._nodes(), snap)
+        node = self._manual.node
+        count = sum(1 for e in snap.endpoints.values() if e.node == node)
+        table = {"node": node, "store": None, "nodes": [{"node": node, "local": True, "lease": "none", "endpoints": count}]}
+        return json_response(table, snap)
+
     async def _healthz(self, request: web.Request) -> web.Response:
         snap = self._catalog.snapshot
+        if self._store is not None and not getattr(self._store, "connected", False):
+            # Degraded, not dead: the last catalog is served and local changes still apply.
+            docker = "disabled" if self._docker is None else (
+                "connected" if getattr(self._docker, "connected", False) else "disconnected")
+            return json_response({"status": "degraded", "docker": docker, "store": "disconnected"}, snap, status=503)
         if self._docker is None:
             return json_response({"status": "ok", "docker": "disabled"}, snap)
         if getattr(self._docker, "connected", False):

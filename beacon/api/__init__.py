@@ -1,0 +1,1 @@
+"""Beacon's HTTP APIs: the REST API and the views mounted on it (Consul-compatible, Prometheus SD)."""
