@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from beacon.registry.checks import parse_check_labels
-from beacon.registry.model import EMPTY_MAP, Endpoint, Source, State, parse_lb
+from beacon.registry.model import EMPTY_MAP, Endpoint, NetworkAddress, Source, State, parse_lb
 
 MAX_DNS_TTL = 86400
 MAX_WEIGHT = 65535  # an SRV weight is 16 bits
@@ -217,6 +217,24 @@ def _choose_network(
             "(first by name; set --network or label beacon.network to choose)"
         )
     return name, usable[name]
+
+
+def _network_addresses(attrs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(subnet, container IP) on every Docker network the container is attached to."""
+    networks: Mapping[str, Any] = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    out: list[tuple[str, str]] = []
+    for net in networks.values():
+        for ip_key, len_key in (("IPAddress", "IPPrefixLen"), ("GlobalIPv6Address", "GlobalIPv6PrefixLen")):
+            ip, prefix = (net or {}).get(ip_key), (net or {}).get(len_key)
+            if not ip or not isinstance(prefix, int):
+                continue
+            try:
+                subnet = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+            except (TypeError, ValueError):
+                continue
+            if (str(subnet), str(ip)) not in out:
+                out.append((str(subnet), str(ip)))
+    return out[:64]  # bounded: a container is on a few networks
 
 
 def _container_state(attrs: Mapping[str, Any]) -> State | None:
@@ -470,6 +488,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     problems.items.extend(f"container {who}: {p}" for p in check_problems)
 
     source = Source("container", container_id=cid, container_name=cname)
+    on_networks = [] if host_network else _network_addresses(attrs)
     several = len({p.number for p in candidates}) > 1
     endpoints: list[Endpoint] = []
     for port in sorted(candidates, key=lambda p: (p.number, p.protocol)):
@@ -518,6 +537,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
                     locality=settings.locality,
                     check=check,
                     autoheal=autoheal,
+                    networks=tuple(NetworkAddress(net, ip, port.number) for net, ip in on_networks),
                 )
             )
     if not endpoints:

@@ -107,6 +107,15 @@ class CheckStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkAddress:
+    """Where a container's port is reached from one Docker network it is on."""
+
+    subnet: str  # the network's CIDR as the container sees it, e.g. 172.18.0.0/16
+    address: str  # the container's IP on that network
+    port: int  # the container's own port (not the published one)
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One reachable instance of a service: address:port plus what we know about it.
 
@@ -136,6 +145,9 @@ class Endpoint:
     check: CheckSpec | None = None  # beacon.check.*
     autoheal: AutohealSpec | None = None  # beacon.autoheal*
     check_status: CheckStatus | None = None  # filled in by the catalog
+    # A container's addresses on its Docker networks: DNS answers a querier on
+    # one of these subnets with them instead of `address` (which it may not reach).
+    networks: tuple[NetworkAddress, ...] = ()
 
     @property
     def is_ipv6(self) -> bool:
