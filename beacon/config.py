@@ -240,6 +240,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_idle_timeout", "--proxy-idle-timeout", _positive_duration, 60.0, "idle keep-alive timeout, both sides"),
     Option("proxy_header_timeout", "--proxy-header-timeout", _positive_duration, 10.0, "time a client has to send its request header"),
     Option("proxy_max_header_size", "--proxy-max-header-size", _positive_int, 65536, "largest request header, bytes"),
+    Option("proxy_max_connections", "--proxy-max-connections", _non_negative_int, 0, "most client connections per proxy process (0: from the open-file limit, at most 10000)"),
     Option("proxy_max_body_size", "--proxy-max-body-size", _non_negative_int, 0, "largest request body, bytes (0: no limit)"),
     Option("eject_consecutive_failures", "--eject-consecutive-failures", _positive_int, 5, "gateway errors in a row that eject an endpoint"),
     Option("eject_base_time", "--eject-base-time", _positive_duration, 30.0, "first ejection time, grows with each ejection"),
@@ -306,6 +307,7 @@ class Config:
     proxy_header_timeout: float = 10.0
     proxy_max_header_size: int = 65536
     proxy_max_body_size: int = 0
+    proxy_max_connections: int = 0
     eject_consecutive_failures: int = 5
     eject_base_time: float = 30.0
     eject_max_percent: float = 0.5

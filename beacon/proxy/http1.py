@@ -142,6 +142,14 @@ def filter_hop_headers(block: bytes) -> tuple[bytes, bool, bytes | None]:
     return block, chunked, upgrade_value
 
 
+_CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length:[^\r]*", re.IGNORECASE)
+
+
+def drop_content_length(block: bytes) -> bytes:
+    """A raw header block without its Content-Length header(s)."""
+    return _CONTENT_LENGTH_LINE.sub(b"", block)
+
+
 def filter_response_headers(block: bytes, low: bytes) -> tuple[bytes, bool, bytes | None]:
     """`filter_hop_headers` with a fast path: a block (and its lowercase copy)
     holding no hop-by-hop header but at most one plain Connection header, as

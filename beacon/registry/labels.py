@@ -244,6 +244,7 @@ class _Settings:
     http_hosts: tuple[str, ...] = ()
     http_path_prefix: str | None = None
     http_strip_prefix: bool = False
+    locality: str | None = None
 
 
 def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
@@ -298,6 +299,13 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
         else:
             lb = raw.strip().lower()
 
+    locality: str | None = None  # cluster hook: beacon.lb.locality (prefer-local | any)
+    if (raw := labels.get("beacon.lb.locality")) is not None:
+        if raw.strip().lower() in ("prefer-local", "any"):
+            locality = raw.strip().lower() if raw.strip().lower() != "any" else None
+        else:
+            problems.add("beacon.lb.locality", raw, "expected prefer-local or any", "using any")
+
     hosts: list[str] = []
     if (raw := labels.get("beacon.http.host")) is not None:
         for item in _split_list(raw):
@@ -341,6 +349,7 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
         http_hosts=tuple(hosts),
         http_path_prefix=prefix,
         http_strip_prefix=strip,
+        locality=locality,
     )
 
 
@@ -506,6 +515,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
                     http_hosts=settings.http_hosts,
                     http_path_prefix=settings.http_path_prefix,
                     http_strip_prefix=settings.http_strip_prefix,
+                    locality=settings.locality,
                     check=check,
                     autoheal=autoheal,
                 )

@@ -128,6 +128,9 @@ async def test_beacon_in_a_container_discovers_and_serves_a_labelled_container(
         assert [(e["address"], e["port"], e["state"]) for e in endpoints] == [(app_ip, 80, "passing")]
         assert endpoints[0]["source"]["container_id"] == app.id
         assert await get_json(session, f"{api}/healthz") == {"status": "ok", "docker": "connected"}
+        # The dashboard's files are in the installed package (pyproject package-data).
+        async with session.get(f"{api}/ui/app.js") as resp:
+            assert resp.status == 200 and "EventSource" in await resp.text()
 
         # DNS from the host, through the port published on loopback.
         query = dns.message.make_query("web.service.beacon", dns.rdatatype.A)
