@@ -4,6 +4,7 @@ proxy, DNS and the API have all served something."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 
@@ -34,6 +35,8 @@ async def test_metrics_pass_promtool_check() -> None:
             assert resp.status == 200
             text = await resp.text()
     assert "beacon_proxy_requests_total" in text and "beacon_dns_" in text
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    result = await asyncio.to_thread(
+        subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
