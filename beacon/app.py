@@ -14,7 +14,7 @@ import signal
 import socket
 from typing import Protocol
 
-from beacon.api.consul import ConsulApi
+from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
@@ -58,7 +58,8 @@ class App:
         self.dns = DnsServer(config, self.catalog)
         self.proxy = ProxyServer(config, self.catalog)
         self.consul = ConsulApi(config, self.catalog, manual=self.manual, node=self.node,
-                                api_address=lambda: str(self.api.address or config.api_listen))
+                                api_address=lambda: str(self.api.address or config.api_listen),
+                                leader=store_leader(self.cluster.store) if self.cluster is not None else None)
         self.api = ApiServer(
             config,
             self.catalog,

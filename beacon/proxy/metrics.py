@@ -15,6 +15,7 @@ their pipe - into metric families:
   beacon_proxy_in_flight_requests{service}             tries and tunnels being served, now
   beacon_proxy_route_conflicts                         conflicting routes now
   beacon_proxy_worker_restarts_total                   worker processes restarted
+  beacon_proxy_refused_connections_total               client connections refused at the cap
 
 Requests that matched no route are counted under service "unrouted". A
 service's counters are dropped when it leaves the catalog. A worker process
@@ -76,6 +77,7 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         self.services: dict[str, ServiceStats] = {}
+        self.refused_connections = 0  # over --proxy-max-connections
 
     def service(self, name: str) -> ServiceStats:
         stats = self.services.get(name)
@@ -101,6 +103,7 @@ class ProxyMetrics:
             "upstream_connections": upstream_connections,
             "conflicts": conflicts,
             "in_flight": in_flight,
+            "refused_connections": self.refused_connections,
         }
 
 
@@ -143,12 +146,13 @@ class ProxyCollector(Collector):
         merged: dict[str, dict[str, Any]] = {}
         in_flight: dict[str, int] = {}
         clients = upstreams = conflicts = 0
-        restarts = 0
+        restarts = refused = 0
         for report in reports:
             clients += report["client_connections"]
             upstreams += report["upstream_connections"]
             conflicts = max(conflicts, report["conflicts"])  # every process has the same table
             restarts += report.get("worker_restarts", 0)  # only the parent's report has it
+            refused += report.get("refused_connections", 0)
             fold_counters(merged, report["services"])
             for name, n in report.get("in_flight", {}).items():
                 in_flight[name] = in_flight.get(name, 0) + n
@@ -208,6 +212,11 @@ class ProxyCollector(Collector):
         )
         restart_counter.add_metric([], restarts)
         yield restart_counter
+        refused_counter = CounterMetricFamily(
+            "beacon_proxy_refused_connections", "Client connections refused at --proxy-max-connections"
+        )
+        refused_counter.add_metric([], refused)
+        yield refused_counter
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "code_class"])
@@ -219,6 +228,7 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("beacon_proxy_in_flight_requests", "", labels=["service"])
         yield GaugeMetricFamily("beacon_proxy_route_conflicts", "")
         yield CounterMetricFamily("beacon_proxy_worker_restarts", "")
+        yield CounterMetricFamily("beacon_proxy_refused_connections", "")
 
 
 COLLECTOR = ProxyCollector()

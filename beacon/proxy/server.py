@@ -107,6 +107,7 @@ class ProxyServer:
         self._workers: list[_Worker] = []
         self._encoder = SnapshotEncoder()
         self._stopping = False
+        self.tls: Any = None  # beacon.proxy.tls.TlsFrontend with --proxy-tls-listen
 
     # ----------------------------------------------------------- inspection
     @property
@@ -139,6 +140,12 @@ class ProxyServer:
         self._unsubscribe = self.catalog.add_listener(self._on_snapshot)
         COLLECTOR.add(self)
         try:
+            if self.config.proxy_tls_listen is not None:
+                from beacon.proxy.tls import TlsFrontend  # imported only when used (acme, cryptography)
+
+                assert self._local.core is not None
+                self.tls = TlsFrontend(self.config, self._local.core)
+                await self.tls.start(self.catalog.snapshot)
             if workers > 1:
                 # Deltas sent from now on are relative to this snapshot; each
                 # worker gets the then-current snapshot whole when it starts.
@@ -156,6 +163,8 @@ class ProxyServer:
         core = self._local.core
         if core is not None:
             core.apply(snapshot)
+        if self.tls is not None:
+            self.tls.apply(snapshot)
         if self._workers:
             payload = self._encoder.encode(snapshot)
             for w in self._workers:
@@ -169,11 +178,15 @@ class ProxyServer:
             self._unsubscribe()
             self._unsubscribe = None
         timeout = max(0.1, self.config.shutdown_timeout * 0.9)
+        if self.tls is not None:
+            self.tls.close()  # stop accepting; its connections drain with the plain ones
         await asyncio.gather(
             self._local.stop(timeout),
             *(w.stop(timeout) for w in self._workers),
         )
         self._workers.clear()
+        if self.tls is not None:
+            await self.tls.stop()
         COLLECTOR.remove(self)
         log.info("stopped: proxy on %s", self.address)
 

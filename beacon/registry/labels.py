@@ -244,6 +244,7 @@ class _Settings:
     http_hosts: tuple[str, ...] = ()
     http_path_prefix: str | None = None
     http_strip_prefix: bool = False
+    locality: str | None = None
 
 
 def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
@@ -277,6 +278,8 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
                 meta[name] = value
             else:
                 problems.add(key, value, "metadata key must be 1-128 of A-Z a-z 0-9 . _ -")
+        elif key == "beacon.tls" or key.startswith("beacon.tls."):
+            meta[key] = value  # parsed by beacon/proxy/tls/policy.py (its own typed parser)
 
     dns_ttl: int | None = None
     if (raw := labels.get("beacon.dns.ttl")) is not None:
@@ -295,6 +298,13 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
             problems.add("beacon.lb", raw, str(exc), "using --lb")
         else:
             lb = raw.strip().lower()
+
+    locality: str | None = None  # cluster hook: beacon.lb.locality (prefer-local | any)
+    if (raw := labels.get("beacon.lb.locality")) is not None:
+        if raw.strip().lower() in ("prefer-local", "any"):
+            locality = raw.strip().lower() if raw.strip().lower() != "any" else None
+        else:
+            problems.add("beacon.lb.locality", raw, "expected prefer-local or any", "using any")
 
     hosts: list[str] = []
     if (raw := labels.get("beacon.http.host")) is not None:
@@ -339,6 +349,7 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
         http_hosts=tuple(hosts),
         http_path_prefix=prefix,
         http_strip_prefix=strip,
+        locality=locality,
     )
 
 
@@ -504,6 +515,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
                     http_hosts=settings.http_hosts,
                     http_path_prefix=settings.http_path_prefix,
                     http_strip_prefix=settings.http_strip_prefix,
+                    locality=settings.locality,
                     check=check,
                     autoheal=autoheal,
                 )

@@ -129,6 +129,7 @@ class Endpoint:
     # Per-endpoint settings that consumers read (all from beacon.* labels).
     dns_ttl: int | None = None  # beacon.dns.ttl
     lb: str | None = None  # beacon.lb
+    locality: str | None = None  # beacon.lb.locality: "prefer-local" (proxy prefers this node's endpoints)
     http_hosts: tuple[str, ...] = ()  # beacon.http.host
     http_path_prefix: str | None = None  # beacon.http.path_prefix
     http_strip_prefix: bool = False  # beacon.http.strip_prefix
