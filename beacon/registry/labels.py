@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from beacon.registry.checks import parse_check_labels
-from beacon.registry.model import EMPTY_MAP, Endpoint, Source, State, parse_lb
+from beacon.registry.model import EMPTY_MAP, Balancing, Endpoint, Source, State
 
 MAX_DNS_TTL = 86400
 MAX_WEIGHT = 65535  # an SRV weight is 16 bits
@@ -290,7 +290,8 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
     lb: str | None = None
     if (raw := labels.get("beacon.lb")) is not None:
         try:
-            parse_lb(raw)
+            # Parsed here once (cached): the catalog folds the same typed value into Service.balancing.
+            Balancing.parse(raw)
         except ValueError as exc:
             problems.add("beacon.lb", raw, str(exc), "using --lb")
         else:
