@@ -33,7 +33,8 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from beacon import __version__
-from beacon.config import Config, HostPort, parse_duration
+from beacon.config import Config
+from beacon.grammar import HostPort, parse_duration
 from beacon.metrics import SNAPSHOT_COLLECTOR, exposition
 from beacon.registry.catalog import Catalog
 from beacon.registry.manual import (

@@ -20,23 +20,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from beacon import grammar
 from beacon.registry.checks import parse_check_labels
 from beacon.registry.model import EMPTY_MAP, Balancing, Endpoint, Source, State
 
 MAX_DNS_TTL = 86400
 MAX_WEIGHT = 65535  # an SRV weight is 16 bits
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_HOSTNAME_PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _TAG = re.compile(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Numbers are bounded runs of ASCII digits: str.isdigit() and \d also accept
 # characters such as '²' or Arabic-Indic digits (int() raises on some), and int() refuses
 # strings over 4300 digits - a label value must never reach int() unchecked.
 _PORT_SPEC = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
-_DURATION = re.compile(r"([0-9]{1,6})(s|m|h)?")
 _WEIGHT = re.compile(r"[0-9]{1,5}")
 _PER_PORT_SERVICE = re.compile(r"beacon\.([0-9]{1,5})\.service")
 _REGISTRATOR_PORT_KEY = re.compile(r"SERVICE_([0-9]{1,5})_(NAME|TAGS|IGNORE)")
@@ -117,12 +113,11 @@ def _with_port(name: str, port: int) -> str:
 
 # ----------------------------------------------------------------- parsing
 def parse_bool(text: str) -> bool | None:
-    t = text.strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    return None
+    """The grammar's booleans; None for anything else (the caller reports it)."""
+    try:
+        return grammar.parse_bool(text)
+    except ValueError:
+        return None
 
 
 def _env_map(env: Iterable[str] | None) -> dict[str, str]:
@@ -280,12 +275,15 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
 
     dns_ttl: int | None = None
     if (raw := labels.get("beacon.dns.ttl")) is not None:
-        m = _DURATION.fullmatch(raw.strip())
-        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)] if m else -1
-        if 0 <= seconds <= MAX_DNS_TTL:
-            dns_ttl = seconds
+        try:
+            seconds = grammar.parse_whole_seconds(raw)
+        except ValueError as exc:
+            problems.add("beacon.dns.ttl", raw, f"{exc} (e.g. 5 or 30s)", "using --dns-ttl")
         else:
-            problems.add("beacon.dns.ttl", raw, f"expected seconds 0-{MAX_DNS_TTL} (e.g. 5 or 30s)", "using --dns-ttl")
+            if seconds <= MAX_DNS_TTL:
+                dns_ttl = seconds
+            else:
+                problems.add("beacon.dns.ttl", raw, f"expected seconds 0-{MAX_DNS_TTL} (e.g. 5 or 30s)", "using --dns-ttl")
 
     lb: str | None = None
     if (raw := labels.get("beacon.lb")) is not None:
@@ -301,10 +299,8 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
     if (raw := labels.get("beacon.http.host")) is not None:
         for item in _split_list(raw):
             host = item.lower().rstrip(".")
-            parts = host.split(".")
-            if parts[0] == "*" and len(parts) > 2:
-                parts = parts[1:]  # a wildcard covers one leading label
-            if len(host) <= 253 and all(_HOSTNAME_PART.fullmatch(p) for p in parts):
+            # A wildcard covers one leading label: *.example.com.
+            if grammar.is_dns_name(host, wildcard=True):
                 if host not in hosts:
                     hosts.append(host)
             else:

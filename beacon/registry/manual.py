@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from beacon.config import Config, parse_duration
+from beacon.config import Config
+from beacon.grammar import is_dns_label, parse_duration
 from beacon.registry.catalog import Catalog, EndpointConflict
 from beacon.registry.checks import CheckSpecError, check_spec_from_json, truncate_output
 from beacon.registry.model import CheckSpec, CheckStatus, Endpoint, Snapshot, Source, State
@@ -45,7 +46,6 @@ MIN_TTL, MAX_TTL = 0.1, 86400.0
 MAX_TAGS, MAX_META = 64, 64
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TAG = re.compile(r"[^\s,\x00-\x1f\x7f]{1,255}")
 _FIELDS = frozenset({"id", "service", "address", "port", "tags", "meta", "weight", "protocol", "ttl", "check"})
@@ -90,7 +90,7 @@ def validate_id(endpoint_id: str) -> str:
 
 def validate_service_name(name: object, field: str = "service") -> str:
     """A service name is a DNS label; DNS is case-insensitive, so it is lowercased."""
-    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name.lower()):
+    if not isinstance(name, str) or not is_dns_label(name.lower()):
         raise RegistrationError(
             f"{field} must be a DNS label: 1-63 letters, digits or '-', not starting or ending with '-' "
             f"(got {name!r})",
