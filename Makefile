@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images bench-registry bench-dns bench-proxy bench clean
+.PHONY: run test test-deps lint images bench-registry bench-dns bench-proxy bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-proxy: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.proxy $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
+
+# Bounded (at most 10 min): container churn + proxy/DNS load + watchers; prints RSS, fds, p99s over time.
+soak: $(VENV)/.installed-dev images
+	$(BIN)/python -m bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) tests/images/.build .pytest_cache .mypy_cache .ruff_cache
