@@ -14,14 +14,11 @@ import signal
 import socket
 from typing import Protocol
 
+from beacon.api import ApiServer, RouteSet
 from beacon.config import Config
 from beacon.dns import DnsServer
 from beacon.proxy import ProxyServer
-from beacon.registry.api import ApiServer
-from beacon.registry.catalog import Catalog
-from beacon.registry.docker import DockerSource
-from beacon.registry.health import HealthChecker
-from beacon.registry.manual import ManualRegistry
+from beacon.registry import Catalog, DockerSource, HealthChecker, ManualRegistry
 
 log = logging.getLogger("beacon.app")
 
@@ -30,6 +27,10 @@ class Component(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+# Extra API route sets, mounted after Beacon's own (the Consul view, the UI...).
+API_ROUTE_SETS: tuple[RouteSet, ...] = ()
 
 
 class App:
@@ -51,6 +52,7 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
+            route_sets=API_ROUTE_SETS,
         )
         self._started: list[Component] = []
 

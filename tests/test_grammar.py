@@ -7,7 +7,7 @@ import pytest
 from beacon import grammar
 from beacon.config import ConfigError, build_config
 from beacon.grammar import HostPort
-from beacon.registry.checks import check_spec_from_json
+from beacon.registry.checkspec import check_spec_from_json
 from beacon.registry.labels import LabelOptions, container_endpoints
 from beacon.registry.manual import RegistrationError, parse_registration
 

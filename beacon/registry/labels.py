@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from beacon import grammar
-from beacon.registry.checks import parse_check_labels
+from beacon.registry.checkspec import parse_check_labels
 from beacon.registry.model import EMPTY_MAP, Balancing, Endpoint, Source, State
 
 MAX_DNS_TTL = 86400

@@ -61,7 +61,7 @@ class Source:
 class CheckSpec:
     """An active health check configured by labels (beacon.check.*) or the API.
 
-    Parsed by the label parser / API; executed by `beacon.registry.health`.
+    Parsed by the label parser / API; executed by `beacon.registry.checker`.
     """
 
     kind: Literal["http", "tcp", "ttl"]

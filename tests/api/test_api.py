@@ -18,8 +18,8 @@ import pytest
 from openapi_spec_validator import validate as validate_openapi
 from prometheus_client import REGISTRY
 
+from beacon.api import ApiServer, parse_blocking
 from beacon.registry import Catalog, Endpoint, Source, State
-from beacon.registry.api import ApiServer, parse_blocking
 from beacon.registry.manual import ManualRegistry
 from tests.conftest import ContainerFactory
 from tests.helpers import eventually, running_app

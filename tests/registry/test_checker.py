@@ -20,8 +20,9 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from beacon.registry import AutohealSpec, Catalog, CheckSpec, CheckStatus, Endpoint, Snapshot, Source, State
-from beacon.registry.checks import OUTPUT_LIMIT
-from beacon.registry.health import HealthChecker, Verdict, backoff_delay, classify_http, docker_health, judge
+from beacon.registry.autoheal import backoff_delay, docker_health
+from beacon.registry.checker import HealthChecker, Verdict, classify_http, judge
+from beacon.registry.checkspec import OUTPUT_LIMIT
 from tests.helpers import eventually
 from tests.helpers import test_config as make_config
 
@@ -573,7 +574,7 @@ async def test_autoheal_history_of_a_destroyed_container_is_freed_once_expired(u
         await eventually(lambda: len(docker.restarts) >= 1, timeout=5)
         catalog.remove_source("container:c1")  # destroyed while its restart still counts
         await eventually(lambda: "c1-80" not in catalog.snapshot.endpoints)
-        assert cid in checker._heal  # kept while inside the window: the limit must hold
+        assert cid in checker.autoheal.tracked()  # kept while inside the window: the limit must hold
         await asyncio.sleep(2.1)  # the window passes
         catalog.set_source("manual:other", [endpoint("other", upstream.port, None, service="other")])
-        await eventually(lambda: cid not in checker._heal, timeout=5)
+        await eventually(lambda: cid not in checker.autoheal.tracked(), timeout=5)
