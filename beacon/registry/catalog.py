@@ -16,7 +16,7 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -259,14 +259,6 @@ class Catalog:
             return await asyncio.wait_for(asyncio.shield(self._next_publish), wait)
         except TimeoutError:
             return self._snapshot
-
-    async def watch(self, after_index: int = 0) -> AsyncIterator[Snapshot]:
-        """Yield each new snapshot (latest wins: a slow reader skips intermediates)."""
-        index = after_index
-        while True:
-            snap = await self.wait_for_index(index, None)
-            index = snap.index
-            yield snap
 
     def _schedule_publish(self) -> None:
         if self._publish_handle is not None:

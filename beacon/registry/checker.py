@@ -33,7 +33,6 @@ the API come from `wall_clock`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
@@ -46,6 +45,7 @@ import aiohttp
 from prometheus_client import Counter, Gauge, Histogram
 from yarl import URL
 
+from beacon.clock import SYSTEM_CLOCK, Clock
 from beacon.config import Config
 from beacon.registry.autoheal import Autoheal, DockerControl, describe, docker_health
 from beacon.registry.catalog import Catalog
@@ -173,14 +173,14 @@ class HealthChecker:
         *,
         docker: DockerControl | None,
         rng: random.Random | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._catalog = catalog
         self._docker = docker
         self._rng = rng or random.Random()
-        self._clock = clock  # None: the running loop's monotonic time
+        self._clock = clock  # the heap's due times, intervals, autoheal windows
         self._wall_clock = wall_clock
         self._slots = asyncio.Semaphore(config.check_concurrency)
         self._heap: list[tuple[float, int, _Job]] = []
@@ -189,7 +189,7 @@ class HealthChecker:
         self._targets: dict[str, _Target] = {}
         self._watches: dict[str, _DockerWatch] = {}  # container id -> Docker health watch
         self.autoheal = Autoheal(
-            docker, draining=self._draining, on_restarted=self._fresh_count, clock=clock, wall_clock=wall_clock
+            docker, draining=self._draining, on_restarted=self._fresh_count, clock=clock.now, wall_clock=wall_clock
         )
         # The snapshot last followed: only the services changed since are walked.
         self._seen: Snapshot | None = None
@@ -243,17 +243,11 @@ class HealthChecker:
             self._session = None
         log.info("stopped: health checker")
 
-    def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
-
     # ---------------------------------------------------------------- reads
     def autoheal_log(self) -> list[dict[str, object]]:
         """Autoheal actions, oldest first: restarted, failed (restart error) and limited."""
         return self.autoheal.actions()
 
-    @property
-    def checked_endpoints(self) -> int:
-        return len(self._targets)
 
     # ------------------------------------------------------ following snapshots
     def _on_snapshot(self, snap: Snapshot) -> None:
@@ -364,13 +358,12 @@ class HealthChecker:
     def _push(self, job: _Job, delay: float) -> None:
         seq = next(self._seq)
         job.seq = seq
-        due = self._now() + delay
+        due = self._clock.now() + delay
         heapq.heappush(self._heap, (due, seq, job))
         if self._heap[0][1] == seq:
             self._wake.set()  # new earliest job: the scheduler's sleep is too long
 
     async def _schedule_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         popped = 0
         while True:
             if not self._heap:
@@ -378,11 +371,10 @@ class HealthChecker:
                 await self._wake.wait()
                 continue
             due, seq, job = self._heap[0]
-            delay = due - loop.time()
+            delay = due - self._clock.now()
             if delay > 0:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                await self._sleep_or_wake(delay)
                 continue
             heapq.heappop(self._heap)
             popped += 1
@@ -398,6 +390,16 @@ class HealthChecker:
             task = asyncio.create_task(self._run_job(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        """Sleep `delay` on the clock, or less if a new earliest job is pushed."""
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     async def _run_job(self, job: _Job) -> None:
         self._in_flight += 1

@@ -266,9 +266,6 @@ class ManualRegistry:
     def node(self) -> str:
         return self._node
 
-    def registrations(self) -> Mapping[str, Endpoint]:
-        return MappingProxyType({eid: e.endpoint for eid, e in self._entries.items()})
-
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         if self._task is None:

@@ -188,9 +188,8 @@ async def test_blocking_query_returns_early_on_change(api: Harness) -> None:
     _, _, index = await get(api, "/v1/services/web")
     started = time.monotonic()
     task = asyncio.create_task(get(api, "/v1/services/web", index=str(index), wait="20s"))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)  # it waits
     assert not task.done()
-    assert REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1
     api.container("c2", "web")
     status, body, new_index = await asyncio.wait_for(task, 5)
     assert status == 200 and new_index > index
@@ -214,12 +213,14 @@ async def test_blocking_on_one_service_ignores_changes_to_others(api: Harness) -
     api.container("c1", "web")
     _, _, index = await get(api, "/v1/endpoints", service="web")
     task = asyncio.create_task(get(api, "/v1/endpoints", service="web", index=str(index), wait="20s"))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
     api.container("c9", "other")  # the catalog index moves, web does not change
-    await asyncio.sleep(0.4)
-    assert not task.done()
+    other_index = api.catalog.publish().index
+    assert other_index > index
     api.container("c1", "web", state=State.DRAINING)
     _status, body, new_index = await asyncio.wait_for(task, 5)
+    # Had the query woken on the other service's change, it would show web still passing.
+    assert new_index > other_index
     assert [e["state"] for e in body] == ["draining"]
     assert new_index == api.catalog.snapshot.index
 
@@ -235,7 +236,7 @@ async def test_blocking_query_for_a_missing_service_wakes_when_it_appears(api: H
     status, _, index = await get(api, "/v1/services/late")
     assert status == 404
     task = asyncio.create_task(get(api, "/v1/services/late", index=str(index), wait="20s"))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
     assert not task.done()
     api.container("c1", "late")
     status, body, _ = await asyncio.wait_for(task, 5)
@@ -254,7 +255,7 @@ async def test_stop_ends_blocking_queries_promptly() -> None:
     async with serve() as h:
         _, _, index = await get(h, "/v1/services")
         task = asyncio.create_task(get(h, "/v1/services", index=str(index), wait="60s"))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
         started = time.monotonic()
         await h.server.stop()
         status, _, same = await asyncio.wait_for(task, 5)
