@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images bench-registry bench-dns bench-proxy bench soak clean
+.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,24 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/beacon run $(ARGS)
 
-# Debian tools the suite uses as independent clients (dig, curl) and the test images.
+# Debian tools the suite uses as independent clients (dig, curl), etcd for the cluster tests, and the test images.
 test-deps:
 	@command -v dig >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bind9-dnsutils curl >/dev/null)
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@command -v etcd >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null)
+	@(docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null) && command -v systemd-analyze >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose systemd >/dev/null)
 
 images:
 	bash tests/images/build.sh
+
+# Beacon's own image, built without a registry (deploy/README.md); IMAGE=beacon:local.
+IMAGE ?= beacon:local
+image: $(VENV)/.installed-dev
+	PIP=$(BIN)/pip bash deploy/build-image.sh $(IMAGE)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check beacon tests bench

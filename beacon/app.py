@@ -14,11 +14,14 @@ import signal
 import socket
 from typing import Protocol
 
-from beacon.api import ApiServer, RouteSet
-from beacon.config import Config
+from beacon.api import ApiServer
+from beacon.api.consul import ConsulApi
+from beacon.api.promsd import PrometheusSd
+from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
 from beacon.proxy import ProxyServer
-from beacon.registry import Catalog, DockerSource, HealthChecker, ManualRegistry
+from beacon.registry import Catalog, ClusterSource, DockerSource, HealthChecker, ManualRegistry
+from beacon.registry.store import EtcdStore, GatewaySettings
 
 log = logging.getLogger("beacon.app")
 
@@ -27,10 +30,6 @@ class Component(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-# Extra API route sets, mounted after Beacon's own (the Consul view, the UI...).
-API_ROUTE_SETS: tuple[RouteSet, ...] = ()
 
 
 class App:
@@ -43,8 +42,18 @@ class App:
         )
         self.manual = ManualRegistry(config, self.catalog, node=self.node)
         self.health = HealthChecker(config, self.catalog, docker=self.docker)
+        self.cluster: ClusterSource | None = None
+        if config.store != "memory":
+            settings = GatewaySettings(
+                etcd_endpoints(config.store), cacert=config.etcd_cacert, cert=config.etcd_cert,
+                key=config.etcd_key, user=config.etcd_user, password=config.etcd_password,
+            )
+            store = EtcdStore(settings, prefix=config.store_prefix, node=self.node, lease_ttl=config.lease_ttl)
+            self.cluster = ClusterSource(self.catalog, store, node=self.node, manual=self.manual)
         self.dns = DnsServer(config, self.catalog)
         self.proxy = ProxyServer(config, self.catalog)
+        self.consul = ConsulApi(config, self.catalog, manual=self.manual, node=self.node,
+                                api_address=lambda: str(self.api.address or config.api_listen))
         self.api = ApiServer(
             config,
             self.catalog,
@@ -52,14 +61,19 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
-            route_sets=API_ROUTE_SETS,
+            extensions=[self.consul, PrometheusSd(self.catalog)],
+            nodes=self.cluster.nodes_json if self.cluster is not None else None,
+            store=self.cluster.store if self.cluster is not None else None,
         )
         self._started: list[Component] = []
 
     @property
     def components(self) -> list[Component]:
         sources: list[Component] = [self.docker] if self.docker is not None else []
-        return [*sources, self.manual, self.health, self.api, self.dns, self.proxy]
+        # The cluster source starts after the local sources (its first write is
+        # then the whole local state: a restart resyncs as a diff, no flapping).
+        cluster: list[Component] = [self.cluster] if self.cluster is not None else []
+        return [*sources, self.manual, self.health, *cluster, self.api, self.dns, self.proxy]
 
     async def start(self) -> None:
         for component in self.components:

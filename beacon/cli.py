@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_server(config: Config) -> int:
     from beacon.app import App
+    from beacon.registry.store import StoreError
 
     setup_logging(config.log_level)
     import uvloop
@@ -57,7 +58,7 @@ def run_server(config: Config) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(App(config).run_until_signal())
-    except OSError as exc:  # e.g. a listener's port is taken
+    except (OSError, StoreError) as exc:  # a listener's port is taken; the node name is taken
         print(f"beacon: {exc}", file=sys.stderr)
         return 1
     return 0

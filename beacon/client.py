@@ -130,6 +130,28 @@ def cmd_endpoints(args: argparse.Namespace, api: ApiClient) -> int:
     return _emit(args, service, lambda: _endpoint_rows(service["endpoints"]))
 
 
+def cmd_nodes(args: argparse.Namespace, api: ApiClient) -> int:
+    table = api.request("GET", "/v1/nodes")
+    return _emit(
+        args,
+        table,
+        lambda: format_table(
+            ("NODE", "LEASE", "ENDPOINTS", "LAST CHANGE"),
+            [
+                (n["node"] + (" (this)" if n.get("local") else ""), n.get("lease", ""), n.get("endpoints", 0),
+                 _ago(n.get("last_change")))
+                for n in table["nodes"]
+            ],
+        ),
+    )
+
+
+def _ago(wall: object) -> str:
+    import time
+
+    return f"{max(0.0, time.time() - wall):.1f}s ago" if isinstance(wall, (int, float)) else "-"
+
+
 def _meta_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -215,6 +237,9 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p = sub.add_parser("endpoints", parents=[common], help="list the endpoints of one service")
     p.add_argument("name", metavar="NAME", help="service name")
     p.set_defaults(handler=_runner(cmd_endpoints))
+
+    p = sub.add_parser("nodes", parents=[common], help="list the nodes of the cluster (etcd store)")
+    p.set_defaults(handler=_runner(cmd_nodes))
 
     p = sub.add_parser("register", parents=[common], help="register a manual endpoint (not a container)")
     p.add_argument("id", metavar="ID", help="endpoint id, chosen by you")

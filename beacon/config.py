@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from beacon.grammar import (
@@ -103,6 +104,41 @@ def _recursor(text: str) -> HostPort:
         return parse_hostport(text)
 
 
+def _store_url(text: str) -> str:
+    """'memory' or etcd://HOST:PORT[,HOST:PORT...] (normalised)."""
+    t = text.strip()
+    if t == "memory":
+        return t
+    if not t.startswith("etcd://"):
+        raise ValueError(f"expected memory or etcd://HOST:PORT[,HOST:PORT...], got {text!r}")
+    members = [p for p in t[len("etcd://"):].split(",") if p.strip()]
+    if not members:
+        raise ValueError(f"no etcd endpoint in {text!r}")
+    parsed = [parse_hostport(m) for m in members]
+    if any(hp.port == 0 for hp in parsed):
+        raise ValueError(f"an etcd endpoint needs a port, got {text!r}")
+    return "etcd://" + ",".join(str(hp) for hp in parsed)
+
+
+def etcd_endpoints(store: str) -> tuple[str, ...]:
+    """The HOST:PORT list of an etcd:// store URL (empty for memory)."""
+    return tuple(store[len("etcd://"):].split(",")) if store.startswith("etcd://") else ()
+
+
+def _store_prefix(text: str) -> str:
+    t = text.strip()
+    if not re.fullmatch(r"/[A-Za-z0-9_.\-/]*", t) or "//" in t:
+        raise ValueError(f"expected a key prefix like /beacon/, got {text!r}")
+    return t if t.endswith("/") else t + "/"
+
+
+def _lease_ttl(text: str) -> float:
+    value = parse_duration(text)
+    if not 1 <= value <= 3600:
+        raise ValueError(f"expected a lease TTL between 1s and 1h, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str  # Config field
@@ -142,6 +178,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("resync_interval", "--resync-interval", parse_duration, 30.0, "periodic full resync with Docker (a diff)"),
     Option("deregister_critical_after", "--deregister-critical-after", parse_duration, 60.0, "remove a manual endpoint critical for this long"),
     Option("check_concurrency", "--check-concurrency", _positive_int, 64, "active health checks run at once"),
+    # --- cluster store (password: BEACON_ETCD_PASSWORD only, never a flag)
+    Option("store", "--store", _store_url, "memory", "catalog store: memory (one host) or etcd://HOST:PORT[,HOST:PORT...]", metavar="URL"),
+    Option("store_prefix", "--store-prefix", _store_prefix, "/beacon/", "key prefix of this Beacon cluster in etcd"),
+    Option("lease_ttl", "--lease-ttl", _lease_ttl, 10.0, "etcd lease TTL: a dead agent's endpoints leave other nodes after it"),
+    Option("etcd_cacert", "--etcd-cacert", str, "", "CA certificate file to verify etcd (turns on TLS)", metavar="FILE"),
+    Option("etcd_cert", "--etcd-cert", str, "", "client certificate file for etcd (TLS)", metavar="FILE"),
+    Option("etcd_key", "--etcd-key", str, "", "client key file for etcd (TLS)", metavar="FILE"),
+    Option("etcd_user", "--etcd-user", str, "", "etcd user (password from BEACON_ETCD_PASSWORD)"),
     # --- dns
     Option("dns_listen", "--dns-listen", parse_hostport, (HostPort("127.0.0.1", 8600),), "DNS listener, UDP and TCP (repeatable)", repeated=True, metavar="HOST:PORT"),
     Option("dns_domain", "--dns-domain", _dns_domain, "beacon.", "domain Beacon is authoritative for"),
@@ -151,9 +195,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("dns_recursors", "--dns-recursors", _recursor, None, "upstream resolvers for other names (default: /etc/resolv.conf; 'none': refuse)", repeated=True, metavar="IP[:PORT]"),
     Option("dns_recursor_timeout", "--dns-recursor-timeout", _positive_duration, 2.0, "timeout per upstream try"),
     Option("dns_allow", "--dns-allow", _network, None, "networks allowed to use forwarding when listening beyond loopback (default: loopback and Docker networks)", repeated=True, metavar="CIDR"),
+    Option("dns_tcp_max_connections", "--dns-tcp-max-connections", _positive_int, 256, "DNS/TCP connections open at once; more are closed at accept"),
+    Option("dns_tcp_idle_timeout", "--dns-tcp-idle-timeout", _positive_duration, 10.0, "close a DNS/TCP connection that completes no query for this long"),
     # --- proxy
     Option("proxy_listen", "--proxy-listen", parse_hostport, HostPort("127.0.0.1", 8080), "HTTP proxy listener", metavar="HOST:PORT"),
     Option("proxy_domain", "--proxy-domain", _dns_domain, "localhost.", "route Host <service>.<domain> to the service"),
+    Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
@@ -186,6 +233,14 @@ class Config:
     resync_interval: float = 30.0
     deregister_critical_after: float = 60.0
     check_concurrency: int = 64
+    store: str = "memory"
+    store_prefix: str = "/beacon/"
+    lease_ttl: float = 10.0
+    etcd_cacert: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password: str = field(default="", repr=False)  # BEACON_ETCD_PASSWORD only
     dns_listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 8600),)
     dns_domain: str = "beacon."
     dns_ttl: int = 0
@@ -196,8 +251,11 @@ class Config:
     dns_recursor_timeout: float = 2.0
     # None: loopback plus the Docker networks, found at start.
     dns_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    dns_tcp_max_connections: int = 256
+    dns_tcp_idle_timeout: float = 10.0
     proxy_listen: HostPort = HostPort("127.0.0.1", 8080)
     proxy_domain: str = "localhost."
+    proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -222,6 +280,12 @@ class Config:
             raise ConfigError("--proxy-try-timeout must be at least --proxy-connect-timeout")
         if self.resync_interval < 1:
             raise ConfigError("--resync-interval must be at least 1s")
+        if self.store == "memory" and (self.etcd_cacert or self.etcd_cert or self.etcd_key or self.etcd_user):
+            raise ConfigError("--etcd-* options need --store etcd://...")
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ConfigError("--etcd-cert and --etcd-key go together")
+        if self.etcd_user and not self.etcd_password:
+            raise ConfigError("--etcd-user needs the password in BEACON_ETCD_PASSWORD")
         return self
 
 
@@ -258,6 +322,8 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
             values[opt.name] = _parse_value(opt, raw)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace(opt.flag, source, 1)) from None
+    if env.get("BEACON_ETCD_PASSWORD"):
+        values["etcd_password"] = env["BEACON_ETCD_PASSWORD"]  # never a flag: argv is visible to all
     if not values.get("docker_host") and env.get("DOCKER_HOST"):
         values["docker_host"] = env["DOCKER_HOST"]  # the Docker CLI's own variable
     known = {f.name for f in fields(Config)}

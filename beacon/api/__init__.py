@@ -1,20 +1,19 @@
-"""The REST API: a reader of the catalog's snapshots, like DNS and the proxy.
+"""Beacon's HTTP APIs: the REST API (`ApiServer`) and the views mounted on it
+as extensions (Consul-compatible `consul.py`, Prometheus SD `promsd.py`).
 
-`ApiServer` serves Beacon's own routes; other faces mount theirs as route sets
-(`RouteSet = (app, ApiContext) -> None`, passed by app.py).
+The REST API reads the catalog's snapshots, like DNS and the proxy.
 """
 
 from beacon.api.blocking import BlockingQuery, parse_blocking
 from beacon.api.responses import INDEX_HEADER, ApiError, error_response, json_response, parse_json_body
-from beacon.api.server import ApiContext, ApiServer, RouteSet
+from beacon.api.server import ApiExtension, ApiServer
 
 __all__ = [
     "INDEX_HEADER",
-    "ApiContext",
     "ApiError",
+    "ApiExtension",
     "ApiServer",
     "BlockingQuery",
-    "RouteSet",
     "error_response",
     "json_response",
     "parse_blocking",

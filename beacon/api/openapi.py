@@ -307,6 +307,15 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json({"type": "object"}, "Routes and conflicts", index=True)},
         }
     },
+    "/v1/nodes": {
+        "get": {
+            "operationId": "nodes",
+            "summary": "The nodes of the cluster (etcd store): lease state (alive, released, expired; "
+            "'local' for this node, 'none' with the memory store), last change seen, endpoint counts, "
+            "and this agent's store connection",
+            "responses": {"200": _json({"type": "object"}, "Nodes and store state", index=True)},
+        }
+    },
     "/v1/openapi.json": {
         "get": {
             "operationId": "openapi",

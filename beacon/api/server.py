@@ -15,12 +15,11 @@ changes nothing: validation happens before any catalog write.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -81,38 +80,25 @@ def filter_endpoints(
     ]
 
 
-# ------------------------------------------------------------ route sets
-@dataclasses.dataclass(frozen=True, slots=True)
-class ApiContext:
-    """What a route set may use: the catalog and its sources, and the server's
-    own blocking queries, write authorization and shutdown signal."""
+# ------------------------------------------------------------ extensions
+class ApiExtension(Protocol):
+    """A set of routes another module mounts on the API (the Consul-compatible
+    view, Prometheus SD, the UI): `install` adds its routes to the aiohttp app
+    (they get the same middleware: JSON errors, request metrics, body limit);
+    `start`/`stop` run inside the API's own start/stop."""
 
-    config: Config
-    catalog: Catalog
-    manual: ManualRegistry
-    docker: object | None
-    health: object | None
-    blocker: Blocker  # .block(request, view_index), .next_snapshot(), .service_modified(), .closing
-    authorize: Callable[[web.Request], None]  # raises ApiError 401 unless the write may proceed
+    def install(self, app: web.Application) -> None: ...
 
-    async def block(self, request: web.Request, view_index: ViewIndex) -> Snapshot:
-        """`?index=&wait=` on any read: the snapshot to render (see blocking.py)."""
-        return await self.blocker.block(request, view_index)
+    async def start(self) -> None: ...
 
-
-# A route set adds its routes to the API's application, e.g.
-#     def consul_routes(app: web.Application, ctx: ApiContext) -> None:
-#         app.router.add_get("/v1/catalog/services", ...)
-# Every mounted route goes through the same middleware: JSON errors, request
-# metrics, the body limit.
-RouteSet = Callable[[web.Application, ApiContext], None]
+    async def stop(self) -> None: ...
 
 
 # ------------------------------------------------------------------ server
 class ApiServer:
     """aiohttp application on `config.api_listen`; `address` is the bound address after start.
 
-    `route_sets` are mounted after Beacon's own routes (app.py passes them).
+    `extensions` are mounted after Beacon's own routes (app.py passes them).
     """
 
     def __init__(
@@ -124,15 +110,20 @@ class ApiServer:
         docker: object | None,
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
-        route_sets: Sequence[RouteSet] = (),
         heartbeat_interval: float = 15.0,
+        extensions: Iterable[ApiExtension] = (),  # mounted after Beacon's own routes (Consul API, Prometheus SD)
+        nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
+        store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
     ) -> None:
+        self._extensions = list(extensions)
         self._config = config
         self._catalog = catalog
         self._manual = manual
         self._docker = docker
         self._health = health
         self._routes = routes  # the proxy's routing table, as JSON (routes and conflicts)
+        self._nodes = nodes
+        self._store = store
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
         token = config.api_token.encode("utf-8", "surrogateescape")
         self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
@@ -140,11 +131,10 @@ class ApiServer:
         self._watch = WatchStreams(catalog, self._blocker, heartbeat_interval)
         self._runner: web.AppRunner | None = None
         self.address: HostPort | None = None
-        self.context = ApiContext(config, catalog, manual, docker, health, self._blocker, self._authorize)
-        self.app = self._build_app(route_sets)
+        self.app = self._build_app()
 
     # ------------------------------------------------------------ lifecycle
-    def _build_app(self, route_sets: Sequence[RouteSet]) -> web.Application:
+    def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
         r = app.router
         r.add_get("/v1/services", self._services)
@@ -157,16 +147,19 @@ class ApiServer:
         r.add_get("/v1/watch", self._watch.handle)
         r.add_get("/v1/autoheal", self._autoheal)
         r.add_get("/v1/routes", self._routes_table)
+        r.add_get("/v1/nodes", self._nodes_table)
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
-        for mount in route_sets:
-            mount(app, self.context)
+        for extension in self._extensions:
+            extension.install(app)
         return app
 
     async def start(self) -> None:
         self._blocker.start()
         SNAPSHOT_COLLECTOR.attach(self._current_snapshot)
+        for extension in self._extensions:
+            await extension.start()
         # handler_cancellation: a client that hangs up stops its blocking query.
         runner = web.AppRunner(
             self.app,
@@ -191,6 +184,8 @@ class ApiServer:
     async def stop(self) -> None:
         # Wake blocking queries and watch streams so they end now, not at their timeout.
         self._blocker.closing.set()
+        for extension in self._extensions:
+            await extension.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -365,8 +360,22 @@ class ApiServer:
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document(__version__))
 
+    async def _nodes_table(self, request: web.Request) -> web.Response:
+        snap = self._catalog.snapshot
+        if self._nodes is not None:
+            return json_response(self._nodes(), snap)
+        node = self._manual.node
+        count = sum(1 for e in snap.endpoints.values() if e.node == node)
+        table = {"node": node, "store": None, "nodes": [{"node": node, "local": True, "lease": "none", "endpoints": count}]}
+        return json_response(table, snap)
+
     async def _healthz(self, request: web.Request) -> web.Response:
         snap = self._catalog.snapshot
+        if self._store is not None and not getattr(self._store, "connected", False):
+            # Degraded, not dead: the last catalog is served and local changes still apply.
+            docker = "disabled" if self._docker is None else (
+                "connected" if getattr(self._docker, "connected", False) else "disconnected")
+            return json_response({"status": "degraded", "docker": docker, "store": "disconnected"}, snap, status=503)
         if self._docker is None:
             return json_response({"status": "ok", "docker": "disabled"}, snap)
         if getattr(self._docker, "connected", False):
@@ -378,4 +387,4 @@ class ApiServer:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-__all__ = ["ApiContext", "ApiServer", "RouteSet", "filter_endpoints", "parse_states"]
+__all__ = ["ApiExtension", "ApiServer", "filter_endpoints", "parse_states"]

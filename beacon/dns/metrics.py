@@ -166,14 +166,16 @@ class DnsCollector(Collector):
 
 
 COLLECTOR = DnsCollector()
-_registered: set[int] = set()
+# Weak: an id() could be reused by a new registry once an old one is freed
+# (tests make many), and the collector would then never reach the new one.
+_registered: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
 
 
 def register(metrics: DnsMetrics, registry: CollectorRegistry = REGISTRY) -> None:
     """Make `metrics` visible in `registry` (the collector is registered once)."""
-    if id(registry) not in _registered:
+    if registry not in _registered:
         registry.register(COLLECTOR)
-        _registered.add(id(registry))
+        _registered.add(registry)
     COLLECTOR.add(metrics)
 
 

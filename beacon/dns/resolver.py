@@ -26,15 +26,13 @@ from dataclasses import dataclass
 
 from dnslib import AAAA, EDNS0, NS, PTR, QTYPE, RD, RR, SOA, SRV, A, DNSHeader, DNSLabel, DNSRecord
 
-from beacon.dns.wire import FORMERR, NOERROR, NOTIMP, NXDOMAIN, REFUSED
+from beacon.dns.wire import FORMERR, MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, NOERROR, NOTIMP, NXDOMAIN, REFUSED
 from beacon.registry.model import Endpoint, Service, Snapshot, State
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Our receive limit, advertised in every OPT; also the cap on what we send over
-# UDP whatever the client claims (larger datagrams fragment).
-MAX_UDP_PAYLOAD = 4096
-MIN_UDP_PAYLOAD = 512  # RFC 1035: what a client without EDNS accepts
+# MAX_UDP_PAYLOAD: our receive limit, advertised in every OPT; also the cap on
+# what we send over UDP whatever the client claims (larger datagrams fragment).
 
 CLASS_IN = 1
 OPCODE_QUERY = 0
@@ -125,6 +123,10 @@ class Zone:
         self.services: dict[str, Service] = {n.lower(): s for n, s in snapshot.services.items()}
         self.ns_name = f"ns.{self.domain}"
         self.ns_ips = [ip for ip in (_ip(a) for a in settings.ns_addresses) if ip is not None]
+        # The records of service answers built so far, by (qname labels as
+        # asked, qtype): a second query for the same name (another EDNS size,
+        # other flags) reuses them instead of walking every endpoint again.
+        self.service_records: dict[tuple[tuple[bytes, ...], int], _ServiceRecords] = {}
 
     @staticmethod
     def ip_of(ep: Endpoint) -> IPAddress | None:
@@ -241,17 +243,24 @@ def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
     q = request.questions[0]
     labels = tuple(label.lower() for label in q.qname.label)
     if sum(len(label) + 1 for label in labels) + 1 > 255:
+        # RFC 1035 caps a name at 255 bytes: it cannot be echoed (nor packed),
+        # so the FORMERR carries no question.
+        out.record.questions = []
         return out.rcode(FORMERR).finish()
+    if q.qclass != CLASS_IN:
+        # CHAOS (version.bind, hostname.bind, id.server) and other classes:
+        # refused here, never forwarded (an upstream would tell its version
+        # or name to anyone who asks us).
+        return out.rcode(REFUSED).finish()
     dl = zone.domain_labels
     if len(labels) >= len(dl) and labels[len(labels) - len(dl) :] == dl:
-        out.record.header.aa = 1
-        if q.qclass != CLASS_IN or q.qtype in (T_AXFR, T_IXFR):
-            out.record.header.aa = 0
+        if q.qtype in (T_AXFR, T_IXFR):
             return out.rcode(REFUSED).finish()
+        out.record.header.aa = 1
         _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)])
         return out.finish()
     targets = zone.reverse.get(labels) if labels[-2:] in _REVERSE_ZONES else None
-    if targets is not None and q.qclass == CLASS_IN:
+    if targets is not None:
         out.record.header.aa = 1
         if q.qtype in (T_PTR, T_ANY):
             out.record.add_answer(*(RR(q.qname, T_PTR, ttl=settings.ttl, rdata=PTR(t)) for t in targets))
@@ -321,7 +330,45 @@ def _answer_addresses(
     out.rotate = len(records) > 1
 
 
+@dataclass(frozen=True, slots=True)
+class _ServiceRecords:
+    """A positive or NODATA service answer, ready to add to any reply."""
+
+    answers: tuple[RR, ...]  # empty: NODATA
+    additional: tuple[RR, ...] = ()
+
+
+MAX_SERVICE_RECORDS = 4096  # memoized answers per zone; beyond it answers are built each time
+
+
 def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts: tuple[bytes, ...]) -> None:
+    memo_key = (tuple(qname.label), qtype)
+    memo = zone.service_records.get(memo_key)
+    if memo is None:
+        built = _build_service_answer(out, zone, qname, qtype, parts)
+        if built is None:
+            return
+        memo = built
+        if len(zone.service_records) < MAX_SERVICE_RECORDS:
+            zone.service_records[memo_key] = memo
+    out.service = _service_key(parts)
+    if not memo.answers:
+        out.negative(NOERROR)
+        return
+    out.record.add_answer(*memo.answers)
+    out.record.add_ar(*memo.additional)
+    out.rotate = len(memo.answers) > 1
+
+
+def _service_key(parts: tuple[bytes, ...]) -> str:
+    name = parts[0][1:] if len(parts) == 2 and parts[0].startswith(b"_") and parts[1].startswith(b"_") else parts[-1]
+    return name.decode("utf-8", "replace")
+
+
+def _build_service_answer(
+    out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts: tuple[bytes, ...]
+) -> _ServiceRecords | None:
+    """The records of a service answer; None after answering NXDOMAIN itself."""
     tag: str | None = None
     protocol: str | None = None
     if len(parts) == 1:
@@ -336,14 +383,11 @@ def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts:
             tag = second
     else:
         tag, name = parts[0].decode("utf-8", "replace"), parts[1]
-    key = name.decode("utf-8", "replace")
-    svc = zone.services.get(key)
+    svc = zone.services.get(name.decode("utf-8", "replace"))
     if svc is None:
         out.negative(NXDOMAIN)
-        return
-    # From here on only `svc` (and fixed settings) shape a positive answer;
-    # `negative` clears this again.
-    out.service = key
+        return None
+    # From here on only `svc` (and fixed settings) shape the answer.
     members: Iterable[Endpoint] = svc.endpoints
     if tag is not None:
         members = [e for e in members if tag in (t.lower() for t in e.tags)]
@@ -352,15 +396,12 @@ def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts:
     members = list(members)
     if not members:
         out.negative(NXDOMAIN)  # no endpoint has this tag or protocol: the name does not exist
-        return
+        return None
     # A known name with no usable endpoint answers NODATA, not SERVFAIL (README:
     # SERVFAIL makes stub resolvers fail over to other servers and retry).
     usable = [(e, ip) for e in members if zone.usable(e) and (ip := zone.ip_of(e)) is not None]
     ttl = zone.service_ttl(svc)
     if qtype == T_SRV:
-        if not usable:
-            out.negative(NOERROR)
-            return
         targets: dict[str, IPAddress] = {}
         answers = []
         for ep, ip in usable:
@@ -368,32 +409,53 @@ def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts:
             targets[target] = ip
             srv = SRV(priority=1, weight=max(0, min(ep.weight, 0xFFFF)), port=ep.port, target=target)
             answers.append(RR(qname, T_SRV, ttl=ttl, rdata=srv))
-        out.record.add_answer(*answers)
-        out.record.add_ar(*(_rr_for_ip(t, ip, ttl) for t, ip in targets.items()))
-        out.rotate = len(answers) > 1
-        return
-    unique: list[IPAddress] = []
-    for _, ip in usable:
-        if ip not in unique:  # two ports of one address: one A record (no duplicate RRs)
-            unique.append(ip)
-    _answer_addresses(out, zone, qname, qtype, unique, ttl)
+        return _ServiceRecords(tuple(answers), tuple(_rr_for_ip(t, ip, ttl) for t, ip in targets.items()))
+    if qtype == T_ANY:
+        return _ServiceRecords((RR(qname, T_HINFO, ttl=ttl, rdata=_RFC8482_HINFO),) if usable else ())
+    # Two ports of one address: one A record (no duplicate RRs); a dict keeps
+    # this linear for services with thousands of endpoints.
+    want = 4 if qtype == T_A else 6 if qtype == T_AAAA else 0
+    unique = dict.fromkeys(ip for _, ip in usable if ip.version == want)
+    return _ServiceRecords(tuple(_rr_for_ip(qname, ip, ttl) for ip in unique))
+
+
+def rotation_count(answer: Answer, limit: int) -> int:
+    """How many rotated orders of the answer RRset to hand out in turn (1: no rotation)."""
+    n = len(answer.reply.rr)
+    return 1 if not answer.rotate or n < 2 or limit < 2 else min(n, limit)
+
+
+def rotation(answer: Answer, i: int, count: int) -> DNSRecord:
+    """The reply with its answer RRset rotated to the i-th of `count` even shifts.
+
+    One at a time, so a server packs only the orders it hands out.
+    """
+    if count <= 1:
+        return answer.reply
+    rr = answer.reply.rr
+    shift = i * len(rr) // count
+    copy = DNSRecord(answer.reply.header, answer.reply.questions, rr[shift:] + rr[:shift])
+    copy.auth = answer.reply.auth
+    copy.ar = answer.reply.ar
+    return copy
 
 
 def rotations(answer: Answer, limit: int) -> list[DNSRecord]:
     """Up to `limit` copies of the reply with the answer RRset rotated evenly."""
-    rr = answer.reply.rr
-    n = len(rr)
-    if not answer.rotate or n < 2 or limit < 2:
-        return [answer.reply]
-    k = min(n, limit)
-    out = []
-    for i in range(k):
-        shift = i * n // k
-        copy = DNSRecord(answer.reply.header, answer.reply.questions, rr[shift:] + rr[:shift])
-        copy.auth = answer.reply.auth
-        copy.ar = answer.reply.ar
-        out.append(copy)
-    return out
+    count = rotation_count(answer, limit)
+    return [rotation(answer, i, count) for i in range(count)]
+
+
+# Least wire size of one record (an OPT: root owner and 10 fixed bytes; any
+# other has a 2-byte compressed owner or more, and rdata); enough to tell without packing that an
+# answer with hundreds of records cannot fit a UDP reply.
+_MIN_RR_SIZE = 11  # the OPT record: root owner (1) + 10
+
+
+def size_at_least(answer: Answer) -> int:
+    """A lower bound of the packed reply's size (header and records, no packing)."""
+    r = answer.reply
+    return 12 + _MIN_RR_SIZE * (len(r.rr) + len(r.auth) + len(r.ar))
 
 
 def truncated(answer: Answer) -> DNSRecord:

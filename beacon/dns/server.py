@@ -37,8 +37,19 @@ from beacon.dns import metrics as dns_metrics
 from beacon.dns import wire
 from beacon.dns.allow import AllowList, list_docker_subnets
 from beacon.dns.forward import Forwarder, system_upstreams, without_self
+from beacon.dns.logs import Throttle, escape
 from beacon.dns.metrics import INVALID_QTYPE, DnsMetrics
-from beacon.dns.resolver import Zone, ZoneSettings, pack, resolve, rotations, truncated
+from beacon.dns.resolver import (
+    Answer,
+    Zone,
+    ZoneSettings,
+    pack,
+    resolve,
+    rotation,
+    rotation_count,
+    size_at_least,
+    truncated,
+)
 from beacon.registry.catalog import Catalog
 from beacon.registry.model import Snapshot
 
@@ -46,23 +57,58 @@ log = logging.getLogger("beacon.dns")
 
 MAX_ROTATIONS = 16  # pre-packed orders per answer: every endpoint of a small pool comes first in turn
 MAX_CACHE_ENTRIES = 20000  # bound against random names; cleared (not evicted) when reached
+MAX_CACHE_BYTES = 64 << 20  # and by size (packed answers over TCP reach 64 KB per rotation)
+_ENTRY_OVERHEAD = 300  # bytes of key, entry object and index slot, roughly
 UDP_READ_BATCH = 256  # datagrams per readiness event before yielding to the loop
-TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 asks servers to close idle connections after seconds
 TCP_MAX_INFLIGHT = 64  # forwarded queries pipelined on one connection
 TCP_MAX_WRITE_BUFFER = 1 << 20
 _RECV_SIZE = wire.MAX_QUERY_LEN + 1  # one more: a datagram this long is oversized
 
 
 class _Entry:
-    """A cached answer: its packed forms (minus the ID), handed out in turn."""
+    """A cached answer: its packed forms (minus the ID), handed out in turn.
 
-    __slots__ = ("hits", "next", "qtype", "rcode")
+    Rotations are packed one at a time as they are first handed out, so a
+    miss packs exactly the one reply it sends (a big answer packs 16 times
+    only over 16 queries, and never when it is sent truncated). Once every
+    rotation is packed, `next` is a C-level cycle and the answer is dropped.
+    """
 
-    def __init__(self, packed: list[bytes], qtype: int, rcode: int) -> None:
-        self.next: Callable[[], bytes] = itertools.cycle(packed).__next__
+    __slots__ = ("_answer", "_count", "_given", "_limit", "_packed", "hits", "next", "qtype", "rcode", "size")
+
+    def __init__(self, answer: Answer | None, first: bytes, count: int, limit: int, qtype: int, rcode: int) -> None:
         self.hits = 0
         self.qtype = qtype
         self.rcode = rcode
+        self._packed = [first]
+        self._count = count
+        self._given = 0
+        self._limit = limit
+        # What the cache accounts for: every rotation is as long as the first.
+        self.size = len(first) * count + _ENTRY_OVERHEAD
+        self._answer: Answer | None = None
+        if count <= 1 or answer is None:
+            self.next: Callable[[], bytes] = itertools.repeat(first).__next__
+        else:
+            self._answer = answer
+            self.next = self._pack_next
+
+    def _pack_next(self) -> bytes:
+        i = self._given
+        self._given = i + 1
+        packed = self._packed
+        answer = self._answer
+        if i < len(packed) or answer is None:
+            out = packed[i % len(packed)]
+        else:
+            out = pack(rotation(answer, i, self._count))[2:]
+            if len(out) + 2 > self._limit:  # an order that compresses worse: send it truncated
+                out = pack(truncated(answer))[2:]
+            packed.append(out)
+        if self._given >= self._count:
+            self._answer = None
+            self.next = itertools.cycle(packed).__next__  # the next turn is rotation 0 again
+        return out
 
 
 class _Forward:
@@ -75,9 +121,56 @@ class _Forward:
         self.qtype = qtype
 
 
-_Lookup = _Entry | _Forward | bytes | None
-# Cache keys by the one service their answer depends on; None: on anything.
-_DepIndex = dict[str | None, list[bytes]]
+_Miss = _Forward | bytes | None  # forward it, send these bytes, or drop it
+
+
+class _Cache:
+    """Packed answers by query key (minus the ID, name lowercased), bounded in
+    entries and bytes, with the index of which service each one depends on."""
+
+    __slots__ = ("bytes", "deps", "entries")
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, _Entry] = {}
+        # Keys by the one service their answer depends on; None: on anything.
+        self.deps: dict[str | None, list[bytes]] = {}
+        self.bytes = 0
+
+    def full(self, entry: _Entry) -> bool:
+        return len(self.entries) >= MAX_CACHE_ENTRIES or self.bytes + entry.size > MAX_CACHE_BYTES
+
+    def add(self, key: bytes, entry: _Entry, service: str | None) -> None:
+        self.entries[key] = entry
+        self.bytes += entry.size
+        keys = self.deps.get(service)
+        if keys is None:
+            self.deps[service] = [key]
+        else:
+            keys.append(key)
+
+    def prune(self, changed: set[str], count: Callable[[int, int, int], None]) -> None:
+        """Drop the entries of `changed` services and every unattributed one."""
+        for name in (None, *changed):
+            # Each cached key is listed under exactly one name (a key is
+            # cached only on a miss, and the index is cleared with the cache).
+            for key in self.deps.pop(name, ()):
+                e = self.entries.pop(key, None)
+                if e is not None:
+                    self.bytes -= e.size
+                    if e.hits:
+                        count(e.qtype, e.rcode, e.hits)
+
+    def fold(self, count: Callable[[int, int, int], None]) -> None:
+        for e in self.entries.values():
+            if e.hits:
+                count(e.qtype, e.rcode, e.hits)
+                e.hits = 0
+
+    def clear(self) -> None:
+        # In place: the UDP read loop holds a reference to `entries`.
+        self.entries.clear()
+        self.deps.clear()
+        self.bytes = 0
 
 
 class DnsServer:
@@ -88,8 +181,10 @@ class DnsServer:
         *,
         resolv_conf: Path = Path("/etc/resolv.conf"),
         metrics_registry: CollectorRegistry | None = REGISTRY,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.catalog = catalog
         self.addresses: list[HostPort] = []
         self.metrics = DnsMetrics()
@@ -98,14 +193,14 @@ class DnsServer:
         self._snapshot: Snapshot = catalog.snapshot
         self._zone: Zone | None = None
         self._settings = ZoneSettings()
-        self._cache: dict[bytes, _Entry] = {}
-        self._tcp_cache: dict[bytes, _Entry] = {}
-        self._deps: _DepIndex = {}
-        self._tcp_deps: _DepIndex = {}
+        self._cache = _Cache()
+        self._tcp_cache = _Cache()
         self._fwd: dict[bytes, _Forward] = {}
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.Server] = []
         self._tcp_conns: set[_TcpConnection] = set()
+        self._tcp_sweeper: asyncio.TimerHandle | None = None
+        self._throttle = Throttle(log, clock=clock)
         self._tasks: set[asyncio.Task[None]] = set()
         self._forwarder = Forwarder((), config.dns_recursor_timeout, self.metrics)
         self._allow = AllowList(())
@@ -137,7 +232,7 @@ class DnsServer:
         self._on_snapshot(self.catalog.snapshot)
         self._unlisten = self.catalog.add_listener(self._on_snapshot)
         self.metrics.live_hits = self._live_hits
-        self.metrics.cache_entries = lambda: len(self._cache) + len(self._tcp_cache)
+        self.metrics.cache_entries = lambda: len(self._cache.entries) + len(self._tcp_cache.entries)
         if self._registry is not None:
             dns_metrics.register(self.metrics, self._registry)
         for sock in self._udp:
@@ -175,6 +270,9 @@ class DnsServer:
             server.close()
         for conn in list(self._tcp_conns):
             conn.abort()
+        if self._tcp_sweeper is not None:
+            self._tcp_sweeper.cancel()
+            self._tcp_sweeper = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -183,10 +281,9 @@ class DnsServer:
             await server.wait_closed()
         self._tcp_servers.clear()
         await self._forwarder.stop()
-        self._fold(self._cache)
-        self._fold(self._tcp_cache)
-        self._cache, self._tcp_cache = {}, {}
-        self._deps, self._tcp_deps = {}, {}
+        for cache in (self._cache, self._tcp_cache):
+            cache.fold(self.metrics.count)
+            cache.clear()
         dns_metrics.unregister(self.metrics)
         if self.addresses:
             log.info("stopped: dns on %s", ", ".join(map(str, self.addresses)))
@@ -238,32 +335,14 @@ class DnsServer:
         changed = {name.lower() for name in snapshot.changed_since(self._snapshot).services_touched}
         self._snapshot = snapshot
         self._zone = None
-        self._prune(self._cache, self._deps, changed)
-        self._prune(self._tcp_cache, self._tcp_deps, changed)
+        self._cache.prune(changed, self.metrics.count)
+        self._tcp_cache.prune(changed, self.metrics.count)
         # A reverse name becomes ours when an endpoint takes its address.
         self._fwd = {}
 
-    def _prune(self, cache: dict[bytes, _Entry], deps: _DepIndex, changed: set[str]) -> None:
-        """Drop the entries of `changed` services and every unattributed one."""
-        count = self.metrics.count
-        for name in (None, *changed):
-            # Each cached key is listed under exactly one name (a key is
-            # cached only on a miss, and the index is cleared with the cache).
-            for key in deps.pop(name, ()):
-                e = cache.pop(key, None)
-                if e is not None and e.hits:
-                    count(e.qtype, e.rcode, e.hits)
-
-    def _fold(self, cache: dict[bytes, _Entry]) -> None:
-        count = self.metrics.count
-        for e in cache.values():
-            if e.hits:
-                count(e.qtype, e.rcode, e.hits)
-                e.hits = 0
-
     def _live_hits(self) -> Iterator[tuple[int, int, int]]:
         for cache in (self._cache, self._tcp_cache):
-            for e in list(cache.values()):
+            for e in list(cache.entries.values()):
                 yield e.qtype, e.rcode, e.hits
 
     @property
@@ -277,7 +356,7 @@ class DnsServer:
     def _on_udp_readable(self, sock: socket.socket) -> None:
         recv = sock.recvfrom
         send = sock.sendto
-        cache = self._cache
+        cache = self._cache.entries
         perf = time.perf_counter
         started = perf()
         n = 0
@@ -305,37 +384,33 @@ class DnsServer:
                 self.metrics.latency["resolve"].observe(perf() - t0)
             slow += perf() - t0
             slow_n += 1
-            cache = self._cache  # the miss may have cleared a full cache
         hits = n - slow_n
         if hits > 0:
             self.metrics.latency["cache"].observe(max(0.0, perf() - started - slow) / hits, hits)
 
     def _udp_miss(self, sock: socket.socket, data: bytes, addr: Any) -> bool:
-        """Answer a query the cache did not have. True when answered locally."""
-        fwd = self._fwd.get(data[2:])
-        if fwd is None:
-            found = self._lookup(data, tcp=False)
-            if found is None:
-                return False
-            if isinstance(found, _Forward):
-                fwd = found
-            else:
-                if isinstance(found, _Entry):
-                    found.hits += 1
-                    reply = data[:2] + found.next()
-                else:
-                    reply = found
-                try:
-                    sock.sendto(reply, addr)
-                except OSError:
-                    self.metrics.drop("send_error")
-                return True
-        self._forward_udp(sock, data, addr, fwd)
-        return False
+        """Answer a query the exact-bytes lookup did not find. True when answered locally."""
+        found = self._miss(data, tcp=False)
+        if found is None:
+            return False
+        if isinstance(found, _Forward):
+            self._forward_udp(sock, data, addr, found)
+            return False
+        try:
+            sock.sendto(found, addr)
+        except OSError:
+            self.metrics.drop("send_error")
+        return True
 
     def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, fwd: _Forward) -> None:
         def done(reply: bytes) -> None:
             self.metrics.count(fwd.qtype, wire.rcode_of(reply))
+            if len(reply) > wire.MIN_UDP_PAYLOAD:
+                # An upstream may answer far more than this client accepts
+                # (it asked us, not them): never relay it oversize.
+                limit, edns = wire.udp_limit(data, fwd.qend)
+                if len(reply) > limit:
+                    reply = wire.truncate_reply(reply, fwd.qend, edns=edns)
             try:
                 sock.sendto(reply, addr)
             except OSError:
@@ -365,8 +440,10 @@ class DnsServer:
         task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------ shared miss
-    def _lookup(self, data: bytes, *, tcp: bool) -> _Lookup:
-        """Parse, resolve and pack one query; cache what can be cached."""
+    def _miss(self, data: bytes, *, tcp: bool) -> _Miss:
+        """The reply to a query whose exact bytes are not cached: from the entry
+        of its case-folded key (resolved and packed on a real miss), with the
+        question's own case put back; or a forward decision; None: drop it."""
         if len(data) < wire.HEADER_LEN:
             self.metrics.drop("short")
             return None
@@ -375,13 +452,34 @@ class DnsServer:
             return None
         if len(data) > wire.MAX_QUERY_LEN:
             return self._invalid(data)
+        folded = wire.case_folded(data)
+        key, nend = folded if folded is not None else (data[2:], 0)
+        cache = self._tcp_cache if tcp else self._cache
+        entry = cache.entries.get(key)
+        if entry is None:
+            fwd = self._fwd.get(key)
+            if fwd is not None:
+                return fwd
+            found = self._resolve(data, key, cache, tcp=tcp)
+            if not isinstance(found, _Entry):
+                return found
+            entry = found
+        entry.hits += 1
+        reply = data[:2] + entry.next()
+        if nend and reply[12:nend] != data[12:nend] and reply[12:nend].lower() == key[10 : nend - 2]:
+            # 0x20 clients check that the reply's question matches theirs byte
+            # for byte; answer owners are pointers to it, so they follow.
+            reply = reply[:12] + data[12:nend] + reply[nend:]
+        return reply
+
+    def _resolve(self, data: bytes, key: bytes, cache: _Cache, *, tcp: bool) -> _Entry | _Miss:
+        """Parse, resolve and pack one query (its case-folded form); cache what can be cached."""
         try:
-            request = DNSRecord.parse(data)
+            request = DNSRecord.parse(data[:2] + key)
         except Exception:  # dnslib raises several types for malformed input
             return self._invalid(data)
-        zone = self.zone
         try:
-            answer = resolve(request, zone)
+            answer = resolve(request, self.zone)
             if answer is None:
                 qend = wire.question_end(data)
                 if qend is None:
@@ -389,32 +487,36 @@ class DnsServer:
                 fwd = _Forward(qend, wire.qtype_at(data, qend))
                 if len(self._fwd) >= MAX_CACHE_ENTRIES:
                     self._fwd.clear()  # random names cannot grow it without bound
-                self._fwd[data[2:]] = fwd
+                self._fwd[key] = fwd
                 return fwd
-            packed = [pack(r)[2:] for r in rotations(answer, MAX_ROTATIONS)]
             limit = 65535 if tcp else answer.udp_limit
-            if max(map(len, packed)) + 2 > limit:
-                packed = [pack(truncated(answer))[2:]]
-        except Exception:
-            log.exception("failed: answering a DNS query (%d bytes)", len(data))
+            count = rotation_count(answer, MAX_ROTATIONS)
+            # Pack only what is sent: an answer that cannot fit is not packed
+            # at all, one that fits packs its first order now, the others
+            # when they are first handed out.
+            first = b""
+            if size_at_least(answer) <= limit:
+                first = pack(rotation(answer, 0, count))[2:]
+            if not first or len(first) + 2 > limit:
+                first = pack(truncated(answer))[2:]
+                count = 1
+        except Exception as exc:  # a bug of ours; logged, throttled: a client may repeat it at will
+            self._throttle.log(
+                logging.ERROR, f"resolve:{type(exc).__name__}",
+                "failed: answering a DNS query (%d bytes, name %s): %s",
+                len(data), escape(data[12:wire.question_end(data) or 12 + 80]), escape(exc),
+                exc_info=True,
+            )  # fmt: skip
             reply = wire.header_reply(data, wire.SERVFAIL)
             self.metrics.count(INVALID_QTYPE, wire.SERVFAIL)
             return reply
         qtype = request.questions[0].qtype if request.questions else INVALID_QTYPE
-        entry = _Entry(packed, qtype, answer.reply.header.rcode)
-        cache, deps = (self._tcp_cache, self._tcp_deps) if tcp else (self._cache, self._deps)
-        if len(cache) >= MAX_CACHE_ENTRIES:
-            self._fold(cache)
+        entry = _Entry(answer, first, count, limit, qtype, answer.reply.header.rcode)
+        if cache.full(entry):
+            cache.fold(self.metrics.count)
             cache.clear()
-            deps.clear()
             self._fwd.clear()
-        key = data[2:]
-        cache[key] = entry
-        keys = deps.get(answer.service)
-        if keys is None:
-            deps[answer.service] = [key]
-        else:
-            keys.append(key)
+        cache.add(key, entry, answer.service)
         return entry
 
     def _invalid(self, data: bytes) -> bytes | None:
@@ -427,27 +529,52 @@ class DnsServer:
 
     # --------------------------------------------------------------------- TCP
     def _tcp_query(self, conn: _TcpConnection, msg: bytes) -> None:
-        entry = self._tcp_cache.get(msg[2:])
-        if entry is None:
-            fwd = self._fwd.get(msg[2:])
-            if fwd is None:
-                found = self._lookup(msg, tcp=True)
-                if found is None:
-                    conn.abort()  # not a query on a stream: nothing sensible to answer
-                    return
-                if isinstance(found, bytes):
-                    conn.send(found)
-                    return
-                if isinstance(found, _Forward):
-                    fwd = found
-                else:
-                    entry = found
-            if fwd is not None:
-                self._forward_tcp(conn, msg, fwd)
-                return
-        assert entry is not None
-        entry.hits += 1
-        conn.send(msg[:2] + entry.next())
+        entry = self._tcp_cache.entries.get(msg[2:])
+        if entry is not None:
+            entry.hits += 1
+            conn.send(msg[:2] + entry.next())
+            return
+        found = self._miss(msg, tcp=True)
+        if found is None:
+            conn.abort()  # not a query on a stream: nothing sensible to answer
+        elif isinstance(found, _Forward):
+            self._forward_tcp(conn, msg, found)
+        else:
+            conn.send(found)
+
+    def _tcp_accept(self, conn: _TcpConnection) -> bool:
+        """Admit a new connection, or refuse it (False) at --dns-tcp-max-connections."""
+        cap = self.config.dns_tcp_max_connections
+        if len(self._tcp_conns) >= cap:
+            self.metrics.drop("tcp_limit")
+            self._throttle.log(
+                logging.WARNING, "tcp_limit",
+                "refused: DNS/TCP connection from %s: %d connections open (--dns-tcp-max-connections)",
+                escape(conn.host), cap,
+            )  # fmt: skip
+            return False
+        self._tcp_conns.add(conn)
+        if self._tcp_sweeper is None and self._loop is not None:
+            self._tcp_sweeper = self._loop.call_later(self._tcp_tick(), self._sweep_tcp)
+        return True
+
+    def _tcp_tick(self) -> float:
+        return max(0.05, min(1.0, self.config.dns_tcp_idle_timeout / 4))
+
+    def _sweep_tcp(self) -> None:
+        """Close connections that completed no query for --dns-tcp-idle-timeout.
+
+        Progress is a whole query or a reply sent, not a byte: a client that
+        dribbles one byte every few seconds is idle. One sweep for all
+        connections (not a timer each), driven by the server's clock.
+        """
+        self._tcp_sweeper = None
+        deadline = self.clock() - self.config.dns_tcp_idle_timeout
+        for conn in list(self._tcp_conns):
+            if not conn.tasks and conn.last_progress <= deadline:
+                conn.abort()
+        if self._tcp_conns and self._loop is not None:
+            self._tcp_sweeper = self._loop.call_later(self._tcp_tick(), self._sweep_tcp)
 
     def _forward_tcp(self, conn: _TcpConnection, msg: bytes, fwd: _Forward) -> None:
         if not self._forwarder.enabled:
@@ -487,20 +614,16 @@ class _TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.host = ""
         self.tasks: set[asyncio.Task[None]] = set()
-        self._idle: asyncio.TimerHandle | None = None
+        self.last_progress = server.clock()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's does not subclass asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername")
         self.host = str(peer[0]) if peer else ""
-        self.server._tcp_conns.add(self)
-        self._arm_idle()
-
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(TCP_IDLE_TIMEOUT, self.abort)
+        self.last_progress = self.server.clock()
+        if not self.server._tcp_accept(self):
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -511,15 +634,18 @@ class _TcpConnection(asyncio.Protocol):
                 break
             msg = bytes(buf[2 : 2 + size])
             del buf[: 2 + size]
+            self.last_progress = self.server.clock()
             try:
                 self.server._tcp_query(self, msg)
-            except Exception:
-                log.exception("failed: answering a DNS query over TCP")
+            except Exception as exc:
+                self.server._throttle.log(
+                    logging.ERROR, f"tcp:{type(exc).__name__}", "failed: answering a DNS query over TCP: %s",
+                    escape(exc), exc_info=True,
+                )  # fmt: skip
                 self.abort()
                 return
             if self.transport is None or self.transport.is_closing():
                 return
-        self._arm_idle()
 
     def send(self, reply: bytes) -> None:
         t = self.transport
@@ -528,6 +654,7 @@ class _TcpConnection(asyncio.Protocol):
         if t.get_write_buffer_size() > TCP_MAX_WRITE_BUFFER:
             self.abort()  # the client does not read its answers
             return
+        self.last_progress = self.server.clock()
         t.write(len(reply).to_bytes(2, "big") + reply)
 
     def abort(self) -> None:
@@ -535,8 +662,6 @@ class _TcpConnection(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
         for task in self.tasks:
             task.cancel()
         self.server._tcp_conns.discard(self)

@@ -1,50 +1,72 @@
-"""Pure balancing: which endpoint of a service gets the next request.
+"""Pure balancing: which endpoint of a service gets the next request, and the
+endpoint state (in-flight count, failures, ejection) that decides it.
 
 No sockets and no clock: callers pass `now` (monotonic seconds) and the random
-source is injected, so every policy is a deterministic table test.
-
-Per-endpoint state (`EndpointState`: in-flight count, consecutive failures,
-ejection) outlives snapshots - the data path keeps one per endpoint id and
-hands the same objects to every new `Pool`. A `Pool` is rebuilt when the
-service changes in a snapshot; it holds only the passing endpoints (draining,
-critical and warning ones get no new requests).
-
-Policies (label `beacon.lb`, default `--lb`):
-- round_robin: plain rotation when weights are equal, smooth weighted round
-  robin (nginx's algorithm: no bursts towards the heavy endpoint) otherwise;
-- least_conn: fewest in-flight requests relative to weight, random tie-break;
-  above `P2C_THRESHOLD` endpoints, the better of two random picks
-  (power of two choices: O(1) and avoids herding on one idle endpoint);
-- random: weighted random;
-- sticky (`sticky` or `<policy>+sticky`): a cookie names the endpoint; a client
-  without a valid cookie is balanced by the policy and gets one.
-
-Passive health (outlier ejection, after Envoy): `threshold` consecutive
-failures (connect errors, resets, timeouts, 502/503/504) eject an endpoint for
-`base_time` x its number of recent ejections (capped at `max_time`); at most
-`max_fraction` of a pool is ejected at once and at least one endpoint always
-stays. An ejected endpoint returns when its time is up.
+source is injected, so every policy is a deterministic table test. The data
+path changes an endpoint's counters only through `Balancer`'s hooks (take /
+drop / success / failure, as HAProxy's lb_ops), never by writing fields.
+Policies, stickiness and ejection rules are described in README.md.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import random
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
 
-from beacon.registry.model import POLICIES
+from beacon.proxy.router import HTTP_PROTOCOLS
+from beacon.registry.model import POLICIES, Endpoint, Service, State
 
 P2C_THRESHOLD = 8
 INF = float("inf")
 
 
+class FailureKind(enum.Enum):
+    """Why a try failed; every kind counts towards ejection."""
+
+    CONNECT_FAILED = "connect failed"
+    CONNECT_TIMEOUT = "connect timeout"
+    RESET = "reset"
+    INVALID_RESPONSE = "invalid response"
+    RESPONSE_HEAD_TOO_LARGE = "response header too large"
+    TIMEOUT = "timeout"  # no response header within the try timeout
+    STALLED = "stalled mid-response"
+    GATEWAY_ERROR = "gateway error"  # the upstream answered 502/503/504
+
+    @property
+    def timed_out(self) -> bool:
+        return self is FailureKind.TIMEOUT or self is FailureKind.CONNECT_TIMEOUT
+
+
+# ------------------------------------------------------------------ sticky
 def sticky_token(endpoint_id: str) -> bytes:
     """A short opaque cookie value naming an endpoint (no internal id leaks)."""
     return hashlib.blake2s(endpoint_id.encode(), digest_size=8).hexdigest().encode()
+
+
+def cookie_name(service: str) -> bytes:
+    return b"beacon_" + service.encode("ascii", "replace").replace(b".", b"_")
+
+
+def set_cookie_line(service: str, token: bytes) -> bytes:
+    """A raw-head Set-Cookie line (leading CRLF) naming the chosen endpoint."""
+    return b"\r\nSet-Cookie: " + cookie_name(service) + b"=" + token + b"; Path=/; HttpOnly; SameSite=Lax"
+
+
+def sticky_cookie(cookie: bytes | None, service: str) -> bytes | None:
+    """The sticky token a Cookie header value carries for `service`, if any."""
+    if not cookie:
+        return None
+    wanted = cookie_name(service) + b"="
+    for part in cookie.split(b";"):
+        part = part.strip()
+        if part.startswith(wanted):
+            return part[len(wanted) :]
+    return None
 
 
 class EndpointState:
@@ -56,7 +78,6 @@ class EndpointState:
         "ejections",
         "failures",
         "id",
-        "idle",
         "inflight",
         "port",
         "returned_at",
@@ -77,8 +98,6 @@ class EndpointState:
         self.ejections = 0  # recent ejections (grows the ejection time, decays)
         self.returned_at = 0.0
         self.token = b""  # set by a sticky Pool (hashing every endpoint up front is wasted)
-        # Idle keep-alive upstream connections, owned by the data path (LIFO).
-        self.idle: list[Any] = []
 
     def is_ejected(self, now: float) -> bool:
         return self.ejected_until > now
@@ -278,9 +297,6 @@ class Pool:
         return ma if sa < sb else mb
 
     # --------------------------------------------------------- passive health
-    def record_success(self, m: EndpointState) -> None:
-        m.failures = 0
-
     def record_failure(self, m: EndpointState, now: float) -> bool:
         """Count a failure; returns True when it ejected the endpoint."""
         m.failures += 1
@@ -303,3 +319,91 @@ class Pool:
         m.failures = 0
         self.refresh(now)
         return True
+
+
+class Balancer:
+    """Every service's Pool and every endpoint's state, across snapshots.
+
+    The only writer of `EndpointState`: snapshots go through `update_service`
+    / `remove_service`, requests through the hooks `take` (a try starts),
+    `drop` (it ends), `success` and `failure`.
+    """
+
+    def __init__(self, ejection: Ejection, rng: random.Random) -> None:
+        self.ejection = ejection
+        self.rng = rng
+        self.pools: dict[str, Pool] = {}
+        self.states: dict[str, EndpointState] = {}
+        self._passing: set[str] = set()
+
+    # ------------------------------------------------------------- snapshots
+    def update_service(self, svc: Service, policy: str, sticky: bool, now: float) -> list[EndpointState]:
+        """Rebuild the pool of a changed service; returns the endpoint states that
+        take no new requests any more (replaced, or no longer passing)."""
+        states = self.states
+        retired: list[EndpointState] = []
+        members: list[EndpointState] = []
+        for ep in svc.endpoints:
+            st = states.get(ep.id)
+            if st is None or st.address != ep.address or st.port != ep.port:
+                if st is not None:
+                    retired.append(st)
+                st = states[ep.id] = EndpointState(ep.id, ep.service, ep.address, ep.port, ep.weight)
+            st.weight = max(1, ep.weight)
+            st.service = ep.service
+            if ep.state is State.PASSING and ep.protocol in HTTP_PROTOCOLS:
+                if ep.id not in self._passing:
+                    # Back from critical/draining: an active check vouches for it.
+                    st.ejected_until = 0.0
+                    st.failures = 0
+                    self._passing.add(ep.id)
+                members.append(st)
+            else:
+                self._passing.discard(ep.id)
+                retired.append(st)  # draining: no new requests, let the backend go
+        self.pools[svc.name] = Pool(svc.name, members, policy, sticky, self.ejection, self.rng, now)
+        return retired
+
+    def remove_service(self, name: str) -> None:
+        self.pools.pop(name, None)
+
+    def forget(self, old: Service, endpoints: Mapping[str, Endpoint]) -> list[EndpointState]:
+        """Drop the state of endpoints of an old Service that left the catalog."""
+        gone: list[EndpointState] = []
+        for ep in old.endpoints:
+            if ep.id not in endpoints:
+                st = self.states.pop(ep.id, None)
+                if st is not None:
+                    gone.append(st)
+                self._passing.discard(ep.id)
+        return gone
+
+    def takes_requests(self, m: EndpointState) -> bool:
+        """Whether `m` is the current state of a passing endpoint (else its
+        connections are not worth keeping)."""
+        return self.states.get(m.id) is m and m.id in self._passing
+
+    def in_flight(self) -> dict[str, int]:
+        """In-flight tries per service (scrape time only: a sum over endpoints)."""
+        counts: dict[str, int] = {}
+        for m in self.states.values():
+            counts[m.service] = counts.get(m.service, 0) + m.inflight
+        return counts
+
+    # ----------------------------------------------------------------- hooks
+    def take(self, m: EndpointState) -> None:
+        m.inflight += 1
+
+    def drop(self, m: EndpointState) -> None:
+        m.inflight -= 1
+
+    def success(self, m: EndpointState) -> None:
+        m.failures = 0
+
+    def failure(self, m: EndpointState, kind: FailureKind, now: float) -> bool:
+        """Count a failed try; returns True when it ejected the endpoint."""
+        pool = self.pools.get(m.service)
+        if pool is None:
+            m.failures += 1  # the service left: nothing to eject from
+            return False
+        return pool.record_failure(m, now)

@@ -12,6 +12,7 @@ their pipe - into metric families:
   beacon_proxy_retries_total{service}                  tries after the first
   beacon_proxy_ejections_total{service}                passive-health ejections
   beacon_proxy_open_connections{side}                  client | upstream, now
+  beacon_proxy_in_flight_requests{service}             tries and tunnels being served, now
   beacon_proxy_route_conflicts                         conflicting routes now
   beacon_proxy_worker_restarts_total                   worker processes restarted
 
@@ -90,13 +91,16 @@ class ProxyMetrics:
         if name != UNROUTED:
             self.services.pop(name, None)
 
-    def to_json(self, client_connections: int, upstream_connections: int, conflicts: int) -> dict[str, Any]:
+    def to_json(
+        self, client_connections: int, upstream_connections: int, conflicts: int, in_flight: dict[str, int]
+    ) -> dict[str, Any]:
         """A plain-data copy (what worker processes send to the parent)."""
         return {
             "services": {name: s.to_json() for name, s in self.services.items()},
             "client_connections": client_connections,
             "upstream_connections": upstream_connections,
             "conflicts": conflicts,
+            "in_flight": in_flight,
         }
 
 
@@ -137,6 +141,7 @@ class ProxyCollector(Collector):
             sources = list(self._sources)
         reports = [r for s in sources for r in s.metrics_json()]
         merged: dict[str, dict[str, Any]] = {}
+        in_flight: dict[str, int] = {}
         clients = upstreams = conflicts = 0
         restarts = 0
         for report in reports:
@@ -145,6 +150,8 @@ class ProxyCollector(Collector):
             conflicts = max(conflicts, report["conflicts"])  # every process has the same table
             restarts += report.get("worker_restarts", 0)  # only the parent's report has it
             fold_counters(merged, report["services"])
+            for name, n in report.get("in_flight", {}).items():
+                in_flight[name] = in_flight.get(name, 0) + n
         requests = CounterMetricFamily(
             "beacon_proxy_requests", "HTTP responses sent by the proxy", labels=["service", "code_class"]
         )
@@ -186,6 +193,13 @@ class ProxyCollector(Collector):
         open_connections.add_metric(["client"], clients)
         open_connections.add_metric(["upstream"], upstreams)
         yield open_connections
+        in_flight_gauge = GaugeMetricFamily(
+            "beacon_proxy_in_flight_requests", "Tries (and tunnels) an upstream endpoint is serving now",
+            labels=["service"],
+        )
+        for name, n in sorted(in_flight.items()):
+            in_flight_gauge.add_metric([name], n)
+        yield in_flight_gauge
         conflict_gauge = GaugeMetricFamily("beacon_proxy_route_conflicts", "Conflicting routes in the current table")
         conflict_gauge.add_metric([], conflicts)
         yield conflict_gauge
@@ -202,6 +216,7 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily("beacon_proxy_retries", "", labels=["service"])
         yield CounterMetricFamily("beacon_proxy_ejections", "", labels=["service"])
         yield GaugeMetricFamily("beacon_proxy_open_connections", "", labels=["side"])
+        yield GaugeMetricFamily("beacon_proxy_in_flight_requests", "", labels=["service"])
         yield GaugeMetricFamily("beacon_proxy_route_conflicts", "")
         yield CounterMetricFamily("beacon_proxy_worker_restarts", "")
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from beacon.registry.model import Service, Snapshot
 
 ANY_HOST = b"*"
+# Endpoint protocols an HTTP proxy can talk to (a udp port never gets a request).
+HTTP_PROTOCOLS = frozenset({"tcp", "http"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +57,7 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class Conflict:
+class RouteConflict:
     host: bytes
     prefix: bytes
     winner: str
@@ -158,8 +160,7 @@ class RoutingTable:
     wildcard: dict[bytes, HostRoutes]  # key: suffix with its leading dot, b".example.com"
     any_host: HostRoutes | None
     routes: tuple[Route, ...]
-    conflicts: tuple[Conflict, ...]
-    services: frozenset[str]
+    conflicts: tuple[RouteConflict, ...]
     # Lookups by raw Host header value: repeated hosts skip normalisation.
     _cache: dict[bytes, tuple[HostRoutes, ...]] = field(default_factory=dict)
 
@@ -206,12 +207,20 @@ class RoutingTable:
         }
 
 
-def service_routes(service: Service, domain: bytes) -> list[Route]:
-    """The routes one service asks for (implicit host first, then its labels)."""
-    routes = [Route(host=service.name.lower().encode("ascii", "replace") + b"." + domain, prefix=b"/",
-                    service=service.name, explicit=False)]
+def service_routes(service: Service, domain: bytes, expose_by_default: bool = True) -> list[Route]:
+    """The routes one service asks for (implicit host first, then its labels).
+
+    Only endpoints speaking TCP count; without `expose_by_default` the
+    implicit `<service>.<domain>` route is left out, so only label routes
+    (beacon.http.host / beacon.http.path_prefix) expose a service."""
+    endpoints = [ep for ep in service.endpoints if ep.protocol in HTTP_PROTOCOLS]
+    if not endpoints:
+        return []
+    implicit = Route(host=service.name.lower().encode("ascii", "replace") + b"." + domain, prefix=b"/",
+                     service=service.name, explicit=False)  # fmt: skip
+    routes = [implicit] if expose_by_default else []
     seen: set[tuple[bytes, bytes]] = set()
-    for ep in service.endpoints:
+    for ep in endpoints:
         if not ep.http_hosts and ep.http_path_prefix is None:
             continue
         prefix = normalise_prefix(ep.http_path_prefix) if ep.http_path_prefix is not None else b"/"
@@ -219,7 +228,7 @@ def service_routes(service: Service, domain: bytes) -> list[Route]:
         hosts = [h for h in (encode_host(h) for h in ep.http_hosts) if h]
         if not hosts:
             # A path prefix without a host label: the service's own name and any host.
-            hosts = [routes[0].host, ANY_HOST]
+            hosts = [implicit.host, ANY_HOST]
         for host in hosts:
             if (host, prefix) in seen:
                 continue  # endpoints of one service usually repeat the same labels
@@ -233,6 +242,7 @@ def build_table(
     domain: str,
     cache: dict[str, tuple[Service, list[Route]]] | None = None,
     previous: RoutingTable | None = None,
+    expose_by_default: bool = True,
 ) -> RoutingTable:
     """Build the routing table for a snapshot.
 
@@ -254,22 +264,22 @@ def build_table(
         hit = memo.get(name)
         if hit is not None and hit[0] is svc:
             continue
-        routes = service_routes(svc, domain_b)
+        routes = service_routes(svc, domain_b, expose_by_default)
         if hit is None or hit[1] != routes:
             changed = True
         memo[name] = (svc, routes)
     if not changed and previous is not None:
         return previous
     all_routes = [r for name in sorted(memo) for r in memo[name][1]]
-    return table_from_routes(all_routes, services.keys())
+    return table_from_routes(all_routes)
 
 
-def table_from_routes(routes: Iterable[Route], services: Iterable[str]) -> RoutingTable:
+def table_from_routes(routes: Iterable[Route]) -> RoutingTable:
     claims: dict[tuple[bytes, bytes], list[Route]] = {}
     for route in routes:
         claims.setdefault((route.host, route.prefix), []).append(route)
     winners: list[Route] = []
-    conflicts: list[Conflict] = []
+    conflicts: list[RouteConflict] = []
     for (host, prefix), claimants in sorted(claims.items()):
         explicit = sorted((r for r in claimants if r.explicit), key=lambda r: r.service)
         implicit = sorted((r for r in claimants if not r.explicit), key=lambda r: r.service)
@@ -278,9 +288,9 @@ def table_from_routes(routes: Iterable[Route], services: Iterable[str]) -> Routi
         losers_explicit = sorted({r.service for r in explicit[1:]} - {winner.service})
         losers_implicit = sorted({r.service for r in implicit} - {winner.service} - set(losers_explicit))
         if losers_explicit:
-            conflicts.append(Conflict(host, prefix, winner.service, tuple(losers_explicit), "conflict"))
+            conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_explicit), "conflict"))
         if losers_implicit:
-            conflicts.append(Conflict(host, prefix, winner.service, tuple(losers_implicit), "shadowed"))
+            conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_implicit), "shadowed"))
     exact: dict[bytes, HostRoutes] = {}
     wildcard: dict[bytes, HostRoutes] = {}
     any_host: HostRoutes | None = None
@@ -300,5 +310,4 @@ def table_from_routes(routes: Iterable[Route], services: Iterable[str]) -> Routi
         any_host=any_host,
         routes=tuple(winners),
         conflicts=tuple(conflicts),
-        services=frozenset(services),
     )

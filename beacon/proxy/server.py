@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from beacon.config import Config, HostPort
-from beacon.proxy.datapath import ProxyCore, client_factory
+from beacon.proxy.core import ProxyCore, client_factory
 from beacon.proxy.metrics import COLLECTOR, UNROUTED, fold_counters
 from beacon.proxy.router import RoutingTable
 from beacon.proxy.wire import HEADER, SnapshotEncoder, frame, snapshot_to_wire
@@ -54,15 +54,16 @@ def listen_socket(address: HostPort, reuse_port: bool) -> socket.socket:
 class LocalProxy:
     """Run one ProxyCore on a socket in the current loop (the parent or a worker)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] | None = None) -> None:
         self.config = config
+        self.clock = clock
         self.core: ProxyCore | None = None
         self.server: asyncio.Server | None = None
         self.address: HostPort | None = None
 
     async def start(self, address: HostPort, reuse_port: bool, snapshot: Snapshot) -> HostPort:
         loop = asyncio.get_running_loop()
-        self.core = core = ProxyCore(self.config, loop)
+        self.core = core = ProxyCore(self.config, loop, clock=self.clock)
         core.apply(snapshot)
         sock = listen_socket(address, reuse_port)
         try:
@@ -95,11 +96,13 @@ class LocalProxy:
 class ProxyServer:
     """HTTP reverse proxy balancing across healthy endpoints from registry snapshots."""
 
-    def __init__(self, config: Config, catalog: Catalog) -> None:
+    def __init__(self, config: Config, catalog: Catalog, clock: Callable[[], float] | None = None) -> None:
+        """`clock` (monotonic seconds) decides timeouts and ejections; default:
+        the event loop's clock. Worker processes always use their own loop's."""
         self.config = config
         self.catalog = catalog
         self.address: HostPort | None = None
-        self._local = LocalProxy(config)
+        self._local = LocalProxy(config, clock)
         self._unsubscribe: Any = None
         self._workers: list[_Worker] = []
         self._encoder = SnapshotEncoder()
@@ -115,12 +118,6 @@ class ProxyServer:
         core = self._local.core
         return core.table if core is not None else None
 
-    @property
-    def conflicts(self) -> list[dict[str, object]]:
-        """Conflicting routes of the current table (for the API)."""
-        table = self.table
-        return [c.to_json() for c in table.conflicts] if table is not None else []
-
     def routes_json(self) -> dict[str, object]:
         table = self.table
         return table.to_json() if table is not None else {"routes": [], "conflicts": []}
@@ -130,7 +127,7 @@ class ProxyServer:
         live = self.catalog.snapshot.services
         reports = [r for w in self._workers for r in w.reports(live)]
         if core is not None:
-            report = core.metrics.to_json(len(core.clients), len(core.upstreams), len(core.table.conflicts))
+            report = core.report()
             report["worker_restarts"] = sum(w.restarts for w in self._workers)
             reports.append(report)
         return reports

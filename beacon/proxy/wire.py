@@ -26,7 +26,7 @@ from beacon.registry.model import Endpoint, Service, Snapshot, Source, State
 
 HEADER = struct.Struct(">cI")
 
-_FIELDS = ("id", "service", "address", "port", "state", "weight", "lb", "http_hosts",
+_FIELDS = ("id", "service", "address", "port", "protocol", "state", "weight", "lb", "http_hosts",
            "http_path_prefix", "http_strip_prefix")  # fmt: skip
 
 
@@ -36,7 +36,7 @@ def frame(kind: bytes, payload: bytes) -> bytes:
 
 def _rows(service: Service) -> list[list[Any]]:
     return [
-        [ep.id, ep.service, ep.address, ep.port, ep.state.value, ep.weight, ep.lb, list(ep.http_hosts),
+        [ep.id, ep.service, ep.address, ep.port, ep.protocol, ep.state.value, ep.weight, ep.lb, list(ep.http_hosts),
          ep.http_path_prefix, ep.http_strip_prefix]
         for ep in service.endpoints
     ]  # fmt: skip
@@ -49,6 +49,7 @@ def _endpoint(row: list[Any]) -> Endpoint:
         service=values["service"],
         address=values["address"],
         port=int(values["port"]),
+        protocol=str(values["protocol"]),
         source=Source("manual"),
         state=State(values["state"]),
         weight=int(values["weight"]),

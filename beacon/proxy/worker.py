@@ -23,6 +23,15 @@ from beacon.proxy.wire import HEADER, SnapshotDecoder, frame
 log = logging.getLogger("beacon.proxy")
 
 
+def setup_logging(level: str) -> None:
+    """The parent's log format on stderr (the worker's stderr is the parent's)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
     return kind, await reader.readexactly(length)
@@ -42,8 +51,6 @@ async def run(number: int) -> None:
     setup = pickle.loads(payload)
     config: Config = setup["config"]
     address: HostPort = setup["address"]
-    from beacon.cli import setup_logging
-
     setup_logging(config.log_level)
     kind, payload = await _read_frame(reader)
     assert kind == b"S", kind
@@ -61,8 +68,7 @@ async def run(number: int) -> None:
             await asyncio.sleep(1.0)
             core = local.core
             if core is not None:
-                send(b"M", json.dumps(core.metrics.to_json(
-                    len(core.clients), len(core.upstreams), len(core.table.conflicts))).encode())
+                send(b"M", json.dumps(core.report()).encode())
 
     async def feed() -> None:
         try:

@@ -2,8 +2,8 @@
 
 What other packages use: the model (`Snapshot`, `Service`, `Endpoint`, ...),
 the `Catalog`, and the sources `app.py` composes - `DockerSource`,
-`ManualRegistry`, `HealthChecker`. The two heavy sources (the Docker SDK,
-aiohttp's client) load on first use, so a process that only reads snapshots
+`ManualRegistry`, `HealthChecker`, `ClusterSource`. The heavy ones (the
+Docker SDK, aiohttp's client, the store) load on first use, so a process that only reads snapshots
 (a proxy worker) does not import them.
 """
 
@@ -30,9 +30,14 @@ from beacon.registry.model import (
 
 if TYPE_CHECKING:
     from beacon.registry.checker import HealthChecker
+    from beacon.registry.cluster import ClusterSource
     from beacon.registry.docker import DockerSource
 
-_LAZY = {"DockerSource": "beacon.registry.docker", "HealthChecker": "beacon.registry.checker"}
+_LAZY = {
+    "ClusterSource": "beacon.registry.cluster",
+    "DockerSource": "beacon.registry.docker",
+    "HealthChecker": "beacon.registry.checker",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -50,6 +55,7 @@ __all__ = [
     "Catalog",
     "CheckSpec",
     "CheckStatus",
+    "ClusterSource",
     "DockerSource",
     "Endpoint",
     "EndpointConflict",

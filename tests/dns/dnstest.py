@@ -114,7 +114,8 @@ class FakeUpstream:
     the forwarding seam.
 
     Answers A queries for `records`, NXDOMAIN otherwise; `rcode` forces a
-    response code, `delay` holds every answer back, `silent` never answers,
+    response code, `many` answers a name with that many A records (a big
+    answer), `delay` holds every answer back, `silent` never answers,
     `wrong_question` answers with a different question (a spoof to ignore).
     """
 
@@ -122,6 +123,7 @@ class FakeUpstream:
         self,
         records: dict[str, str] | None = None,
         *,
+        many: dict[str, int] | None = None,
         delay: float = 0.0,
         rcode: int | None = None,
         silent: bool = False,
@@ -131,6 +133,7 @@ class FakeUpstream:
     ) -> None:
         self.host, self.port = host, port
         self.records = {k.rstrip(".").lower(): v for k, v in (records or {}).items()}
+        self.many = {k.rstrip(".").lower(): v for k, v in (many or {}).items()}
         self.delay = delay
         self.rcode = rcode
         self.silent = silent
@@ -151,9 +154,12 @@ class FakeUpstream:
             reply.questions[0].qname = "spoofed.example"
         if self.rcode is not None:
             reply.header.rcode = self.rcode
+        elif qname in self.many:
+            for i in range(self.many[qname]):
+                reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=30, rdata=A(f"198.51.{i // 250}.{i % 250 + 1}")))
         elif qname in self.records and request.q.qtype == QTYPE.A:
             reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=30, rdata=A(self.records[qname])))
-        elif qname not in self.records:
+        elif qname not in self.records and qname not in self.many:
             reply.header.rcode = 3
         packed: bytes = reply.pack()
         return packed

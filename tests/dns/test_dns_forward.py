@@ -240,3 +240,31 @@ def test_docker_subnets_from_network_descriptions() -> None:
         {"Name": "odd", "IPAM": {"Config": [{"Subnet": "garbage"}]}},
     ]
     assert [str(n) for n in docker_subnets(nets)] == ["172.17.0.0/16", "172.20.0.0/16", "fd00:1::/64"]
+
+
+async def test_a_forwarded_udp_answer_never_exceeds_what_the_client_accepts() -> None:
+    """An upstream answers 2,600 A records (~42 KB); a UDP client gets TC at its
+    own size (512 without EDNS, its EDNS size up to 4096) and the whole answer
+    over TCP. A small forwarded answer is relayed untouched."""
+    up = FakeUpstream(EXT, many={"huge.example.test": 2600})
+    async with upstreams(up) as ups, dns_server(dns_recursors=ups) as srv:
+        for make, limit in (({}, 512), ({"use_edns": 0, "payload": 1232}, 1232), ({"use_edns": 0, "payload": 65000}, 4096)):
+            msg = await udp(srv, "HUGE.example.test", **make)
+            assert msg.flags & dns.flags.TC and not msg.answer, make
+            assert msg.question[0].name.to_text() == "HUGE.example.test."
+            assert len(msg.to_wire()) <= limit and (msg.edns >= 0) == bool(make)
+        full = await tcp(srv, "huge.example.test")
+        assert len(addresses(full)) == 2600 and not full.flags & dns.flags.TC
+        small = await udp(srv, "ext.example.test")
+        assert addresses(small) == ["198.51.100.10"] and not small.flags & dns.flags.TC
+
+
+@pytest.mark.parametrize("name", ["version.bind", "hostname.bind", "id.server", "web.service.beacon"])
+async def test_chaos_class_is_refused_locally_never_forwarded(name: str) -> None:
+    up = FakeUpstream(EXT)
+    async with upstreams(up) as ups, dns_server(dns_recursors=ups) as srv:
+        for query in (udp, tcp):
+            msg = await query(srv, name, "TXT", rdclass="CH")
+            assert msg.rcode() == dns.rcode.REFUSED and not msg.answer
+        assert up.queries == []
+        assert addresses(await udp(srv, "ext.example.test")) == ["198.51.100.10"]  # IN still forwards

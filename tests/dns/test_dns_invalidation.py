@@ -31,14 +31,14 @@ async def test_an_answer_survives_a_change_to_another_service() -> None:
     async with dns_server(cat) as srv:
         assert addresses(await udp(srv, "web.service.beacon")) == ["10.0.0.1"]
         assert addresses(await tcp(srv, "web.service.beacon")) == ["10.0.0.1"]
-        [tcp_entry] = srv._tcp_cache.values()
+        [tcp_entry] = srv._tcp_cache.entries.values()
         hits, misses = cache_hits(srv), resolved(srv)
 
         put(cat, "d", ep("d", "10.0.1.2", "db"))  # a change to db only
         assert addresses(await udp(srv, "web.service.beacon")) == ["10.0.0.1"]
         assert (cache_hits(srv), resolved(srv)) == (hits + 1, misses)
         assert addresses(await tcp(srv, "web.service.beacon")) == ["10.0.0.1"]
-        assert list(srv._tcp_cache.values()) == [tcp_entry] and tcp_entry.hits == 2
+        assert list(srv._tcp_cache.entries.values()) == [tcp_entry] and tcp_entry.hits == 2
         # ... while db itself is answered from the new snapshot
         assert addresses(await udp(srv, "db.service.beacon")) == ["10.0.1.2"]
 

@@ -29,8 +29,9 @@ def put(catalog: Catalog, key: str, *endpoints: Endpoint) -> None:
 
 
 @asynccontextmanager
-async def proxy_server(catalog: Catalog, **overrides: Any) -> AsyncIterator[ProxyServer]:
-    server = ProxyServer(test_config(**overrides), catalog)
+async def proxy_server(catalog: Catalog, clock: Callable[[], float] | None = None,
+                       **overrides: Any) -> AsyncIterator[ProxyServer]:  # fmt: skip
+    server = ProxyServer(test_config(**overrides), catalog, clock)
     await server.start()
     try:
         yield server
@@ -46,6 +47,71 @@ async def connect(server: ProxyServer) -> tuple[asyncio.StreamReader, asyncio.St
 
 def url(server: ProxyServer, path: str = "/") -> str:
     return f"http://{server.address}{path}"
+
+
+# ------------------------------------------- what the proxy reports (public)
+def stat(server: ProxyServer, service: str, key: str) -> int:
+    """A per-service counter (attempts, retries, ejections) summed over processes."""
+    return sum(int(r["services"].get(service, {}).get(key, 0)) for r in server.metrics_json())
+
+
+def in_flight(server: ProxyServer, service: str) -> int:
+    return sum(int(r.get("in_flight", {}).get(service, 0)) for r in server.metrics_json())
+
+
+def open_connections(server: ProxyServer, side: str) -> int:
+    """Open proxy connections, side "client" or "upstream"."""
+    return sum(int(r[f"{side}_connections"]) for r in server.metrics_json())
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing, "write after close"
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def output(self) -> bytes:
+        return b"".join(self.written)
+
+
+class ManualClock:
+    """A clock the test moves (the proxy's timeouts and ejections read it)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 # ------------------------------------------------------------------ backends

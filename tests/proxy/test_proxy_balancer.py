@@ -7,8 +7,18 @@ from collections import Counter
 
 import pytest
 
-from beacon.proxy.balancer import P2C_THRESHOLD, Ejection, EndpointState, Pool, sticky_token
+from beacon.proxy.balancer import (
+    P2C_THRESHOLD,
+    Balancer,
+    Ejection,
+    EndpointState,
+    FailureKind,
+    Pool,
+    sticky_token,
+)
+from beacon.registry import Catalog, State
 from beacon.registry.model import parse_lb
+from tests.proxy.proxytest import ep
 
 
 def members(*weights: int) -> list[EndpointState]:
@@ -120,25 +130,46 @@ def test_sticky_token_names_an_eligible_endpoint() -> None:
 
 
 def test_ejection_after_consecutive_failures_capped_and_returning() -> None:
-    ms = members(1, 1, 1, 1)
-    ej = Ejection(threshold=3, base_time=10.0, max_fraction=0.5)
-    pool = Pool("svc", ms, ejection=ej)
-    a, b, c, _ = ms
-    assert not pool.record_failure(a, 0) and not pool.record_failure(a, 0)
-    pool.record_success(a)  # a success resets the run
-    assert not pool.record_failure(a, 1) and not pool.record_failure(a, 1)
-    assert pool.record_failure(a, 1)  # third in a row: ejected
+    # Through the balancer's hooks, as the data path does it.
+    cat = Catalog()
+    cat.set_source("m", [ep(i, 1000 + n, "svc") for n, i in enumerate("abcd")])
+    balancer = Balancer(Ejection(threshold=3, base_time=10.0, max_fraction=0.5), random.Random(1))
+    assert balancer.update_service(cat.publish().services["svc"], "round_robin", False, 0.0) == []
+    pool = balancer.pools["svc"]
+    a, b, c, _ = (balancer.states[i] for i in "abcd")
+    gw = FailureKind.GATEWAY_ERROR
+    assert not balancer.failure(a, gw, 0) and not balancer.failure(a, gw, 0)
+    balancer.success(a)  # a success resets the run
+    assert not balancer.failure(a, gw, 1) and not balancer.failure(a, FailureKind.RESET, 1)
+    assert balancer.failure(a, FailureKind.TIMEOUT, 1)  # third in a row: ejected
     assert a.ejected_until == 11.0
     assert a not in pool.eligible and len(pool.eligible) == 3
     for _ in range(3):
-        pool.record_failure(b, 2)
+        balancer.failure(b, gw, 2)
     assert b.is_ejected(2)
     for _ in range(5):  # half of four already out: c stays, however it fails
-        assert not pool.record_failure(c, 3)
+        assert not balancer.failure(c, gw, 3)
     assert not c.is_ejected(3)
     assert {m.id for m in pool.eligible} == {"c", "d"}
     # a returns when its time is up
     assert "a" in seq(pool, 8, now=11.5)
+
+
+def test_take_and_drop_count_in_flight_tries_and_a_draining_endpoint_is_retired() -> None:
+    cat = Catalog()
+    cat.set_source("m", [ep("a", 1000, "svc"), ep("b", 1001, "svc")])
+    balancer = Balancer(Ejection(), random.Random(1))
+    balancer.update_service(cat.publish().services["svc"], "least_conn", False, 0.0)
+    a = balancer.states["a"]
+    balancer.take(a)
+    balancer.take(a)
+    assert a.inflight == 2 and balancer.pools["svc"].pick(0).id == "b"  # type: ignore[union-attr]
+    balancer.drop(a)
+    assert a.inflight == 1
+    cat.set_source("m", [ep("a", 1000, "svc", state=State.DRAINING), ep("b", 1001, "svc")])
+    retired = balancer.update_service(cat.publish().services["svc"], "least_conn", False, 0.0)
+    assert retired == [a] and not balancer.takes_requests(a)
+    assert [m.id for m in balancer.pools["svc"].members] == ["b"]
 
 
 def test_ejection_time_grows_with_repeated_ejections_and_is_capped() -> None:

@@ -10,46 +10,18 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from beacon.proxy.datapath import ClientConnection, ProxyCore
+from beacon.proxy.core import ProxyCore
+from beacon.proxy.downstream import ClientConnection
 from beacon.registry import Catalog, State
 from tests.helpers import test_config
-from tests.proxy.proxytest import ep
+from tests.proxy.proxytest import FakeTransport, ep
 
 ALLOWED = {100, 400, 404, 405, 408, 413, 417, 431, 503}
 STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closing, "write after close"
-        self.written.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def make_core() -> tuple[asyncio.AbstractEventLoop, ProxyCore]:

@@ -158,3 +158,22 @@ def test_the_previous_table_is_reused_when_no_route_changed() -> None:
     cat.set_source("manual:c", [ep("c", 4, "cache")])
     fourth = build_table(cat.publish(), "localhost.", cache, third)  # type: ignore[arg-type]
     assert fourth is not third and fourth.match("cache.localhost") is not None
+
+
+def test_services_without_an_http_endpoint_get_no_route() -> None:
+    snap = snapshot(ep("u1", 53, "dns", protocol="udp"), ep("m1", 80, "mixed"), ep("m2", 81, "mixed", protocol="udp",
+                    http_hosts=("udp-only.test",)))  # fmt: skip
+    table = build_table(snap, "localhost.")
+    assert table.match("dns.localhost") is None
+    assert table.match("mixed.localhost").service == "mixed"  # type: ignore[union-attr]
+    assert table.match("udp-only.test") is None  # a label on a udp endpoint routes nothing
+
+
+def test_with_expose_by_default_off_only_labelled_services_are_routed() -> None:
+    snap = snapshot(ep("w1", 1, "web"), ep("a1", 2, "api", http_hosts=("api.example.com",)),
+                    ep("f1", 3, "files", http_path_prefix="/files"))  # fmt: skip
+    table = build_table(snap, "localhost.", expose_by_default=False)
+    assert table.match("web.localhost") is None
+    assert table.match("api.localhost") is None  # its label routes it, not its implicit name
+    assert table.match("api.example.com").service == "api"  # type: ignore[union-attr]
+    assert table.match("any.host", "/files/x").service == "files"  # type: ignore[union-attr]

@@ -1,0 +1,223 @@
+"""Hostile clients against the DNS server (issue 10): cache busting by letter
+case, what a miss may cost, and the cache's bound in bytes. Real sockets on
+127.0.0.1 port 0, dnspython as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+from prometheus_client.registry import CollectorRegistry
+
+from beacon.dns import DnsServer
+from beacon.dns import resolver as dns_resolver
+from beacon.dns.logs import Throttle, escape
+from beacon.registry import Catalog, Endpoint
+from tests.dns.dnstest import addresses, dns_server, ep, put, raw_udp, tcp, udp
+from tests.helpers import eventually, test_config
+
+
+def mixed_case(name: str, rng: random.Random) -> str:
+    return "".join(c.upper() if rng.random() < 0.5 else c.lower() for c in name)
+
+
+def big_service(n: int = 1000, name: str = "big") -> list[Endpoint]:
+    return [ep(f"b{i}", f"10.{i // 250}.{i % 250}.1", name, port=8000 + i) for i in range(n)]
+
+
+@pytest.fixture
+def pack_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every reply the server packs (the cost of a miss)."""
+    calls: list[int] = []
+    real: Callable[[Any], bytes] = dns_resolver.pack
+
+    def counting(record: Any) -> bytes:
+        calls.append(1)
+        return real(record)
+
+    monkeypatch.setattr("beacon.dns.server.pack", counting)
+    return calls
+
+
+async def test_case_variants_share_one_cache_entry_and_get_their_own_case_back() -> None:
+    cat = Catalog()
+    put(cat, "a", *[ep(f"e{i}", f"10.0.0.{i}") for i in range(1, 5)])
+    rng = random.Random(7)
+    async with dns_server(cat) as srv:
+        for query in (udp, tcp):
+            for _ in range(12):
+                name = mixed_case("web.service.beacon", rng)
+                msg = await query(srv, name)
+                # byte for byte, as 0x20-randomising resolvers check it
+                assert msg.question[0].name.to_text() == name + "."
+                assert msg.answer[0].name.to_text() == name + "."
+                assert sorted(addresses(msg)) == [f"10.0.0.{i}" for i in range(1, 5)]
+        assert len(srv._cache.entries) == 1 and len(srv._tcp_cache.entries) == 1
+
+
+async def test_a_big_answer_is_packed_only_as_it_is_sent(pack_calls: list[int]) -> None:
+    """1,000 endpoints: over UDP only the small TC reply is packed (once for
+    every case variant); over TCP each query packs the one order it sends."""
+    cat = Catalog()
+    put(cat, "big", *big_service())
+    rng = random.Random(8)
+    async with dns_server(cat) as srv:
+        for rdtype in ("A", "SRV"):
+            before = len(pack_calls)
+            for _ in range(10):
+                msg = await udp(srv, mixed_case("big.service.beacon", rng), rdtype, use_edns=0, payload=4096)
+                assert msg.flags & dns.flags.TC and not msg.answer
+            assert len(pack_calls) - before == 1, rdtype
+        before = len(pack_calls)
+        for _ in range(3):
+            msg = await tcp(srv, mixed_case("big.service.beacon", rng), "SRV")
+            assert not msg.flags & dns.flags.TC and len(msg.answer[0]) == 1000
+        assert len(pack_calls) - before == 3
+
+
+async def test_the_cache_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("beacon.dns.server.MAX_CACHE_BYTES", 400_000)
+    cat = Catalog()
+    put(cat, "big", *big_service())
+    async with dns_server(cat) as srv:
+        for i in range(12):  # each EDNS size is another key; each answer ~16 KB x 16 orders
+            msg = await tcp(srv, "big.service.beacon", use_edns=0, payload=1232 + i)
+            assert len(addresses(msg)) == 1000
+            assert srv._tcp_cache.bytes <= 400_000
+        assert 0 < len(srv._tcp_cache.entries) < 12
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def clocked_server(clock: FakeClock, catalog: Catalog | None = None, **overrides: Any) -> AsyncIterator[DnsServer]:
+    server = DnsServer(test_config(**overrides), catalog or Catalog(), metrics_registry=CollectorRegistry(), clock=clock)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(65536), 2) == b""
+    except ConnectionError:
+        return True
+
+
+async def test_a_tcp_client_dribbling_bytes_is_closed_after_the_idle_timeout() -> None:
+    clock = FakeClock()
+    cat = Catalog()
+    put(cat, "a", ep("a", "10.0.0.1"))
+    async with clocked_server(clock, cat, dns_tcp_idle_timeout=10.0) as srv:
+        addr = srv.addresses[0]
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+        query = dns.message.make_query("web.service.beacon", "A").to_wire()
+        writer.write(len(query).to_bytes(2, "big") + query)
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        assert dns.message.from_wire(await reader.readexactly(size)).answer  # a query is progress
+        clock.now += 9.0
+        srv._sweep_tcp()
+        assert not writer.is_closing() and len(srv._tcp_conns) == 1
+        # the next query, one byte every 5 s: bytes are not progress
+        for byte in (len(query).to_bytes(2, "big") + query)[:3]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            clock.now += 5.0
+            srv._sweep_tcp()
+        assert await closed_by_server(reader)
+        writer.close()
+        await eventually(lambda: not srv._tcp_conns)
+
+
+async def test_tcp_connections_are_capped_and_the_cap_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    cat = Catalog()
+    put(cat, "a", ep("a", "10.0.0.1"))
+    async with dns_server(cat, dns_tcp_max_connections=2) as srv:
+        addr = srv.addresses[0]
+        held = [await asyncio.open_connection(addr.host, addr.port) for _ in range(2)]
+        await eventually(lambda: len(srv._tcp_conns) == 2)
+        with caplog.at_level(logging.WARNING, logger="beacon.dns"):
+            for _ in range(4):
+                reader, writer = await asyncio.open_connection(addr.host, addr.port)
+                assert await closed_by_server(reader)
+                writer.close()
+        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused: DNS/TCP")]
+        assert len(refused) == 1 and "--dns-tcp-max-connections" in refused[0], refused
+        assert addresses(await udp(srv, "web.service.beacon")) == ["10.0.0.1"]  # UDP unaffected
+        held[0][1].close()
+        await eventually(lambda: len(srv._tcp_conns) == 1)
+        assert addresses(await tcp(srv, "web.service.beacon")) == ["10.0.0.1"]
+        for _, w in held[1:]:
+            w.close()
+
+
+def long_name_query(qid: int, i: int) -> bytes:
+    """A query whose name is 321 bytes (over RFC 1035's 255), unique per `i`."""
+    labels = [f"{i:05d}".encode() + b"a" * 58] + [b"a" * 63] * 4
+    name = b"".join(bytes([len(x)]) + x for x in labels) + b"\x00"
+    return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
+
+
+async def test_names_over_255_bytes_get_formerr_without_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    async with dns_server() as srv:
+        with caplog.at_level(logging.DEBUG, logger="beacon"):
+            for i in range(300):
+                reply = await raw_udp(srv.addresses[0], long_name_query(i, i))
+                assert reply is not None and reply[:2] == i.to_bytes(2, "big") and reply[3] & 0x0F == 1  # FORMERR
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+        assert addresses(await udp(srv, "web.service.beacon")) == []  # still answering
+
+
+async def test_an_internal_error_is_logged_once_a_minute_not_per_query(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("boom\n[fake] forged line")
+
+    monkeypatch.setattr("beacon.dns.server.resolve", broken)
+    async with dns_server() as srv:
+        with caplog.at_level(logging.ERROR, logger="beacon"):
+            for i in range(50):
+                assert (await udp(srv, f"n{i}.service.beacon")).rcode() == dns.rcode.SERVFAIL
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info, [r.getMessage() for r in errors]
+        assert "\n" not in errors[0].getMessage() and "boom\\x0a[fake]" in errors[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [("web\n[x] forged", "web\\x0a[x] forged"), ("\x1b[31mred", "\\x1b[31mred"), ("é", "\\xe9"), (b"a\r\x00", "a\\x0d\\x00")],
+)
+def test_escape_keeps_log_lines_single_and_printable(raw: str | bytes, shown: str) -> None:
+    assert escape(raw) == shown
+    assert escape("x" * 500).endswith("...(500 chars)") and len(escape("x" * 500)) < 140
+
+
+def test_throttle_logs_once_per_interval_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    throttle = Throttle(logging.getLogger("beacon.dns.test"), interval=60, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="beacon.dns.test"):
+        assert throttle.log(logging.WARNING, "k", "refused: %s", "a")
+        assert not any(throttle.log(logging.WARNING, "k", "refused: %s", "b") for _ in range(9))
+        assert throttle.log(logging.WARNING, "other", "refused: %s", "c")
+        clock.now += 61
+        assert throttle.log(logging.WARNING, "k", "refused: %s", "d")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused: a", "refused: c", "refused: d (9 more like it in the last 61s)",
+    ]  # fmt: skip
