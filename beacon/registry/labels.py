@@ -26,6 +26,10 @@ from beacon.registry.model import EMPTY_MAP, Balancing, Endpoint, Source, State
 
 MAX_DNS_TTL = 86400
 MAX_WEIGHT = 65535  # an SRV weight is 16 bits
+# Anyone who can start a container writes these: bound what one label may cost
+# (the manual API's limits: 64 tags or meta entries, 4 KB values).
+MAX_VALUE = 4096  # characters in one beacon.* label or SERVICE_* variable
+MAX_ITEMS = 64  # hosts or tags in one list label; beacon.meta.* labels per container
 
 _TAG = re.compile(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -81,7 +85,38 @@ class _Problems:
     items: list[str] = field(default_factory=list)
 
     def add(self, label: str, value: str, why: str, action: str = "ignored") -> None:
-        self.items.append(f"container {self.who}: label {label}={value!r}: {why}; {action}")
+        self.items.append(f"container {self.who}: label {_escaped(label)}={_shown(value)}: {why}; {action}")
+
+
+def _escaped(key: str, limit: int = 128) -> str:
+    """A label key for a log line: control characters (a newline would start a
+    forged line) and non-ASCII escaped, cut short."""
+    text = key.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    """No control character of a message may end a log line or start a new one."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """repr() of a value for a log line, cut short (a label may be 4 KB)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _bounded(values: Mapping[str, str], problems: _Problems) -> dict[str, str]:
+    """The beacon.* / SERVICE_* entries Beacon reads, without oversized values."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if not (key.startswith(("beacon.", "SERVICE_")) or key == "com.docker.compose.service"):
+            continue  # not ours: never read, never logged
+        if len(value) > MAX_VALUE:
+            problems.add(key, value, f"value longer than {MAX_VALUE} characters ({len(value)})")
+            continue
+        out[key] = value
+    return out
 
 
 # ------------------------------------------------------------------ naming
@@ -243,7 +278,11 @@ class _Settings:
 
 def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
     tags: list[str] = []
-    for raw in _split_list(value):
+    items = _split_list(value)
+    if len(items) > MAX_ITEMS:
+        problems.add(label, value, f"{len(items)} tags, at most {MAX_ITEMS}", "the rest ignored")
+        items = items[:MAX_ITEMS]
+    for raw in items:
         tag = raw.lower()
         if _TAG.fullmatch(tag):
             tags.append(tag)
@@ -268,6 +307,10 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
     for key, value in labels.items():
         if key.startswith("beacon.meta."):
             name = key[len("beacon.meta.") :]
+            if len(meta) == MAX_ITEMS:
+                count = sum(1 for k in labels if k.startswith("beacon.meta."))
+                problems.add(key, value, f"{count} beacon.meta.* labels, at most {MAX_ITEMS}", "the rest ignored")
+                break
             if _META_KEY.fullmatch(name):
                 meta[name] = value
             else:
@@ -295,14 +338,17 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
         else:
             lb = raw.strip().lower()
 
-    hosts: list[str] = []
+    hosts: dict[str, None] = {}  # ordered, de-duplicated in linear time
     if (raw := labels.get("beacon.http.host")) is not None:
-        for item in _split_list(raw):
+        items = _split_list(raw)
+        if len(items) > MAX_ITEMS:
+            problems.add("beacon.http.host", raw, f"{len(items)} hosts, at most {MAX_ITEMS}", "the rest ignored")
+            items = items[:MAX_ITEMS]
+        for item in items:
             host = item.lower().rstrip(".")
             # A wildcard covers one leading label: *.example.com.
             if grammar.is_dns_name(host, wildcard=True):
-                if host not in hosts:
-                    hosts.append(host)
+                hosts.setdefault(host, None)
             else:
                 problems.add("beacon.http.host", raw, f"{item!r} is not a host name", "host dropped")
 
@@ -356,8 +402,8 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     cname = str(attrs.get("Name") or "").lstrip("/") or cid[:12]
     who = f"{cid[:12]} ({cname})"
     config = attrs.get("Config") or {}
-    labels: Mapping[str, str] = config.get("Labels") or {}
     problems = _Problems(who)
+    labels = _bounded(config.get("Labels") or {}, problems)
     notes: list[str] = []
 
     def verdict(ignored: str | None, endpoints: tuple[Endpoint, ...] = ()) -> ContainerEndpoints:
@@ -368,7 +414,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
         return verdict(None)
 
     # registrator variables: environment first, a label of the same name wins.
-    reg = _env_map(config.get("Env"))
+    reg = _bounded(_env_map(config.get("Env")), problems)
     reg.update({k: v for k, v in labels.items() if k.startswith("SERVICE_")})
 
     enable: bool | None = None
@@ -453,7 +499,8 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
         base_tags += _parse_tags("SERVICE_TAGS", raw, problems)
 
     check, autoheal, check_problems = parse_check_labels(labels)
-    problems.items.extend(f"container {who}: {p}" for p in check_problems)
+    # Check labels are reported by their own parser: escape what came from outside.
+    problems.items.extend(f"container {who}: {_one_line(p)}" for p in check_problems)
 
     source = Source("container", container_id=cid, container_name=cname)
     several = len({p.number for p in candidates}) > 1
