@@ -96,6 +96,13 @@ def _dns_domain(text: str) -> str:
     return name + "."
 
 
+def _allowed_host(text: str) -> str:
+    name = text.strip().rstrip(".").lower()
+    if name != "*" and not is_dns_name(name, wildcard=True):
+        raise ValueError(f"not a host name: {text!r}")
+    return name
+
+
 def _recursor(text: str) -> HostPort:
     text = text.strip()
     try:
@@ -169,6 +176,7 @@ OPTIONS: tuple[Option, ...] = (
     # --- registry
     Option("api_listen", "--api-listen", parse_hostport, HostPort("127.0.0.1", 8700), "REST API listener", metavar="HOST:PORT"),
     Option("api_token", "--api-token", str, "", "bearer token required for API writes (empty: none)"),
+    Option("api_allowed_hosts", "--api-allowed-hosts", _allowed_host, (), "host names API writes may be addressed to besides localhost and IP addresses (DNS rebinding guard; '*': any)", repeated=True, metavar="NAME"),
     Option("docker_host", "--docker-host", str, "", "Docker engine URL (default: DOCKER_HOST or the local socket)"),
     Option("docker", "--docker", parse_bool, True, "watch the Docker engine (false: manual registrations only)"),
     Option("explicit", "--explicit", parse_bool, False, "register only containers labelled beacon.enable=true"),
@@ -224,6 +232,7 @@ class Config:
     node: str = ""
     api_listen: HostPort = HostPort("127.0.0.1", 8700)
     api_token: str = ""
+    api_allowed_hosts: tuple[str, ...] = ()
     docker_host: str = ""
     docker: bool = True
     explicit: bool = False

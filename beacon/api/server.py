@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -52,6 +53,31 @@ API_REQUESTS = Counter(
 
 
 # --------------------------------------------------------------- pure parts
+_SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
+
+
+def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
+    """Is a Host header one the API answers writes on? localhost, any IP literal
+    (an address cannot be rebound), or a name in `allowed` ('*' allows all;
+    '*.example.com' any name below example.com)."""
+    if "*" in allowed:
+        return True
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".").lower()
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if host == "localhost" or host in allowed:
+        return True
+    return any(a.startswith("*.") and host.endswith(a[1:]) for a in allowed)
+
+
 def parse_states(raw: str | None) -> frozenset[State] | None:
     if raw is None or raw == "":
         return None
@@ -122,6 +148,8 @@ class ApiServer:
         self._docker = docker
         self._health = health
         self._routes = routes  # the proxy's routing table, as JSON (routes and conflicts)
+        listen_host = config.api_listen.host.lower()
+        self._allowed_hosts = frozenset((*config.api_allowed_hosts, listen_host))
         self._nodes = nodes
         self._store = store
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
@@ -213,6 +241,8 @@ class ApiServer:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         try:
+            if request.method not in _SAFE_METHODS:
+                self._check_host(request)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, exc.message, exc.field, exc.headers)
@@ -229,6 +259,19 @@ class ApiServer:
             response = error_response(500, "internal error (logged)")
         API_REQUESTS.labels(route, request.method, str(response.status)).inc()
         return response
+
+    def _check_host(self, request: web.Request) -> None:
+        """DNS rebinding guard: a write addressed to a name Beacon does not answer to
+        came through a name that an attacker's DNS pointed at us."""
+        host = request.headers.get("Host")
+        if host is None or host_allowed(host, self._allowed_hosts):
+            return
+        raise ApiError(
+            403,
+            f"writes addressed to host {host[:100]!r} are refused: not localhost, an IP address or a name "
+            "allowed with --api-allowed-hosts",
+            "Host",
+        )
 
     def _authorize(self, request: web.Request) -> None:
         if self._token_digest is None:
@@ -297,6 +340,11 @@ class ApiServer:
             if required:
                 raise ApiError(400, "malformed JSON: the body is empty; a JSON object is required", "body")
             return {}
+        # A page in a browser can send text/plain anywhere without asking first;
+        # application/json it cannot (CORS preflight): writes must say JSON.
+        if request.content_type != "application/json":
+            raise ApiError(415, f"a write body must be Content-Type: application/json (got {request.content_type!r})",
+                           "Content-Type")
         return parse_json_body(raw)
 
     async def _register(self, request: web.Request) -> web.Response:

@@ -80,6 +80,7 @@ async def get(h: Harness, path: str, **params: str) -> tuple[int, Any, int]:
 async def send(h: Harness, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json", **(headers or {})}  # as a JSON client sends it
     async with h.http.request(method, path, data=data, headers=headers) as resp:
         assert resp.content_type == "application/json", await resp.text()
         return resp.status, await resp.json()
@@ -444,7 +445,7 @@ async def test_a_non_utf8_authorization_header_is_401_not_500() -> None:
         try:
             body = json.dumps(DB).encode()
             writer.write(
-                b"PUT /v1/endpoints/db1 HTTP/1.1\r\nHost: beacon\r\nConnection: close\r\n"
+                b"PUT /v1/endpoints/db1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                 b"Authorization: Bearer s3cr\xff\xfet\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
@@ -672,3 +673,36 @@ async def test_container_lifecycle_through_the_api(run_container: ContainerFacto
         while not await gone():
             assert time.monotonic() < deadline, "the stopped container's endpoint stayed in the API"
             await asyncio.sleep(0.1)
+
+
+# ------------------------------------------------------------- DNS rebinding
+async def test_a_write_through_a_foreign_host_name_is_refused() -> None:
+    async with serve() as h:
+        status, body = await send(h, "PUT", "/v1/endpoints/db1", DB,
+                                  headers={"Host": "rebind.attacker.example:8700", "Content-Type": "application/json"})
+        assert status == 403 and body["field"] == "Host"
+        assert "--api-allowed-hosts" in body["error"]
+        assert "db1" not in h.catalog.publish().endpoints
+        # Names it may be reached by: localhost, any IP literal (no DNS to rebind), the listed ones.
+        for host in ("localhost:8700", "127.0.0.1", "[::1]:8700", "10.1.2.3:8700"):
+            status, _ = await send(h, "PUT", "/v1/endpoints/db1", DB,
+                                   headers={"Host": host, "Content-Type": "application/json"})
+            assert status in (200, 201), host
+        # Reads stay open (the catalog is what DNS serves anyway).
+        async with h.http.get("/v1/services", headers={"Host": "rebind.attacker.example"}) as resp:
+            assert resp.status == 200
+    async with serve(api_allowed_hosts=("beacon.internal",)) as h:
+        status, _ = await send(h, "PUT", "/v1/endpoints/db1", DB,
+                               headers={"Host": "Beacon.Internal:8700", "Content-Type": "application/json"})
+        assert status == 201
+
+
+async def test_a_write_must_be_json() -> None:
+    async with serve() as h:
+        status, body = await send(h, "PUT", "/v1/endpoints/db1", raw=json.dumps(DB).encode(),
+                                  headers={"Content-Type": "text/plain"})
+        assert status == 415 and body["field"] == "Content-Type"
+        assert "db1" not in h.catalog.publish().endpoints
+        status, _ = await send(h, "PUT", "/v1/endpoints/db1", raw=json.dumps(DB).encode(),
+                               headers={"Content-Type": "application/json; charset=utf-8"})
+        assert status == 201
