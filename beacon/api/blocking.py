@@ -53,11 +53,36 @@ def parse_blocking(query: Mapping[str, str], rand: Callable[[], float] = random.
     return BlockingQuery(index=int(raw), wait=wait + rand() * wait / 16)
 
 
+class WatcherSlots:
+    """The cap on clients that wait for changes (blocking queries and watch
+    streams together): each costs memory and a wake-up per change."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def acquire(self) -> None:
+        """Take a slot or raise ApiError 429."""
+        if self.used >= self.limit:
+            raise ApiError(
+                429,
+                f"too many watchers: {self.limit} blocking queries and watch streams are open "
+                "(--api-max-watchers); retry later",
+                None,
+                {"Retry-After": "5"},
+            )
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+
+
 class Blocker:
     """Runs blocking queries against the catalog; one per ApiServer."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, slots: WatcherSlots | None = None) -> None:
         self._catalog = catalog
+        self.slots = slots or WatcherSlots(1 << 30)
         self.closing = asyncio.Event()  # set on shutdown: every wait ends now
         self._unlisten: Callable[[], None] | None = None
         self._last: Snapshot = catalog.snapshot
@@ -115,12 +140,16 @@ class Blocker:
             return snap
         loop = asyncio.get_running_loop()
         deadline = loop.time() + query.wait
-        with API_BLOCKING.track_inprogress():
-            while not self.closing.is_set():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                snap = await self.next_snapshot(snap.index, remaining)
-                if view_index(snap) > query.index:
-                    break
+        self.slots.acquire()
+        try:
+            with API_BLOCKING.track_inprogress():
+                while not self.closing.is_set():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    snap = await self.next_snapshot(snap.index, remaining)
+                    if view_index(snap) > query.index:
+                        break
+        finally:
+            self.slots.release()
         return self._catalog.snapshot

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from beacon import __version__
-from beacon.api.blocking import Blocker, ViewIndex
+from beacon.api.blocking import Blocker, ViewIndex, WatcherSlots
 from beacon.api.openapi import openapi_document
 from beacon.api.responses import MAX_BODY, ApiError, error_response, json_response, jsonable, parse_json_body
 from beacon.api.watch import WatchStreams
@@ -137,6 +137,7 @@ class ApiServer:
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
+        watch_write_timeout: float = 10.0,
         extensions: Iterable[ApiExtension] = (),  # mounted after Beacon's own routes (Consul API, Prometheus SD)
         nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
         store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
@@ -155,8 +156,8 @@ class ApiServer:
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
         token = config.api_token.encode("utf-8", "surrogateescape")
         self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
-        self._blocker = Blocker(catalog)
-        self._watch = WatchStreams(catalog, self._blocker, heartbeat_interval)
+        self._blocker = Blocker(catalog, WatcherSlots(config.api_max_watchers))
+        self._watch = WatchStreams(catalog, self._blocker, heartbeat_interval, write_timeout=watch_write_timeout)
         self._runner: web.AppRunner | None = None
         self.address: HostPort | None = None
         self.app = self._build_app()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -49,11 +50,15 @@ class Harness:
 
 
 @asynccontextmanager
-async def serve(*, docker: object | None = None, health: object | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+async def serve(
+    *, docker: object | None = None, health: object | None = None, server_options: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
     config = make_config(docker=False, **overrides)
     catalog = Catalog()
     manual = ManualRegistry(config, catalog, node="test-node")
-    server = ApiServer(config, catalog, manual=manual, docker=docker, health=health, heartbeat_interval=0.2)
+    server = ApiServer(config, catalog, manual=manual, docker=docker, health=health, heartbeat_interval=0.2,
+                       **(server_options or {}))
     await manual.start()
     await server.start()
     try:
@@ -706,3 +711,80 @@ async def test_a_write_must_be_json() -> None:
         status, _ = await send(h, "PUT", "/v1/endpoints/db1", raw=json.dumps(DB).encode(),
                                headers={"Content-Type": "application/json; charset=utf-8"})
         assert status == 201
+
+
+# ---------------------------------------------------------------- watchers
+async def test_watchers_are_capped_with_a_clear_429() -> None:
+    async with serve(api_max_watchers=2) as h:
+        _, _, index = await get(h, "/v1/services")
+        first = await h.http.get("/v1/watch")
+        assert (await next_event(first))["event"] == "snapshot"
+        blocking = asyncio.create_task(get(h, "/v1/services", index=str(index), wait="30s"))
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
+        for path, params in (("/v1/watch", {}), ("/v1/services", {"index": str(index), "wait": "30s"})):
+            async with h.http.get(path, params=params) as resp:
+                assert resp.status == 429
+                body = await resp.json()
+                assert body["field"] is None and "--api-max-watchers" in body["error"]
+                assert resp.headers["Retry-After"]
+        # A plain read is not a watcher: always served.
+        assert (await get(h, "/v1/services"))[0] == 200
+        first.close()
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0)
+        async with h.http.get("/v1/watch") as resp:
+            assert resp.status == 200
+        blocking.cancel()
+
+
+async def test_one_change_is_serialised_once_for_every_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    from beacon.api import watch as watch_module
+
+    calls: list[str] = []
+    real = watch_module.sse
+
+    def counting(event: str, index: int, data: object) -> bytes:
+        calls.append(event)
+        return real(event, index, data)
+
+    monkeypatch.setattr(watch_module, "sse", counting)
+    async with serve() as h:
+        h.container("c1", "web")
+        h.catalog.publish()
+        streams = [await h.http.get("/v1/watch") for _ in range(5)]
+        for resp in streams:
+            assert (await next_event(resp))["event"] == "snapshot"
+        assert calls.count("snapshot") == 1  # the same state, encoded once
+        h.container("c2", "web")
+        for resp in streams:
+            event = await next_event(resp)
+            while "comment" in event:
+                event = await next_event(resp)
+            assert [e["id"] for e in event["data"]["services"][0]["endpoints"]] == ["c1:80", "c2:80"]
+        assert calls.count("change") == 1
+        for resp in streams:
+            resp.close()
+
+
+async def test_a_watcher_that_stops_reading_is_dropped() -> None:
+    async with serve(server_options={"watch_write_timeout": 0.3}) as h:
+        assert h.server.address is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (h.server.address.host, h.server.address.port))
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /v1/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 1)
+        # Big changes the client never reads: the server's buffer fills, the write times out.
+        tags = tuple(f"tag{i:03d}" for i in range(60))
+        dropped = REGISTRY.get_sample_value("beacon_registry_api_watch_dropped_total") or 0.0
+        for n in range(2000):  # ~50 KB a change; the socket buffers fill after a few MB
+            for i in range(20):
+                h.container(f"c{i}", f"svc{i}", tags=tags, meta={"n": str(n), "pad": "x" * 2000})
+            h.catalog.publish()
+            await asyncio.sleep(0.005)
+            if REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0:
+                break
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0, timeout=5)
+        assert REGISTRY.get_sample_value("beacon_registry_api_watch_dropped_total") == dropped + 1
+        writer.close()
