@@ -223,9 +223,8 @@ class Zone:
         return ep.state is State.PASSING or (ep.state is State.WARNING and not self.settings.only_passing)
 
     def service_ttl(self, svc: Service) -> int:
-        # One TTL per RRset (RFC 2181): the smallest beacon.dns.ttl any endpoint sets.
-        ttls = [e.dns_ttl for e in svc.endpoints if e.dns_ttl is not None]
-        return max(0, min(ttls)) if ttls else self.settings.ttl
+        # One TTL per RRset (RFC 2181): the catalog folds the smallest beacon.dns.ttl.
+        return svc.dns_ttl if svc.dns_ttl is not None else self.settings.ttl
 
     def soa(self) -> SOA:
         return SOA(
