@@ -52,12 +52,14 @@ from beacon.config import Config
 from beacon.registry.catalog import Catalog
 from beacon.registry.docker import detect_host_ip
 from beacon.registry.manual import (
-    Conflict,
     ManualRegistry,
     NotFound,
     RegistrationError,
     parse_heartbeat,
     parse_registration,
+)
+from beacon.registry.manual import (
+    RegistrationConflict as Conflict,
 )
 from beacon.registry.model import Endpoint, Service, Snapshot, State
 
