@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from beacon.config import Config, HostPort
+from beacon.config import Config
+from beacon.grammar import HostPort
 from beacon.proxy.core import ProxyCore, client_factory
 from beacon.proxy.metrics import COLLECTOR, UNROUTED, fold_counters
 from beacon.proxy.router import RoutingTable

@@ -16,20 +16,15 @@ import pickle
 import signal
 import sys
 
-from beacon.config import Config, HostPort
+from beacon.config import Config
+from beacon.grammar import HostPort
+from beacon.logs import setup_logging
 from beacon.proxy.server import LocalProxy
 from beacon.proxy.wire import HEADER, SnapshotDecoder, frame
 
 log = logging.getLogger("beacon.proxy")
 
 
-def setup_logging(level: str) -> None:
-    """The parent's log format on stderr (the worker's stderr is the parent's)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
