@@ -46,11 +46,11 @@ async def run(number: int) -> None:
     setup = pickle.loads(payload)
     config: Config = setup["config"]
     address: HostPort = setup["address"]
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     kind, payload = await _read_frame(reader)
     assert kind == b"S", kind
     decoder = SnapshotDecoder()
-    local = LocalProxy(config)
+    local = LocalProxy(config, stdout_fd=setup.get("stdout_fd", -1))
     bound = await local.start(address, True, decoder.decode(payload))
     log.info("listening: proxy worker %d on %s (pid %d)", number, bound, os.getpid())
     send(b"R", b"")
