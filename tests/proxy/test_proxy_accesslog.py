@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -185,32 +184,44 @@ async def test_two_worker_processes_append_whole_lines_to_one_file(tmp_path: Pat
 
 
 async def test_a_sink_that_cannot_keep_up_drops_and_counts_instead_of_blocking() -> None:
-    read_end, write_end = os.pipe()  # nobody reads: the writer thread blocks once the pipe is full
+    read_end, write_end = os.pipe()  # stdout as a pipe nobody reads for now
     loop = asyncio.get_running_loop()
     alog = AccessLog("-", "combined", loop, stdout_fd=write_end, max_backlog=256 * 1024)
     alog.start()
+    assert os.get_blocking(write_end)  # the log's own description is non-blocking, stdout's is not
     client: Any = SimpleNamespace(peer=b"127.0.0.1")
     ex = Exchange(client)
     ex.method, ex.url, ex.reqid, ex.status = b"GET", b"/" + b"x" * 200, b"r1", 200
     for _ in range(20):
         for _ in range(500):
             alog.record(ex, 200, 10)
-        await asyncio.sleep(0)  # a loop turn: the batch goes to the writer
-    assert alog.dropped > 0  # nothing waited for the pipe
+        await asyncio.sleep(0)  # a loop turn: the batch is written (or kept)
+    assert alog.dropped > 0 and alog.backlog > 0  # the loop never waited for the pipe
+    os.set_blocking(read_end, False)
     chunks: list[bytes] = []
 
-    def read_all() -> None:
-        while chunk := os.read(read_end, 1 << 20):
-            chunks.append(chunk)
+    def read() -> bool:
+        try:
+            while True:
+                chunks.append(os.read(read_end, 1 << 20))
+        except BlockingIOError:
+            pass
+        return alog.backlog == 0
 
-    reader = threading.Thread(target=read_all)
-    reader.start()
-    alog.stop()  # writes what was kept, closes its fd
-    os.close(write_end)
-    reader.join(10)
+    await eventually(read)  # once the reader drains the pipe, the rest follows
+    alog.stop()
+    read()
     os.close(read_end)
+    os.close(write_end)
     written = b"".join(chunks)
     assert written.endswith(b"\n") and written.count(b"\n") == 20 * 500 - alog.dropped
+    assert all(line.startswith(b"127.0.0.1 - - [") for line in written.splitlines())
+
+
+def test_long_fields_are_cut_and_never_mid_escape() -> None:
+    assert escape(b"a" * 2000) == "a" * 768 + "..."
+    assert escape(b"\x01" * 300, 10) == "\\x01\\x01..."  # 12 would cut the third escape
+    assert escape(b"ok", 10) == "ok"
 
 
 def test_dropped_lines_are_a_metric() -> None:
@@ -248,3 +259,22 @@ def test_log_format_json_writes_one_parseable_object_per_event() -> None:
                                     "message": "added: endpoint web1\nforged"}  # fmt: skip
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", added["time"])
     assert failed["level"] == "error" and "ZeroDivisionError" in failed["exception"]
+
+
+async def test_workers_write_stdout_lines_to_the_beacon_process_stdout(capfd: pytest.CaptureFixture[str]) -> None:
+    cat = Catalog()
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, access_log="-", proxy_workers=2, shutdown_timeout=3.0) as proxy:
+            assert proxy.address is not None
+            answers = await asyncio.gather(*(raw_request(proxy.address, get(f"/w{i}", "web.localhost"))
+                                             for i in range(40)))  # fmt: skip
+            assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+            seen: list[str] = []
+
+            def logged() -> bool:
+                seen.extend(line for line in capfd.readouterr().out.splitlines() if "GET /w" in line)
+                return len(seen) >= 40
+
+            await eventually(logged)
+    assert len(seen) == 40 and all(COMBINED.match(line) for line in seen), seen
