@@ -120,7 +120,7 @@ class AccessLog:
             try:
                 self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                raise OSError(exc.errno, f"access log {self.target}: {exc.strerror}") from None
+                raise OSError(f"access log {self.target}: {exc.strerror}") from None
             return
         fd = self._stdout_fd
         mode = os.fstat(fd).st_mode

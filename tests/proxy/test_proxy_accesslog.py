@@ -278,3 +278,9 @@ async def test_workers_write_stdout_lines_to_the_beacon_process_stdout(capfd: py
 
             await eventually(logged)
     assert len(seen) == 40 and all(COMBINED.match(line) for line in seen), seen
+
+
+async def test_a_file_that_cannot_be_opened_fails_the_start_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match=f"^access log {tmp_path}/no/such.log: No such file or directory$"):
+        async with proxy_server(Catalog(), access_log=str(tmp_path / "no" / "such.log")):
+            pass
