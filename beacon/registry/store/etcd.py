@@ -124,6 +124,7 @@ class EtcdStore:
         self._head_revision = 0  # latest revision seen in any answer
         self._listeners: list[ChangeListener] = []
         self._connected = False
+        self._down_logged = False  # one "disconnected" line per outage, also before the first connect
         self._refused: str | None = None
         self._last_sync: float | None = None
         self._last_watch_message = 0.0
@@ -309,8 +310,12 @@ class EtcdStore:
 
     def _set_connected(self, up: bool, why: str = "") -> None:
         if up == self._connected:
+            if not up and not self._down_logged:  # never connected yet: say so once
+                self._down_logged = True
+                log.warning("disconnected: etcd unreachable (%s); serving local endpoints, retrying", why)
             return
         self._connected = up
+        self._down_logged = not up
         if self._metrics:
             metrics.CONNECTED.set(1 if up else 0)
         if up:
