@@ -14,18 +14,14 @@ import signal
 import socket
 from typing import Protocol
 
+from beacon.api import ApiServer
 from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
 from beacon.proxy import ProxyServer
-from beacon.registry.api import ApiServer
-from beacon.registry.catalog import Catalog
-from beacon.registry.cluster import ClusterSource
-from beacon.registry.docker import DockerSource
-from beacon.registry.health import HealthChecker
-from beacon.registry.manual import ManualRegistry
+from beacon.registry import Catalog, ClusterSource, DockerSource, HealthChecker, ManualRegistry
 from beacon.registry.store import EtcdStore, GatewaySettings
 
 log = logging.getLogger("beacon.app")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from beacon import __version__
 from beacon.config import OPTIONS, Config, ConfigError, build_config
+from beacon.logs import (
+    setup_logging as setup_logging,  # re-exported until proxy/worker.py imports beacon.logs
+)
 
 
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,14 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(sub)
     return parser
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def run_server(config: Config) -> int:

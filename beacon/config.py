@@ -15,62 +15,32 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from beacon.grammar import (
+    HostPort,
+    is_dns_name,
+    parse_bool,
+    parse_duration,
+    parse_hostport,
+)
+
 
 class ConfigError(ValueError):
     """A bad flag or environment value; the message names the option."""
 
 
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+# The value grammar lives in beacon.grammar; these names are re-exported for
+# the code that imported them from here.
+__all__ = ["OPTIONS", "Config", "ConfigError", "HostPort", "Option", "build_config", "parse_bool",
+           "parse_duration", "parse_hostport"]  # fmt: skip
 
 
 # --------------------------------------------------------------------- parsers
-def parse_hostport(text: str) -> HostPort:
-    """HOST:PORT or [V6]:PORT; port 0 means "any free port"."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
-    if not m:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return HostPort(host, port)
-
-
-def parse_duration(text: str) -> float:
-    """'30s', '250ms', '5m', '1h' or a bare number of seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not m:
-        raise ValueError(f"expected a duration like 30s, 250ms or 5m, got {text!r}")
-    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
-    if value > _MAX_DURATION:
-        raise ValueError(f"duration {text!r} is longer than a year")
-    return value
-
-
-_MAX_DURATION = 365 * 86400.0
-
-
 def _positive_duration(text: str) -> float:
     """A timeout or base time: zero would make every try fail or divide by zero."""
     value = parse_duration(text)
     if value <= 0:
         raise ValueError(f"expected a duration above zero, got {text!r}")
     return value
-
-
-def parse_bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
 
 
 def _positive_int(text: str) -> int:
@@ -121,9 +91,16 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _dns_domain(text: str) -> str:
     name = text.strip().strip(".").lower()
-    if not name or not all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", p) for p in name.split(".")):
+    if not is_dns_name(name):
         raise ValueError(f"not a valid DNS domain: {text!r}")
     return name + "."
+
+
+def _allowed_host(text: str) -> str:
+    name = text.strip().rstrip(".").lower()
+    if name != "*" and not is_dns_name(name, wildcard=True):
+        raise ValueError(f"not a host name: {text!r}")
+    return name
 
 
 def _recursor(text: str) -> HostPort:
@@ -199,6 +176,8 @@ OPTIONS: tuple[Option, ...] = (
     # --- registry
     Option("api_listen", "--api-listen", parse_hostport, HostPort("127.0.0.1", 8700), "REST API listener", metavar="HOST:PORT"),
     Option("api_token", "--api-token", str, "", "bearer token required for API writes (empty: none)"),
+    Option("api_max_watchers", "--api-max-watchers", _positive_int, 1024, "concurrent /v1/watch streams and blocking queries (more: 429)"),
+    Option("api_allowed_hosts", "--api-allowed-hosts", _allowed_host, (), "host names API writes may be addressed to besides localhost and IP addresses (DNS rebinding guard; '*': any)", repeated=True, metavar="NAME"),
     Option("docker_host", "--docker-host", str, "", "Docker engine URL (default: DOCKER_HOST or the local socket)"),
     Option("docker", "--docker", parse_bool, True, "watch the Docker engine (false: manual registrations only)"),
     Option("explicit", "--explicit", parse_bool, False, "register only containers labelled beacon.enable=true"),
@@ -233,6 +212,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
+    Option("proxy_isolated", "--proxy-isolated", parse_bool, False, "forward only in worker processes (--proxy-workers of them), never in the process that runs the API, DNS and Docker watch"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
     Option("proxy_attempts", "--proxy-attempts", _positive_int, 3, "tries per request (first + retries)"),
     Option("proxy_try_timeout", "--proxy-try-timeout", _positive_duration, 30.0, "timeout of one upstream try (until the response header)"),
@@ -265,6 +245,8 @@ class Config:
     node: str = ""
     api_listen: HostPort = HostPort("127.0.0.1", 8700)
     api_token: str = ""
+    api_allowed_hosts: tuple[str, ...] = ()
+    api_max_watchers: int = 1024
     docker_host: str = ""
     docker: bool = True
     explicit: bool = False
@@ -299,6 +281,7 @@ class Config:
     proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
+    proxy_isolated: bool = False
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_attempts: int = 3
     proxy_try_timeout: float = 30.0

@@ -22,8 +22,8 @@ import docker
 import pytest
 
 from beacon import __version__
+from beacon.api import ApiServer
 from beacon.registry import Catalog, Endpoint, Source, State
-from beacon.registry.api import ApiServer
 from beacon.registry.manual import ManualRegistry
 from tests.helpers import test_config as make_config
 

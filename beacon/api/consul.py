@@ -50,13 +50,16 @@ from prometheus_client import Gauge
 from beacon import __version__
 from beacon.config import Config
 from beacon.registry.catalog import Catalog
+from beacon.registry.docker import detect_host_ip
 from beacon.registry.manual import (
-    Conflict,
     ManualRegistry,
     NotFound,
     RegistrationError,
     parse_heartbeat,
     parse_registration,
+)
+from beacon.registry.manual import (
+    RegistrationConflict as Conflict,
 )
 from beacon.registry.model import Endpoint, Service, Snapshot, State
 
@@ -981,7 +984,9 @@ class ConsulApi:
         self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
         epoch = max(1, int(wall_clock() * 1_000_000))
         self._tracker = IndexTracker(catalog.snapshot, epoch=epoch, local_node=node)
-        self._ctx = ViewContext(self._tracker, datacenter, local_address or config.advertise_ip)
+        # The local node's Address, as the Docker source advertises host ports: --advertise-ip, else detected.
+        address = local_address or config.advertise_ip or detect_host_ip() or ""
+        self._ctx = ViewContext(self._tracker, datacenter, address)
         self._waiters = Waiters()
         self._closing: asyncio.Future[None] | None = None
         self._unlisten: Callable[[], None] | None = None
@@ -1218,16 +1223,15 @@ class ConsulApi:
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        allowed = sorted({
-            route.method
-            for resource in request.app.router.resources()
-            for route in resource
-            if route.handler != self._unknown and route.method != "*"
-            and resource.get_info().get("path") == path
-        })
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if any(route.handler == self._unknown for route in resource):
+                continue
+            _, methods = await resource.resolve(request)  # the methods of a resource whose path matches
+            allowed |= methods
         if allowed:
             return web.Response(status=405, text=f"method {request.method} not allowed",
-                                headers={"Allow": ", ".join(allowed)})
+                                headers={"Allow": ", ".join(sorted(allowed))})
         return web.Response(
             status=404,
             text=f"Beacon does not serve {path}: its Consul-compatible API covers /v1/catalog/services, "

@@ -498,6 +498,8 @@ class ProxyCore:
             conn.close_after_exchange()
             if not ex.request_done:
                 ex.close_client = True
+            elif not conn.keep_alive:
+                self.pool.connect_ahead(conn.state)  # the upstream ended it: replace it before it is needed
         self.finish(ex)
 
     def finish(self, ex: Exchange) -> None:

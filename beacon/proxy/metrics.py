@@ -4,18 +4,7 @@ The data path bumps plain ints in a per-service `ServiceStats` (one list index
 per request, one bisect for the latency bucket); nothing touches a prometheus
 object per request. At scrape time one `Collector` folds the counts of every
 running ProxyServer - and of its worker processes, which report theirs over
-their pipe - into metric families:
-
-  beacon_proxy_requests_total{service,code_class}      responses sent, by 1xx..5xx
-  beacon_proxy_request_duration_seconds{service}       request start → response end
-  beacon_proxy_upstream_attempts_total{service}        tries sent to an endpoint
-  beacon_proxy_retries_total{service}                  tries after the first
-  beacon_proxy_ejections_total{service}                passive-health ejections
-  beacon_proxy_open_connections{side}                  client | upstream, now
-  beacon_proxy_in_flight_requests{service}             tries and tunnels being served, now
-  beacon_proxy_route_conflicts                         conflicting routes now
-  beacon_proxy_worker_restarts_total                   worker processes restarted
-  beacon_proxy_refused_connections_total               client connections refused at the cap
+their pipe - into the metric families listed in README.md "Metrics".
 
 Requests that matched no route are counted under service "unrouted". A
 service's counters are dropped when it leaves the catalog. A worker process

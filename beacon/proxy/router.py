@@ -2,26 +2,8 @@
 
 Built once per snapshot, read on every request. Every key is precomputed as
 lowercase ASCII bytes so the data path matches the raw header bytes without
-decoding them.
-
-Routes come from three places, most specific first:
-
-1. exact hosts - labels `beacon.http.host=api.example.com` and the implicit
-   `<service>.<proxy-domain>` of every service;
-2. wildcard hosts - `beacon.http.host=*.example.com` matches any name below
-   `example.com` (at any depth, not `example.com` itself); a longer suffix wins;
-3. any host - an endpoint with `beacon.http.path_prefix` and no host label.
-
-The host level is chosen first; within a host level the longest matching path
-prefix wins; if no prefix of that level matches the path, the next (less
-specific) host level is tried. A prefix matches on segment boundaries: `/api`
-matches `/api`, `/api/x` and `/api?q`, never `/apix`.
-
-Two services claiming the same (host, prefix) is a conflict: the first by
-service name wins (deterministic), and the conflict is logged by the caller
-and listed in `RoutingTable.conflicts`. A label route silently replaces the
-implicit `<service>.<domain>` route of another service and is listed too
-(kind "shadowed"), so the API can explain why a name goes elsewhere.
+decoding them. The routing rules (precedence, prefixes, conflicts) are
+described once, in README.md "Routing".
 """
 
 from __future__ import annotations

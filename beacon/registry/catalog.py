@@ -16,13 +16,23 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
 import immutables
 
-from beacon.registry.model import CheckStatus, Endpoint, Service, Snapshot, SnapshotDelta, State, worst
+from beacon.registry.model import (
+    NO_SETTINGS,
+    CheckStatus,
+    Endpoint,
+    Service,
+    ServiceSettings,
+    Snapshot,
+    SnapshotDelta,
+    State,
+    worst,
+)
 
 log = logging.getLogger("beacon.registry.catalog")
 
@@ -33,19 +43,37 @@ class EndpointConflict(ValueError):
     """An endpoint id is already owned by another source."""
 
 
+_SettingsKey = tuple[int | None, str | None, tuple[str, ...], str | None, bool]
+
+
+def _settings_key(ep: Endpoint) -> _SettingsKey | None:
+    """The labels an endpoint contributes to its service's settings (None: none)."""
+    if ep.dns_ttl is None and not ep.lb and not ep.http_hosts and ep.http_path_prefix is None:
+        return None
+    return (ep.dns_ttl, ep.lb, ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix)
+
+
 class _Members:
     """One service's endpoints as the last snapshot published them, kept sorted
     by id, plus what the `Service` folds from them, so that publishing a change
     of one endpoint costs O(log k) searches and one C-level copy of the tuple
-    instead of a sort and a walk of the whole service in Python."""
+    instead of a sort and a walk of the whole service in Python.
 
-    __slots__ = ("endpoints", "ids", "tag_counts", "tags")
+    The settings (DNS TTL, balancing, routes) are re-folded - O(k) - only when
+    the set of distinct label combinations changes, or when the service has
+    several (conflicting labels, where the order by id decides). Endpoints
+    that all carry the same labels, the usual case, never cause a re-fold.
+    """
+
+    __slots__ = ("endpoints", "ids", "settings", "settings_counts", "tag_counts", "tags")
 
     def __init__(self) -> None:
         self.ids: list[str] = []  # sorted
         self.endpoints: list[Endpoint] = []  # aligned with ids
         self.tag_counts: dict[str, int] = {}
         self.tags: tuple[str, ...] | None = ()  # None: the tag set changed, re-sort
+        self.settings_counts: dict[_SettingsKey, int] = {}
+        self.settings: ServiceSettings | None = NO_SETTINGS  # None: re-fold
 
     def add(self, ep: Endpoint) -> None:
         i = bisect.bisect_left(self.ids, ep.id)
@@ -62,10 +90,30 @@ class _Members:
     def replace(self, before: Endpoint, after: Endpoint) -> None:
         self.endpoints[bisect.bisect_left(self.ids, after.id)] = after
         if before.tags != after.tags:
-            self._count(before, -1)
-            self._count(after, 1)
+            self._count_tags(before, -1)
+            self._count_tags(after, 1)
+        if _settings_key(before) != _settings_key(after):
+            self._count_settings(before, -1)
+            self._count_settings(after, 1)
 
     def _count(self, ep: Endpoint, delta: int) -> None:
+        self._count_tags(ep, delta)
+        self._count_settings(ep, delta)
+
+    def _count_settings(self, ep: Endpoint, delta: int) -> None:
+        key = _settings_key(ep)
+        if key is None:
+            return
+        counts = self.settings_counts
+        n = counts.get(key, 0) + delta
+        if n:
+            counts[key] = n
+        else:
+            del counts[key]
+        if n == 0 or n == delta or len(counts) > 1:
+            self.settings = None
+
+    def _count_tags(self, ep: Endpoint, delta: int) -> None:
         counts = self.tag_counts
         for tag in ep.tags:
             n = counts.get(tag, 0) + delta
@@ -79,7 +127,9 @@ class _Members:
     def service(self, name: str) -> Service:
         if self.tags is None:
             self.tags = tuple(sorted(self.tag_counts))
-        return Service(name=name, endpoints=tuple(self.endpoints), tags=self.tags)
+        if self.settings is None:
+            self.settings = ServiceSettings.fold(self.endpoints) if self.settings_counts else NO_SETTINGS
+        return Service(name=name, endpoints=tuple(self.endpoints), tags=self.tags, settings=self.settings)
 
 
 class Catalog:
@@ -209,14 +259,6 @@ class Catalog:
             return await asyncio.wait_for(asyncio.shield(self._next_publish), wait)
         except TimeoutError:
             return self._snapshot
-
-    async def watch(self, after_index: int = 0) -> AsyncIterator[Snapshot]:
-        """Yield each new snapshot (latest wins: a slow reader skips intermediates)."""
-        index = after_index
-        while True:
-            snap = await self.wait_for_index(index, None)
-            index = snap.index
-            yield snap
 
     def _schedule_publish(self) -> None:
         if self._publish_handle is not None:

@@ -29,15 +29,15 @@ import logging
 import random
 import socket
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
 
+from beacon.clock import SYSTEM_CLOCK, Clock
 from beacon.config import Config
 from beacon.registry.catalog import Catalog, EndpointConflict
 from beacon.registry.labels import ContainerEndpoints, LabelOptions, container_endpoints
@@ -136,6 +136,28 @@ def event_action(event: Mapping[str, Any]) -> str:
     return action.split(":", 1)[0].strip()
 
 
+@dataclass(slots=True, eq=False)
+class _Drain:
+    """A SIGTERM seen: the container's endpoints drain until it is gone, started
+    again, or outlives its stop timeout. Compared by identity: a later signal
+    replaces it, which orphans the first one's expiry timer."""
+
+    started_at: str  # State.StartedAt when the signal came
+    since: float  # clock time of the signal
+
+
+@dataclass(slots=True)
+class _Container:
+    """What the source remembers about one container between events."""
+
+    generation: int = 0  # of its last event: a stale inspect is never applied
+    started_at: str = ""  # State.StartedAt last seen
+    drain: _Drain | None = None
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT  # its StopTimeout, seconds
+    name: str = ""  # for log lines
+    reported: tuple[str | None, tuple[str, ...], tuple[str, ...]] | None = None  # last logged verdict
+
+
 class DockerSource:
     """Feeds the catalog with one source per running container ("container:<id>")."""
 
@@ -151,6 +173,7 @@ class DockerSource:
         start_timeout: float = 10.0,
         inspect_workers: int = 8,
         drain_margin: float = 5.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
         self._catalog = catalog
@@ -160,6 +183,7 @@ class DockerSource:
         self._backoff_max = backoff_max
         self._start_timeout = start_timeout
         self._drain_margin = drain_margin
+        self._clock = clock  # drain timers, resync interval, reconnect backoff
         self._pool = ThreadPoolExecutor(max_workers=inspect_workers, thread_name_prefix="beacon-docker")
         self._options = LabelOptions()
         self._client: docker.DockerClient | None = None
@@ -169,18 +193,12 @@ class DockerSource:
         self._stopping = False
         self._connected = False
         self._generation = itertools.count(1)
-        self._gen: dict[str, int] = {}  # container id -> generation of its last event
-        self._started_at: dict[str, str] = {}  # container id -> State.StartedAt last seen
-        # Containers told to stop (SIGTERM): their endpoints stay draining until the
-        # container is gone or started again, or outlives its stop timeout.
-        # Value: (StartedAt when the signal came, monotonic time of the signal).
-        self._draining: dict[str, tuple[str, float]] = {}
-        self._stop_timeout: dict[str, float] = {}  # container id -> its StopTimeout, seconds
-        self._names: dict[str, str] = {}  # container id -> name, for log lines
-        self._reported: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {}
+        self._containers: dict[str, _Container] = {}  # container id -> what we remember
         self._inflight: set[asyncio.Task[None]] = set()
         self.sessions = 0  # successful (re)connections
         self.syncs = 0  # completed full lists (first one of a session and resyncs)
+        self.events = 0  # events handled
+        self.inspections = 0  # inspects after an event finished (applied, overtaken or failed)
 
     # --------------------------------------------------------------- public
     @property
@@ -291,9 +309,8 @@ class DockerSource:
     # --------------------------------------------------------- watch loop
     async def _run(self) -> None:
         delay = self._backoff_initial
-        loop = asyncio.get_running_loop()
         while not self._stopping:
-            began = loop.time()
+            began = self._clock.now()
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -308,11 +325,11 @@ class DockerSource:
                 self._first_attempt.set()
             if self._stopping:
                 return
-            if loop.time() - began > 30:
+            if self._clock.now() - began > 30:
                 delay = self._backoff_initial  # a long healthy session resets the backoff
             pause = delay * random.uniform(0.8, 1.2)
             log.info("reconnecting: docker in %.2fs", pause)
-            await asyncio.sleep(pause)
+            await self._clock.sleep(pause)
             delay = min(delay * 2, self._backoff_max)
 
     async def _session(self) -> None:
@@ -362,7 +379,7 @@ class DockerSource:
         self, client: docker.DockerClient, queue: asyncio.Queue[dict[str, Any] | _EndOfStream]
     ) -> None:
         while True:
-            await asyncio.sleep(self._config.resync_interval)
+            await self._clock.sleep(self._config.resync_interval)
             try:
                 await self._sync(client, initial=False)
             except asyncio.CancelledError:
@@ -384,7 +401,7 @@ class DockerSource:
         ids = [str(c["Id"]) for c in listed]
 
         async def inspect(cid: str) -> tuple[str, int, dict[str, Any] | None] | None:
-            gen = self._gen.get(cid, 0)
+            gen = self._generation_of(cid)
             try:
                 attrs = await self._call(client.api.inspect_container, cid)
             except docker.errors.NotFound:
@@ -399,24 +416,37 @@ class DockerSource:
             if item is None:
                 continue
             cid, gen, attrs = item
-            if self._gen.get(cid, 0) == gen:  # else an event overtook this inspect
+            if self._generation_of(cid) == gen:  # else an event overtook this inspect
                 changes += self._apply(cid, attrs)
         running = set(ids)
         for key in sorted(self._catalog.sources(SOURCE_PREFIX)):
             cid = key[len(SOURCE_PREFIX) :]
-            if cid not in running and self._gen.get(cid, 0) <= marker:
+            if cid not in running and self._generation_of(cid) <= marker:
                 changes += self._apply(cid, None)  # gone while we were not looking: no ghosts
-        # Forget per-container state of containers that are gone (bounded memory).
-        tables = (self._gen, self._started_at, self._draining, self._stop_timeout, self._names, self._reported)
-        for table in tables:
-            for cid in [c for c in table if c not in running and self._gen.get(c, 0) <= marker]:
-                del table[cid]
+        # Forget containers that are gone (bounded memory).
+        for cid in [c for c, r in self._containers.items() if c not in running and r.generation <= marker]:
+            del self._containers[cid]
         self.syncs += 1
         if initial or changes:
             log.info("synced: %d running containers, %d changes", len(ids), changes)
 
     # --------------------------------------------------------------- events
+    def _generation_of(self, cid: str) -> int:
+        record = self._containers.get(cid)
+        return 0 if record is None else record.generation
+
+    def _record(self, cid: str) -> _Container:
+        record = self._containers.get(cid)
+        if record is None:
+            record = self._containers[cid] = _Container()
+        return record
+
+    def _name(self, cid: str) -> str:
+        record = self._containers.get(cid)
+        return "" if record is None else record.name
+
     def _on_event(self, event: Mapping[str, Any]) -> None:
+        self.events += 1
         cid = event_container_id(event)
         if cid is None:
             return
@@ -426,27 +456,28 @@ class DockerSource:
             return
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
         if kind == "container" and attributes.get("name"):
-            self._names[cid] = str(attributes["name"])
+            self._record(cid).name = str(attributes["name"])
         if action == "kill":
             # Any signal produces a kill event (SIGHUP for a reload...): only a
             # SIGTERM means "about to stop", and then no new traffic at once.
             if str(attributes.get("signal", "")).upper() in TERM_SIGNALS:
                 self._drain(cid)
             return
-        self._gen[cid] = next(self._generation)
+        record = self._record(cid)
+        record.generation = next(self._generation)
         if action in REMOVE_ACTIONS:
-            self._draining.pop(cid, None)
+            record.drain = None
             self._apply(cid, None)
         elif action in REFRESH_ACTIONS or kind == "network":
             if action == "start":
-                self._draining.pop(cid, None)
-            self._spawn_refresh(cid, self._gen[cid])
+                record.drain = None
+            self._spawn_refresh(cid, record.generation)
 
     def _drain(self, cid: str) -> None:
-        mark = (self._started_at.get(cid, ""), time.monotonic())
-        self._draining[cid] = mark
+        record = self._record(cid)
+        mark = record.drain = _Drain(record.started_at, self._clock.now())
         if self._catalog.set_source_state(SOURCE_PREFIX + cid, State.DRAINING):
-            log.info("draining: %s %s (SIGTERM)", cid[:12], self._names.get(cid, ""))
+            log.info("draining: %s %s (SIGTERM)", cid[:12], record.name)
         # A SIGTERM that stops nothing (`docker kill -s TERM`, an app that reloads
         # on TERM) would leave the container draining forever: look again once
         # `docker stop` would have killed it. Resyncs apply the same rule.
@@ -455,13 +486,15 @@ class DockerSource:
         task.add_done_callback(self._inflight.discard)
 
     def _drain_grace(self, cid: str) -> float:
-        return self._stop_timeout.get(cid, DEFAULT_STOP_TIMEOUT) + self._drain_margin
+        record = self._containers.get(cid)
+        return (DEFAULT_STOP_TIMEOUT if record is None else record.stop_timeout) + self._drain_margin
 
-    async def _drain_expiry(self, cid: str, mark: tuple[str, float], grace: float) -> None:
-        await asyncio.sleep(grace)
-        if self._draining.get(cid) is mark:  # else: gone, restarted or signalled again
-            gen = self._gen[cid] = next(self._generation)
-            await self._refresh(cid, gen)
+    async def _drain_expiry(self, cid: str, mark: _Drain, grace: float) -> None:
+        await self._clock.sleep(grace)
+        record = self._containers.get(cid)
+        if record is not None and record.drain is mark:  # else: gone, restarted or signalled again
+            record.generation = next(self._generation)
+            await self._refresh(cid, record.generation)
 
     def _spawn_refresh(self, cid: str, gen: int) -> None:
         task = asyncio.create_task(self._refresh(cid, gen))
@@ -478,47 +511,49 @@ class DockerSource:
             attrs = None
         except Exception as exc:
             log.warning("failed: inspect %s: %s (the next resync retries)", cid[:12], exc)
+            self.inspections += 1
             return
-        if self._gen.get(cid) == gen:
+        if self._generation_of(cid) == gen:
             self._apply(cid, attrs)
+        self.inspections += 1
 
     # ---------------------------------------------------------------- apply
     def _apply(self, cid: str, attrs: Mapping[str, Any] | None) -> int:
         """Set the container's endpoints in the catalog; return 1 if anything changed."""
         key = SOURCE_PREFIX + cid
         result = ContainerEndpoints() if attrs is None else self._parse(cid, attrs)
-        if attrs is not None:
-            self._names[cid] = str(attrs.get("Name") or "").lstrip("/")
-            self._report(cid, result)
+        record = self._containers.get(cid) if attrs is None else self._record(cid)
+        if attrs is not None and record is not None:
+            record.name = str(attrs.get("Name") or "").lstrip("/")
+            self._report(cid, record, result)
+            record.stop_timeout = _stop_timeout(attrs)
         endpoints = list(result.endpoints)
-        if attrs is not None:
-            self._stop_timeout[cid] = _stop_timeout(attrs)
-        if endpoints and cid in self._draining:
+        drain = record.drain if record is not None else None
+        if endpoints and record is not None and drain is not None:
             started = str(((attrs or {}).get("State") or {}).get("StartedAt") or "")
-            started_then, since = self._draining[cid]
-            running_for = time.monotonic() - since
-            if started_then and started and started_then != started:
-                del self._draining[cid]  # started again since the SIGTERM
+            running_for = self._clock.now() - drain.since
+            if drain.started_at and started and drain.started_at != started:
+                record.drain = None  # started again since the SIGTERM
             elif running_for >= self._drain_grace(cid):
-                del self._draining[cid]
+                record.drain = None
                 log.info(
                     "undrained: %s %s still running %.0fs after SIGTERM (stop timeout %gs)",
-                    cid[:12], self._names.get(cid, ""), running_for, self._stop_timeout[cid],
+                    cid[:12], record.name, running_for, record.stop_timeout,
                 )
             else:
                 endpoints = [replace(e, state=State.DRAINING) for e in endpoints]
-        if attrs is not None:
-            self._started_at[cid] = str((attrs.get("State") or {}).get("StartedAt") or "")
+        if attrs is not None and record is not None:
+            record.started_at = str((attrs.get("State") or {}).get("StartedAt") or "")
         before = self._catalog.source_endpoints(key)
         had = bool(before)
         try:
             changed = self._catalog.set_source(key, endpoints)
         except EndpointConflict as exc:
-            log.warning("failed: container %s %s: %s", cid[:12], self._names.get(cid, ""), exc)
+            log.warning("failed: container %s %s: %s", cid[:12], self._name(cid), exc)
             return 0
         if not changed:
             return 0
-        name = self._names.get(cid, "")
+        name = self._name(cid)
         if endpoints and not had:
             log.info("added: %s %s %s", cid[:12], name, _describe(endpoints))
         elif had and not endpoints:
@@ -538,17 +573,18 @@ class DockerSource:
             return container_endpoints(attrs, self._options)
         except Exception as exc:
             ignored = f"its inspect data could not be parsed ({_describe_error(exc)})"
-            if (self._reported.get(cid) or (None,))[0] != ignored:  # once, not every resync
+            record = self._containers.get(cid)
+            if record is None or (record.reported or (None,))[0] != ignored:  # once, not every resync
                 log.warning("failed: parse of container %s (a bug; please report it)", cid[:12], exc_info=True)
             return ContainerEndpoints(ignored=ignored)
 
-    def _report(self, cid: str, result: ContainerEndpoints) -> None:
+    def _report(self, cid: str, record: _Container, result: ContainerEndpoints) -> None:
         """Log why a container is ignored and its bad labels - once, not every resync."""
         summary = (result.ignored, result.problems, result.notes)
-        if self._reported.get(cid) == summary:
+        if record.reported == summary:
             return
-        self._reported[cid] = summary
-        name = self._names.get(cid, "")
+        record.reported = summary
+        name = record.name
         if result.ignored:
             log.info("ignored: %s %s: %s", cid[:12], name, result.ignored)
         for problem in result.problems:

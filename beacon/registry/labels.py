@@ -20,23 +20,23 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from beacon.registry.checks import parse_check_labels
-from beacon.registry.model import EMPTY_MAP, Endpoint, Source, State, parse_lb
+from beacon import grammar
+from beacon.registry.checkspec import parse_check_labels
+from beacon.registry.model import EMPTY_MAP, Balancing, Endpoint, NetworkAddress, Source, State
 
 MAX_DNS_TTL = 86400
 MAX_WEIGHT = 65535  # an SRV weight is 16 bits
+# Anyone who can start a container writes these: bound what one label may cost
+# (the manual API's limits: 64 tags or meta entries, 4 KB values).
+MAX_VALUE = 4096  # characters in one beacon.* label or SERVICE_* variable
+MAX_ITEMS = 64  # hosts or tags in one list label; beacon.meta.* labels per container
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_HOSTNAME_PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _TAG = re.compile(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Numbers are bounded runs of ASCII digits: str.isdigit() and \d also accept
 # characters such as '²' or Arabic-Indic digits (int() raises on some), and int() refuses
 # strings over 4300 digits - a label value must never reach int() unchecked.
 _PORT_SPEC = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
-_DURATION = re.compile(r"([0-9]{1,6})(s|m|h)?")
 _WEIGHT = re.compile(r"[0-9]{1,5}")
 _PER_PORT_SERVICE = re.compile(r"beacon\.([0-9]{1,5})\.service")
 _REGISTRATOR_PORT_KEY = re.compile(r"SERVICE_([0-9]{1,5})_(NAME|TAGS|IGNORE)")
@@ -85,7 +85,38 @@ class _Problems:
     items: list[str] = field(default_factory=list)
 
     def add(self, label: str, value: str, why: str, action: str = "ignored") -> None:
-        self.items.append(f"container {self.who}: label {label}={value!r}: {why}; {action}")
+        self.items.append(f"container {self.who}: label {_escaped(label)}={_shown(value)}: {why}; {action}")
+
+
+def _escaped(key: str, limit: int = 128) -> str:
+    """A label key for a log line: control characters (a newline would start a
+    forged line) and non-ASCII escaped, cut short."""
+    text = key.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    """No control character of a message may end a log line or start a new one."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """repr() of a value for a log line, cut short (a label may be 4 KB)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _bounded(values: Mapping[str, str], problems: _Problems) -> dict[str, str]:
+    """The beacon.* / SERVICE_* entries Beacon reads, without oversized values."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if not (key.startswith(("beacon.", "SERVICE_")) or key == "com.docker.compose.service"):
+            continue  # not ours: never read, never logged
+        if len(value) > MAX_VALUE:
+            problems.add(key, value, f"value longer than {MAX_VALUE} characters ({len(value)})")
+            continue
+        out[key] = value
+    return out
 
 
 # ------------------------------------------------------------------ naming
@@ -117,12 +148,11 @@ def _with_port(name: str, port: int) -> str:
 
 # ----------------------------------------------------------------- parsing
 def parse_bool(text: str) -> bool | None:
-    t = text.strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    return None
+    """The grammar's booleans; None for anything else (the caller reports it)."""
+    try:
+        return grammar.parse_bool(text)
+    except ValueError:
+        return None
 
 
 def _env_map(env: Iterable[str] | None) -> dict[str, str]:
@@ -219,6 +249,24 @@ def _choose_network(
     return name, usable[name]
 
 
+def _network_addresses(attrs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(subnet, container IP) on every Docker network the container is attached to."""
+    networks: Mapping[str, Any] = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    out: list[tuple[str, str]] = []
+    for net in networks.values():
+        for ip_key, len_key in (("IPAddress", "IPPrefixLen"), ("GlobalIPv6Address", "GlobalIPv6PrefixLen")):
+            ip, prefix = (net or {}).get(ip_key), (net or {}).get(len_key)
+            if not ip or not isinstance(prefix, int):
+                continue
+            try:
+                subnet = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+            except (TypeError, ValueError):
+                continue
+            if (str(subnet), str(ip)) not in out:
+                out.append((str(subnet), str(ip)))
+    return out[:64]  # bounded: a container is on a few networks
+
+
 def _container_state(attrs: Mapping[str, Any]) -> State | None:
     """None when the container is not running (it offers nothing)."""
     st = attrs.get("State") or {}
@@ -249,7 +297,11 @@ class _Settings:
 
 def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
     tags: list[str] = []
-    for raw in _split_list(value):
+    items = _split_list(value)
+    if len(items) > MAX_ITEMS:
+        problems.add(label, value, f"{len(items)} tags, at most {MAX_ITEMS}", "the rest ignored")
+        items = items[:MAX_ITEMS]
+    for raw in items:
         tag = raw.lower()
         if _TAG.fullmatch(tag):
             tags.append(tag)
@@ -274,6 +326,10 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
     for key, value in labels.items():
         if key.startswith("beacon.meta."):
             name = key[len("beacon.meta.") :]
+            if len(meta) == MAX_ITEMS:
+                count = sum(1 for k in labels if k.startswith("beacon.meta."))
+                problems.add(key, value, f"{count} beacon.meta.* labels, at most {MAX_ITEMS}", "the rest ignored")
+                break
             if _META_KEY.fullmatch(name):
                 meta[name] = value
             else:
@@ -283,17 +339,21 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
 
     dns_ttl: int | None = None
     if (raw := labels.get("beacon.dns.ttl")) is not None:
-        m = _DURATION.fullmatch(raw.strip())
-        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)] if m else -1
-        if 0 <= seconds <= MAX_DNS_TTL:
-            dns_ttl = seconds
+        try:
+            seconds = grammar.parse_whole_seconds(raw)
+        except ValueError as exc:
+            problems.add("beacon.dns.ttl", raw, f"{exc} (e.g. 5 or 30s)", "using --dns-ttl")
         else:
-            problems.add("beacon.dns.ttl", raw, f"expected seconds 0-{MAX_DNS_TTL} (e.g. 5 or 30s)", "using --dns-ttl")
+            if seconds <= MAX_DNS_TTL:
+                dns_ttl = seconds
+            else:
+                problems.add("beacon.dns.ttl", raw, f"expected seconds 0-{MAX_DNS_TTL} (e.g. 5 or 30s)", "using --dns-ttl")
 
     lb: str | None = None
     if (raw := labels.get("beacon.lb")) is not None:
         try:
-            parse_lb(raw)
+            # Parsed here once (cached): the catalog folds the same typed value into Service.balancing.
+            Balancing.parse(raw)
         except ValueError as exc:
             problems.add("beacon.lb", raw, str(exc), "using --lb")
         else:
@@ -306,16 +366,17 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
         else:
             problems.add("beacon.lb.locality", raw, "expected prefer-local or any", "using any")
 
-    hosts: list[str] = []
+    hosts: dict[str, None] = {}  # ordered, de-duplicated in linear time
     if (raw := labels.get("beacon.http.host")) is not None:
-        for item in _split_list(raw):
+        items = _split_list(raw)
+        if len(items) > MAX_ITEMS:
+            problems.add("beacon.http.host", raw, f"{len(items)} hosts, at most {MAX_ITEMS}", "the rest ignored")
+            items = items[:MAX_ITEMS]
+        for item in items:
             host = item.lower().rstrip(".")
-            parts = host.split(".")
-            if parts[0] == "*" and len(parts) > 2:
-                parts = parts[1:]  # a wildcard covers one leading label
-            if len(host) <= 253 and all(_HOSTNAME_PART.fullmatch(p) for p in parts):
-                if host not in hosts:
-                    hosts.append(host)
+            # A wildcard covers one leading label: *.example.com.
+            if grammar.is_dns_name(host, wildcard=True):
+                hosts.setdefault(host, None)
             else:
                 problems.add("beacon.http.host", raw, f"{item!r} is not a host name", "host dropped")
 
@@ -370,8 +431,8 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     cname = str(attrs.get("Name") or "").lstrip("/") or cid[:12]
     who = f"{cid[:12]} ({cname})"
     config = attrs.get("Config") or {}
-    labels: Mapping[str, str] = config.get("Labels") or {}
     problems = _Problems(who)
+    labels = _bounded(config.get("Labels") or {}, problems)
     notes: list[str] = []
 
     def verdict(ignored: str | None, endpoints: tuple[Endpoint, ...] = ()) -> ContainerEndpoints:
@@ -382,7 +443,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
         return verdict(None)
 
     # registrator variables: environment first, a label of the same name wins.
-    reg = _env_map(config.get("Env"))
+    reg = _bounded(_env_map(config.get("Env")), problems)
     reg.update({k: v for k, v in labels.items() if k.startswith("SERVICE_")})
 
     enable: bool | None = None
@@ -467,9 +528,11 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
         base_tags += _parse_tags("SERVICE_TAGS", raw, problems)
 
     check, autoheal, check_problems = parse_check_labels(labels)
-    problems.items.extend(f"container {who}: {p}" for p in check_problems)
+    # Check labels are reported by their own parser: escape what came from outside.
+    problems.items.extend(f"container {who}: {_one_line(p)}" for p in check_problems)
 
     source = Source("container", container_id=cid, container_name=cname)
+    on_networks = [] if host_network else _network_addresses(attrs)
     several = len({p.number for p in candidates}) > 1
     endpoints: list[Endpoint] = []
     for port in sorted(candidates, key=lambda p: (p.number, p.protocol)):
@@ -518,6 +581,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
                     locality=settings.locality,
                     check=check,
                     autoheal=autoheal,
+                    networks=tuple(NetworkAddress(net, ip, port.number) for net, ip in on_networks),
                 )
             )
     if not endpoints:

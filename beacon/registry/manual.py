@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from beacon.config import Config, parse_duration
+from beacon.config import Config
+from beacon.grammar import is_dns_label, parse_duration
 from beacon.registry.catalog import Catalog, EndpointConflict
-from beacon.registry.checks import CheckSpecError, check_spec_from_json, truncate_output
+from beacon.registry.checkspec import CheckSpecError, check_spec_from_json, truncate_output
 from beacon.registry.model import CheckSpec, CheckStatus, Endpoint, Snapshot, Source, State
 
 log = logging.getLogger("beacon.registry.manual")
@@ -45,7 +46,6 @@ MIN_TTL, MAX_TTL = 0.1, 86400.0
 MAX_TAGS, MAX_META = 64, 64
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TAG = re.compile(r"[^\s,\x00-\x1f\x7f]{1,255}")
 _FIELDS = frozenset({"id", "service", "address", "port", "tags", "meta", "weight", "protocol", "ttl", "check"})
@@ -66,7 +66,7 @@ class NotFound(LookupError):
     field = "id"
 
 
-class Conflict(RuntimeError):
+class RegistrationConflict(RuntimeError):
     """The request contradicts the current state, e.g. a container owns the id (HTTP 409)."""
 
     def __init__(self, message: str, field: str | None = "id") -> None:
@@ -90,7 +90,7 @@ def validate_id(endpoint_id: str) -> str:
 
 def validate_service_name(name: object, field: str = "service") -> str:
     """A service name is a DNS label; DNS is case-insensitive, so it is lowercased."""
-    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name.lower()):
+    if not isinstance(name, str) or not is_dns_label(name.lower()):
         raise RegistrationError(
             f"{field} must be a DNS label: 1-63 letters, digits or '-', not starting or ending with '-' "
             f"(got {name!r})",
@@ -157,7 +157,7 @@ def _meta(value: object) -> Mapping[str, str]:
 
 
 def _check(value: object) -> CheckSpec:
-    # One parser for label and API checks (beacon.registry.checks): same fields, same defaults.
+    # One parser for label and API checks (beacon.registry.checkspec): same fields, same defaults.
     try:
         return check_spec_from_json(value, "check")
     except CheckSpecError as exc:
@@ -225,7 +225,7 @@ def parse_heartbeat(data: Mapping[str, Any]) -> tuple[State, str]:
 
 # ---------------------------------------------------------------- registry
 @dataclass(slots=True)
-class _Entry:
+class _Registration:
     endpoint: Endpoint
     deadline: float | None = None  # monotonic: when the TTL runs out (None: not armed)
     critical_since: float | None = None  # monotonic: when the published state turned critical
@@ -254,7 +254,7 @@ class ManualRegistry:
         self._deregister_after = config.deregister_critical_after
         self._clock = clock
         self._wall = wall_clock
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, _Registration] = {}
         # (due time, sequence, endpoint id, what); stale items are skipped when popped.
         self._heap: list[tuple[float, int, str, Literal["ttl", "deregister"]]] = []
         self._seq = 0
@@ -265,9 +265,6 @@ class ManualRegistry:
     @property
     def node(self) -> str:
         return self._node
-
-    def registrations(self) -> Mapping[str, Endpoint]:
-        return MappingProxyType({eid: e.endpoint for eid, e in self._entries.items()})
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -285,21 +282,21 @@ class ManualRegistry:
     def register(self, endpoint: Endpoint) -> bool:
         """Add or replace a manual endpoint. Returns True when it is new.
 
-        Raises Conflict (changing nothing) when another source owns the id.
+        Raises RegistrationConflict (changing nothing) when another source owns the id.
         """
         eid = endpoint.id
         key = source_key(eid)
         owner = self._catalog.owner_of(eid)
         if owner is not None and owner != key:
-            raise Conflict(f"endpoint {eid!r} belongs to {owner}; it cannot be changed through the API")
+            raise RegistrationConflict(f"endpoint {eid!r} belongs to {owner}; it cannot be changed through the API")
         try:
             self._catalog.set_source(key, [endpoint])
         except EndpointConflict as exc:
-            raise Conflict(str(exc)) from None
+            raise RegistrationConflict(str(exc)) from None
         entry = self._entries.get(eid)
         created = entry is None
         if entry is None:
-            entry = self._entries[eid] = _Entry(endpoint)
+            entry = self._entries[eid] = _Registration(endpoint)
         elif entry.endpoint.check != endpoint.check:
             # A new check starts over (critical until it passes); an unchanged
             # one keeps its status, so re-registering is idempotent.
@@ -329,26 +326,26 @@ class ManualRegistry:
         entry = self._require(endpoint_id)
         check = entry.endpoint.check
         if check is None or check.kind != "ttl":
-            raise Conflict(f"endpoint {endpoint_id!r} has no ttl; heartbeats apply to ttl endpoints", "ttl")
+            raise RegistrationConflict(f"endpoint {endpoint_id!r} has no ttl; heartbeats apply to ttl endpoints", "ttl")
         self._set_status(endpoint_id, entry, state, truncate_output(output, OUTPUT_LIMIT))
         entry.deadline = self._clock() + check.ttl
         self._schedule(entry, "ttl", entry.deadline)
 
-    def _require(self, endpoint_id: str) -> _Entry:
+    def _require(self, endpoint_id: str) -> _Registration:
         entry = self._entries.get(endpoint_id)
         if entry is not None:
             return entry
         owner = self._catalog.owner_of(endpoint_id)
         if owner is not None:
-            raise Conflict(f"endpoint {endpoint_id!r} belongs to {owner}; it cannot be changed through the API")
+            raise RegistrationConflict(f"endpoint {endpoint_id!r} belongs to {owner}; it cannot be changed through the API")
         raise NotFound(f"no manual endpoint {endpoint_id!r}")
 
-    def _drop(self, endpoint_id: str, entry: _Entry, why: str) -> None:
+    def _drop(self, endpoint_id: str, entry: _Registration, why: str) -> None:
         del self._entries[endpoint_id]
         self._catalog.remove_source(source_key(endpoint_id))
         log.info("removed: manual endpoint %s service=%s (%s)", endpoint_id, entry.endpoint.service, why)
 
-    def _set_status(self, endpoint_id: str, entry: _Entry, state: State, output: str) -> None:
+    def _set_status(self, endpoint_id: str, entry: _Registration, state: State, output: str) -> None:
         now = self._wall()
         last = entry.status
         passing = state is State.PASSING
@@ -370,7 +367,7 @@ class ManualRegistry:
         self._catalog.set_check_status(endpoint_id, status)
 
     # ---------------------------------------------------------------- timer
-    def _schedule(self, entry: _Entry, what: Literal["ttl", "deregister"], due: float) -> None:
+    def _schedule(self, entry: _Registration, what: Literal["ttl", "deregister"], due: float) -> None:
         """Make sure the timer looks at `entry` by `due`.
 
         A pending item that is due earlier is enough: when it pops, `tick`

@@ -7,9 +7,11 @@ ever sees a half-updated table.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -59,7 +61,7 @@ class Source:
 class CheckSpec:
     """An active health check configured by labels (beacon.check.*) or the API.
 
-    Parsed by the label parser / API; executed by `beacon.registry.health`.
+    Parsed by the label parser / API; executed by `beacon.registry.checker`.
     """
 
     kind: Literal["http", "tcp", "ttl"]
@@ -107,6 +109,15 @@ class CheckStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkAddress:
+    """Where a container's port is reached from one Docker network it is on."""
+
+    subnet: str  # the network's CIDR as the container sees it, e.g. 172.18.0.0/16
+    address: str  # the container's IP on that network
+    port: int  # the container's own port (not the published one)
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One reachable instance of a service: address:port plus what we know about it.
 
@@ -136,6 +147,9 @@ class Endpoint:
     check: CheckSpec | None = None  # beacon.check.*
     autoheal: AutohealSpec | None = None  # beacon.autoheal*
     check_status: CheckStatus | None = None  # filled in by the catalog
+    # A container's addresses on its Docker networks: DNS answers a querier on
+    # one of these subnets with them instead of `address` (which it may not reach).
+    networks: tuple[NetworkAddress, ...] = ()
 
     @property
     def is_ipv6(self) -> bool:
@@ -167,13 +181,106 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Balancing:
+    """The parsed `beacon.lb` label: a policy (None: the proxy's --lb) and cookie affinity."""
+
+    policy: str | None = None
+    sticky: bool = False
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def parse(text: str) -> Balancing:
+        """'least_conn' | 'sticky' | 'random+sticky' ... → Balancing; ValueError names a bad part.
+
+        Cached: the label parser validates a value and the catalog folds it
+        into each rebuilt `Service`, and both get the one parsed object.
+        """
+        policy: str | None = None
+        sticky = False
+        for part in (p.strip().lower() for p in text.replace(",", "+").split("+")):
+            if not part:
+                continue
+            if part == "sticky":
+                sticky = True
+            elif part in POLICIES:
+                policy = part
+            else:
+                raise ValueError(f"unknown balancing policy {part!r} (expected {', '.join(POLICIES)}, sticky)")
+        return Balancing(policy, sticky)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """What an endpoint's beacon.http.* labels ask the proxy to route to its service."""
+
+    hosts: tuple[str, ...] = ()  # beacon.http.host
+    path_prefix: str | None = None  # beacon.http.path_prefix
+    strip_prefix: bool = False  # beacon.http.strip_prefix
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """Service-level settings folded once from the endpoints' labels, when the
+    catalog builds the `Service` (consumers read these, not the endpoints)."""
+
+    # The smallest beacon.dns.ttl of any endpoint (one TTL per RRset, RFC 2181); None: --dns-ttl.
+    dns_ttl: int | None = None
+    # beacon.lb of the first endpoint (by id) that sets a valid one; None: --lb.
+    balancing: Balancing | None = None
+    # Distinct route requests, in the order of the first endpoint (by id) asking for each.
+    routes: tuple[RouteSpec, ...] = ()
+
+    @classmethod
+    def fold(cls, endpoints: Iterable[Endpoint]) -> ServiceSettings:
+        ttl: int | None = None
+        balancing: Balancing | None = None
+        routes: dict[RouteSpec, None] = {}
+        for ep in endpoints:
+            if ep.dns_ttl is not None:
+                ttl = max(0, ep.dns_ttl) if ttl is None else min(ttl, max(0, ep.dns_ttl))
+            if balancing is None and ep.lb:
+                with contextlib.suppress(ValueError):  # the label parser reported it
+                    balancing = Balancing.parse(ep.lb)
+            if ep.http_hosts or ep.http_path_prefix is not None:
+                routes.setdefault(RouteSpec(ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix), None)
+        if ttl is None and balancing is None and not routes:
+            return NO_SETTINGS
+        return cls(ttl, balancing, tuple(routes))
+
+
+NO_SETTINGS = ServiceSettings()
+_FOLD = ServiceSettings()  # a distinct object: "fold from the endpoints"
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
-    """A named group of endpoints. Tags are the union of the endpoints' tags."""
+    """A named group of endpoints. Tags are the union of the endpoints' tags.
+
+    `settings` is folded from the endpoints when not given (the catalog passes
+    the value it maintains incrementally).
+    """
 
     name: str
     endpoints: tuple[Endpoint, ...]  # sorted by id
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
+    settings: ServiceSettings = field(default=_FOLD, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.settings is _FOLD:
+            object.__setattr__(self, "settings", ServiceSettings.fold(self.endpoints))
+
+    @property
+    def dns_ttl(self) -> int | None:
+        return self.settings.dns_ttl
+
+    @property
+    def balancing(self) -> Balancing | None:
+        return self.settings.balancing
+
+    @property
+    def routes(self) -> tuple[RouteSpec, ...]:
+        return self.settings.routes
 
     @property
     def passing(self) -> tuple[Endpoint, ...]:
@@ -285,20 +392,8 @@ def _diff(old: Mapping[str, object], new: Mapping[str, object]) -> tuple[frozens
 
 
 def parse_lb(text: str | None, default: str = "round_robin") -> tuple[str, bool]:
-    """'least_conn' | 'sticky' | 'random+sticky' ... → (policy, sticky).
-
-    Raises ValueError naming the bad value. Shared by the label parser (which
-    validates) and the proxy (which applies).
-    """
+    """'least_conn' | 'sticky' | 'random+sticky' ... → (policy, sticky); see `Balancing.parse`."""
     if text is None or not text.strip():
         return default, False
-    policy, sticky = default, False
-    parts = [p.strip().lower() for p in text.replace(",", "+").split("+") if p.strip()]
-    for part in parts:
-        if part == "sticky":
-            sticky = True
-        elif part in POLICIES:
-            policy = part
-        else:
-            raise ValueError(f"unknown balancing policy {part!r} (expected {', '.join(POLICIES)}, sticky)")
-    return policy, sticky
+    parsed = Balancing.parse(text)
+    return parsed.policy or default, parsed.sticky

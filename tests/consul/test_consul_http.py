@@ -61,6 +61,8 @@ async def test_errors_are_consuls(http: aiohttp.ClientSession) -> None:
         assert "Beacon does not serve /v1/kv/some/key" in await resp.text()
     async with http.put("/v1/catalog/services") as resp:
         assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD"
+    async with http.delete("/v1/health/service/web") as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD"
     async with http.get("/v1/catalog/node/nobody") as resp:
         assert (resp.status, await resp.text()) == (200, "null")  # as Consul
     async with http.get("/v1/agent/health/service/name/nothing") as resp:

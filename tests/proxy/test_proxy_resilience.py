@@ -453,3 +453,41 @@ async def test_the_connection_cap_refuses_busy_overflow_and_makes_room_from_idle
         await eventually(lambda: open_connections(proxy, "client") == 2)  # one idle connection was closed
         for _, w in busy:
             w.close()
+
+
+class _ClosingBackend(asyncio.Protocol):
+    """Answers one request per connection with Connection: close (a backend at
+    its keepalive_requests limit); records when connections open and requests come."""
+
+    events: list[str] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.events.append("open")
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.events.append("request")
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")  # type: ignore[attr-defined]
+            self.transport.close()
+
+
+async def test_a_connection_the_backend_closes_is_replaced_ahead_of_the_next_request() -> None:
+    _ClosingBackend.events = []
+    server = await asyncio.get_running_loop().create_server(_ClosingBackend, "127.0.0.1", 0)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:web", ep("web1", server.sockets[0].getsockname()[1]))
+            reader, writer = await connect(proxy)
+            for _ in range(3):
+                writer.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+                assert (await read_response(reader))[2] == b"ok"
+                # the replacement is opened before the client asks again
+                await eventually(lambda: _ClosingBackend.events[-1] == "open")
+            writer.close()
+    finally:
+        server.close()
+    # every request after the first found a connection already open
+    assert _ClosingBackend.events[:4] == ["open", "request", "open", "request"]
+    assert _ClosingBackend.events.count("request") == 3

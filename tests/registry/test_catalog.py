@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
 
 from beacon.registry import Catalog, CheckSpec, CheckStatus, Endpoint, EndpointConflict, Source, State
-from beacon.registry.model import SnapshotDelta
+from beacon.registry.model import Balancing, RouteSpec, Service, SnapshotDelta
 
 
 def ep(eid: str, service: str = "web", port: int = 80, **kw: object) -> Endpoint:
@@ -213,3 +214,45 @@ def test_endpoints_of_a_big_service_stay_sorted_through_changes() -> None:
     assert got == sorted({*ids, "e0001", "e1999", "e0999"} - {"e0000"})
     assert snap.endpoints["e0500"].port == 99
     assert next(e for e in snap.services["web"].endpoints if e.id == "e0500").port == 99
+
+
+def test_service_settings_are_folded_once_and_follow_every_change() -> None:
+    cat = Catalog()
+    cat.set_source("container:a", [ep("a1", dns_ttl=30, lb="least_conn+sticky", http_hosts=("a.test",))])
+    cat.set_source("container:b", [ep("b1", dns_ttl=10, lb="least_conn+sticky", http_hosts=("a.test",))])
+    web = cat.publish().services["web"]
+    assert web.dns_ttl == 10
+    assert web.balancing == Balancing("least_conn", True)
+    assert web.routes == (RouteSpec(("a.test",)),)
+    # A state flip changes no label: the very same settings object is reused.
+    cat.set_source_state("container:a", State.DRAINING)
+    assert cat.publish().services["web"].settings is web.settings
+    cat.remove_source("container:b")
+    assert cat.publish().services["web"].dns_ttl == 30
+
+
+def test_incremental_service_folds_match_a_fold_from_scratch() -> None:
+    """Random writes; after each publish every service equals one built from scratch."""
+    rng = random.Random(7)
+    cat = Catalog()
+    choices = {
+        "dns_ttl": [None, None, 5, 30],
+        "lb": [None, None, "random", "sticky"],
+        "http_hosts": [(), (), ("a.test",), ("b.test", "a.test")],
+        "http_path_prefix": [None, None, "/api"],
+        "tags": [(), ("x",), ("x", "y"), ("z",)],
+    }
+    for _ in range(400):
+        n = rng.randrange(40)
+        if rng.random() < 0.2:
+            cat.remove_source(f"container:{n}")
+        else:
+            kw = {k: rng.choice(v) for k, v in choices.items()}
+            cat.set_source(f"container:{n}", [ep(f"e{n:02d}", service=rng.choice(["web", "api"]), **kw)])
+        if rng.random() < 0.3:
+            snap = cat.publish()
+            for name, svc in snap.services.items():
+                fresh = Service(name, svc.endpoints, tuple(sorted({t for e in svc.endpoints for t in e.tags})))
+                assert svc == fresh and svc.settings == fresh.settings
+                assert [e.id for e in svc.endpoints] == sorted(e.id for e in svc.endpoints)
+            assert {e.id for s in snap.services.values() for e in s.endpoints} == set(snap.endpoints)

@@ -21,6 +21,7 @@ import pytest
 from beacon.registry.catalog import Catalog
 from beacon.registry.docker import DockerSource, event_action, event_container_id
 from beacon.registry.model import State
+from tests.clock import FakeClock
 from tests.helpers import eventually
 from tests.helpers import test_config as make_config  # aliased: pytest would collect test_*
 
@@ -178,19 +179,18 @@ async def test_subscribes_before_listing(start: Start) -> None:
 
 async def test_an_overtaken_inspect_never_resurrects_a_dead_container(start: Start) -> None:
     engine = FakeEngine()
-    cat, _ = await start(engine)
+    cat, source = await start(engine)
     engine.running[A] = attrs(A, "web")
     engine.gate[A] = threading.Event()
     engine.streams[-1].push(event(A, "start", name="web"))
     await asyncio.to_thread(engine.inspecting.wait, 5)  # the start's inspect is in flight, holding "running"
 
     del engine.running[A]
+    handled = source.events
     engine.streams[-1].push(event(A, "die", exitCode="0"))
-    engine.streams[-1].push(event(B, "destroy"))  # a later event, to know the die was handled
-    await asyncio.sleep(0.2)
+    await eventually(lambda: source.events > handled)  # the die was handled
     engine.gate[A].set()  # the stale "running" answer arrives after the die
-    await asyncio.to_thread(engine.inspected.wait, 5)
-    await asyncio.sleep(0.2)
+    await eventually(lambda: source.inspections >= 1)  # ... and was looked at
     assert ids(cat) == set()
 
 
@@ -227,7 +227,7 @@ async def test_stream_end_reconnects_with_backoff_and_relists(start: Start) -> N
 async def test_sigterm_drains_until_the_container_starts_again(start: Start) -> None:
     engine = FakeEngine()
     engine.running[A] = attrs(A, "web", health="healthy")
-    cat, _ = await start(engine)
+    cat, source = await start(engine)
     eid = f"{A[:12]}-80"
     await eventually(lambda: state_of(cat, eid) is State.PASSING)
     stream = engine.streams[-1]
@@ -243,11 +243,14 @@ async def test_sigterm_drains_until_the_container_starts_again(start: Start) -> 
     stream.push(event(A, "kill", signal="15"))
     await eventually(lambda: state_of(cat, eid) is State.DRAINING)
     # A health change while stopping does not undo the drain.
+    inspected = source.inspections
     engine.running[A] = attrs(A, "web", health="unhealthy")
     stream.push(event(A, "health_status: unhealthy"))
+    await eventually(lambda: source.inspections > inspected)
+    assert state_of(cat, eid) is State.DRAINING
     engine.running[A] = attrs(A, "web", health="healthy")
     stream.push(event(A, "health_status: healthy"))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: source.inspections > inspected + 1)
     assert state_of(cat, eid) is State.DRAINING
     # Started again (docker restart): a fresh StartedAt, passing once more.
     engine.running[A] = attrs(A, "web", started="2026-01-01T00:05:00Z", health="healthy")
@@ -259,15 +262,21 @@ async def test_resync_without_changes_publishes_nothing(start: Start) -> None:
     engine = FakeEngine()
     engine.running[A] = attrs(A, "web")
     engine.running[B] = attrs(B, "api")
-    cat, source = await start(engine, resync_interval=1.0)
-    await eventually(lambda: len(ids(cat)) == 2)
-    await asyncio.sleep(0.1)
+    clock = FakeClock()
+    cat, source = await start(engine, resync_interval=30.0, source_options={"clock": clock})
+    await eventually(lambda: len(ids(cat)) == 2 and clock.sleepers == 1)  # the resync timer waits
     index, syncs = cat.snapshot.index, source.syncs
-    await eventually(lambda: source.syncs >= syncs + 2, timeout=5)
+    await clock.advance(29.9)
+    assert source.syncs == syncs  # not before its interval
+    await clock.advance(30.0)
+    await eventually(lambda: source.syncs == syncs + 1)
+    await clock.advance(30.0)
+    await eventually(lambda: source.syncs == syncs + 2)
     assert cat.snapshot.index == index
     # A container that vanished without an event is removed by the next resync.
     del engine.running[B]
-    await eventually(lambda: ids(cat) == {f"{A[:12]}-80"}, timeout=5)
+    await clock.advance(30.0)
+    await eventually(lambda: ids(cat) == {f"{A[:12]}-80"})
 
 
 async def test_unreachable_engine_does_not_block_start(start: Start) -> None:
@@ -347,14 +356,22 @@ async def test_a_container_that_survives_sigterm_stops_draining_after_its_stop_t
     stopping = attrs(B, "api")
     stopping["Config"]["StopTimeout"] = 30  # still inside its grace period
     engine.running[B] = stopping
-    cat, _ = await start(engine, source_options={"drain_margin": 0.5})
+    clock = FakeClock()
+    cat, source = await start(engine, source_options={"drain_margin": 5.0, "clock": clock})
     ea, eb = f"{A[:12]}-80", f"{B[:12]}-80"
     await eventually(lambda: state_of(cat, ea) is State.PASSING and state_of(cat, eb) is State.PASSING)
     engine.streams[-1].push(event(A, "kill", signal="15"))
     engine.streams[-1].push(event(B, "kill", signal="SIGTERM"))
     await eventually(lambda: state_of(cat, ea) is State.DRAINING and state_of(cat, eb) is State.DRAINING)
-    await eventually(lambda: state_of(cat, ea) is State.PASSING, timeout=5)
+    await clock.advance(4.9)  # A's grace is 0 s + 5 s margin: not over yet
+    assert state_of(cat, ea) is State.DRAINING
+    await clock.advance(0.2)
+    await eventually(lambda: state_of(cat, ea) is State.PASSING)
+    await clock.advance(29.0)  # B's grace is 30 s + 5 s: still inside it
+    await eventually(lambda: source.inspections >= 1)
     assert state_of(cat, eb) is State.DRAINING
+    await clock.advance(1.0)
+    await eventually(lambda: state_of(cat, eb) is State.PASSING)
     # A later SIGTERM drains it again.
     engine.streams[-1].push(event(A, "kill", signal="15"))
     await eventually(lambda: state_of(cat, ea) is State.DRAINING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -492,7 +493,7 @@ def test_bad_label_is_reported_and_defaulted(label: str, value: str, attr: str, 
     got = getattr(ep, attr)
     assert (dict(got) if attr == "meta" else got) == default
     assert len(result.problems) == 1
-    assert f"label {label}={value!r}" in result.problems[0]
+    assert f"label {label}={value!r}"[:60] in result.problems[0]  # long values are shown cut short
     assert SHORT in result.problems[0] and "(web)" in result.problems[0]
 
 
@@ -548,3 +549,44 @@ def test_sparse_or_odd_inspect_data_never_raises(attrs: dict[str, Any]) -> None:
 def test_states_are_state_enum() -> None:
     (ep,) = container_endpoints(container(health="starting"), HOST).endpoints
     assert ep.state is State.CRITICAL
+
+
+# ---- hostile labels: bounded size and count, linear cost, nothing forged in logs
+def test_a_huge_host_label_is_ignored_quickly_with_the_reason() -> None:
+    names = ",".join(f"h{i}.example.com" for i in range(50_000))  # ~800 KB
+    started = time.perf_counter()
+    result = container_endpoints(container(labels={"beacon.http.host": names}), HOST)
+    assert time.perf_counter() - started < 0.5
+    (ep,) = result.endpoints  # still registered, without the label
+    assert ep.http_hosts == ()
+    (problem,) = result.problems
+    assert "label beacon.http.host=" in problem and "longer than 4096" in problem and problem.endswith("; ignored")
+    assert len(problem) < 400  # the value is not copied into the log whole
+
+
+def test_lists_in_labels_are_capped_at_64_items() -> None:
+    hosts = ",".join(f"h{i}.t" for i in range(100))
+    tags = ",".join(f"t{i}" for i in range(100))
+    result = container_endpoints(container(labels={"beacon.http.host": hosts, "beacon.tags": tags}), HOST)
+    (ep,) = result.endpoints
+    assert ep.http_hosts == tuple(f"h{i}.t" for i in range(64))
+    assert set(ep.tags) == {f"t{i}" for i in range(64)}
+    assert sum("at most 64" in p for p in result.problems) == 2
+
+
+def test_too_many_beacon_labels_are_cut_with_one_report() -> None:
+    labels = {f"beacon.meta.k{i:04d}": "v" for i in range(1000)}
+    result = container_endpoints(container(labels=labels), HOST)
+    (ep,) = result.endpoints
+    assert len(ep.meta) == 64
+    assert sum("at most 64" in p for p in result.problems) == 1
+
+
+def test_a_label_key_cannot_forge_a_log_line() -> None:
+    key = "beacon.meta.x\n2026-01-01 INFO beacon.registry.docker: added: evil"
+    labels = {key: "v", "beacon.weight\r\nx": "2", "beacon.check.x\nINFO forged": "1", "beacon.check.http": "/h"}
+    result = container_endpoints(container(labels=labels), HOST)
+    assert result.problems
+    for problem in result.problems:
+        assert "\n" not in problem and "\r" not in problem
+    assert any("\\n2026-01-01" in p for p in result.problems)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from beacon.registry import Catalog, CheckStatus, Endpoint, Source, State
 from beacon.registry.manual import (
-    Conflict,
     ManualRegistry,
     NotFound,
+    RegistrationConflict,
     RegistrationError,
     parse_heartbeat,
     parse_registration,
@@ -229,7 +229,6 @@ def test_critical_for_the_deregister_window_removes_the_endpoint() -> None:
     assert registry.tick(clock.now) is None
     snap = catalog.publish()
     assert "db1" not in snap.endpoints and "db" not in snap.services
-    assert "db1" not in registry.registrations()
     with pytest.raises(NotFound):
         registry.heartbeat("db1")
 
@@ -285,11 +284,11 @@ def test_container_ids_cannot_be_taken_over() -> None:
     container = Endpoint("c1:80", "web", "172.17.0.2", 80, Source("container", "c1", "web-1"))
     catalog.set_source("container:c1", [container])
     before = catalog.publish()
-    with pytest.raises(Conflict):
+    with pytest.raises(RegistrationConflict):
         registry.register(reg("c1:80"))
-    with pytest.raises(Conflict):
+    with pytest.raises(RegistrationConflict):
         registry.deregister("c1:80")
-    with pytest.raises(Conflict):
+    with pytest.raises(RegistrationConflict):
         registry.heartbeat("c1:80")
     assert catalog.publish() is before
 
@@ -297,7 +296,7 @@ def test_container_ids_cannot_be_taken_over() -> None:
 def test_heartbeat_needs_a_ttl() -> None:
     _catalog, registry, _clock = make_registry()
     registry.register(reg())
-    with pytest.raises(Conflict) as info:
+    with pytest.raises(RegistrationConflict) as info:
         registry.heartbeat("db1")
     assert info.value.field == "ttl"
 

@@ -241,12 +241,15 @@ async def test_tls_alpn_01_validates_on_the_tls_listener(tmp_path: Path) -> None
     from beacon.registry import Endpoint, Source
 
     host = f"alpn-{RUN_ID}.{ZONE}"
-    async with acme_env(tmp_path, acme_challenge="tls-alpn-01") as env:
+    excluded = f"other-{RUN_ID}.{ZONE}"
+    async with acme_env(tmp_path, acme_challenge="tls-alpn-01", acme_allow=(f"alpn-*.{ZONE}",)) as env:
         env.app.catalog.set_source("m", [Endpoint(id="e1", service="alpn", address="127.0.0.1", port=1,
-                                                  source=Source("manual"), http_hosts=(host,),
+                                                  source=Source("manual"), http_hosts=(host, excluded),
                                                   meta={"beacon.tls": "true"})])  # fmt: skip
         env.app.catalog.publish()
         await eventually(lambda: served(env, host), timeout=40)
+        assert not served(env, excluded)  # a TLS route, but --acme-allow excludes it: never ordered
+        assert env.tls.manager is not None and excluded not in env.tls.manager.states
         # Pebble validated on the TLS listener (acme-tls/1 handshakes), never over HTTP.
         assert env.tls.tls_alpn_validations >= 1
         assert not any("validate w/ HTTP" in line for line in env.pebble.log)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import ipaddress
 import os
 import ssl
 from collections.abc import Iterable, Mapping
@@ -258,10 +257,3 @@ def self_signed(host: str = FALLBACK_NAME, days: int = 3650) -> Certificate:
     )  # fmt: skip
     return load_pair(cert.public_bytes(serialization.Encoding.PEM), key_pem, origin="self-signed fallback")
 
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from beacon.config import parse_bool, parse_duration
+from beacon.grammar import parse_bool, parse_duration
 from beacon.registry.model import AutohealSpec, CheckSpec
 
 CHECK_PREFIX = "beacon.check."

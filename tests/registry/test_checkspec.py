@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from beacon.registry.checks import (
+from beacon.registry.checkspec import (
     OUTPUT_LIMIT,
     CheckSpecError,
     check_spec_from_json,

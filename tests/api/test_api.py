@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,8 +19,8 @@ import pytest
 from openapi_spec_validator import validate as validate_openapi
 from prometheus_client import REGISTRY
 
+from beacon.api import ApiServer, parse_blocking
 from beacon.registry import Catalog, Endpoint, Source, State
-from beacon.registry.api import ApiServer, parse_blocking
 from beacon.registry.manual import ManualRegistry
 from tests.conftest import ContainerFactory
 from tests.helpers import eventually, running_app
@@ -49,11 +50,15 @@ class Harness:
 
 
 @asynccontextmanager
-async def serve(*, docker: object | None = None, health: object | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+async def serve(
+    *, docker: object | None = None, health: object | None = None, server_options: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
     config = make_config(docker=False, **overrides)
     catalog = Catalog()
     manual = ManualRegistry(config, catalog, node="test-node")
-    server = ApiServer(config, catalog, manual=manual, docker=docker, health=health, heartbeat_interval=0.2)
+    server = ApiServer(config, catalog, manual=manual, docker=docker, health=health, heartbeat_interval=0.2,
+                       **(server_options or {}))
     await manual.start()
     await server.start()
     try:
@@ -80,6 +85,7 @@ async def get(h: Harness, path: str, **params: str) -> tuple[int, Any, int]:
 async def send(h: Harness, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json", **(headers or {})}  # as a JSON client sends it
     async with h.http.request(method, path, data=data, headers=headers) as resp:
         assert resp.content_type == "application/json", await resp.text()
         return resp.status, await resp.json()
@@ -188,9 +194,8 @@ async def test_blocking_query_returns_early_on_change(api: Harness) -> None:
     _, _, index = await get(api, "/v1/services/web")
     started = time.monotonic()
     task = asyncio.create_task(get(api, "/v1/services/web", index=str(index), wait="20s"))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)  # it waits
     assert not task.done()
-    assert REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1
     api.container("c2", "web")
     status, body, new_index = await asyncio.wait_for(task, 5)
     assert status == 200 and new_index > index
@@ -214,12 +219,14 @@ async def test_blocking_on_one_service_ignores_changes_to_others(api: Harness) -
     api.container("c1", "web")
     _, _, index = await get(api, "/v1/endpoints", service="web")
     task = asyncio.create_task(get(api, "/v1/endpoints", service="web", index=str(index), wait="20s"))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
     api.container("c9", "other")  # the catalog index moves, web does not change
-    await asyncio.sleep(0.4)
-    assert not task.done()
+    other_index = api.catalog.publish().index
+    assert other_index > index
     api.container("c1", "web", state=State.DRAINING)
     _status, body, new_index = await asyncio.wait_for(task, 5)
+    # Had the query woken on the other service's change, it would show web still passing.
+    assert new_index > other_index
     assert [e["state"] for e in body] == ["draining"]
     assert new_index == api.catalog.snapshot.index
 
@@ -235,7 +242,7 @@ async def test_blocking_query_for_a_missing_service_wakes_when_it_appears(api: H
     status, _, index = await get(api, "/v1/services/late")
     assert status == 404
     task = asyncio.create_task(get(api, "/v1/services/late", index=str(index), wait="20s"))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
     assert not task.done()
     api.container("c1", "late")
     status, body, _ = await asyncio.wait_for(task, 5)
@@ -254,7 +261,7 @@ async def test_stop_ends_blocking_queries_promptly() -> None:
     async with serve() as h:
         _, _, index = await get(h, "/v1/services")
         task = asyncio.create_task(get(h, "/v1/services", index=str(index), wait="60s"))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
         started = time.monotonic()
         await h.server.stop()
         status, _, same = await asyncio.wait_for(task, 5)
@@ -443,7 +450,7 @@ async def test_a_non_utf8_authorization_header_is_401_not_500() -> None:
         try:
             body = json.dumps(DB).encode()
             writer.write(
-                b"PUT /v1/endpoints/db1 HTTP/1.1\r\nHost: beacon\r\nConnection: close\r\n"
+                b"PUT /v1/endpoints/db1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                 b"Authorization: Bearer s3cr\xff\xfet\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
@@ -671,3 +678,113 @@ async def test_container_lifecycle_through_the_api(run_container: ContainerFacto
         while not await gone():
             assert time.monotonic() < deadline, "the stopped container's endpoint stayed in the API"
             await asyncio.sleep(0.1)
+
+
+# ------------------------------------------------------------- DNS rebinding
+async def test_a_write_through_a_foreign_host_name_is_refused() -> None:
+    async with serve() as h:
+        status, body = await send(h, "PUT", "/v1/endpoints/db1", DB,
+                                  headers={"Host": "rebind.attacker.example:8700", "Content-Type": "application/json"})
+        assert status == 403 and body["field"] == "Host"
+        assert "--api-allowed-hosts" in body["error"]
+        assert "db1" not in h.catalog.publish().endpoints
+        # Names it may be reached by: localhost, any IP literal (no DNS to rebind), the listed ones.
+        for host in ("localhost:8700", "127.0.0.1", "[::1]:8700", "10.1.2.3:8700"):
+            status, _ = await send(h, "PUT", "/v1/endpoints/db1", DB,
+                                   headers={"Host": host, "Content-Type": "application/json"})
+            assert status in (200, 201), host
+        # Reads stay open (the catalog is what DNS serves anyway).
+        async with h.http.get("/v1/services", headers={"Host": "rebind.attacker.example"}) as resp:
+            assert resp.status == 200
+    async with serve(api_allowed_hosts=("beacon.internal",)) as h:
+        status, _ = await send(h, "PUT", "/v1/endpoints/db1", DB,
+                               headers={"Host": "Beacon.Internal:8700", "Content-Type": "application/json"})
+        assert status == 201
+
+
+async def test_a_write_must_be_json() -> None:
+    async with serve() as h:
+        status, body = await send(h, "PUT", "/v1/endpoints/db1", raw=json.dumps(DB).encode(),
+                                  headers={"Content-Type": "text/plain"})
+        assert status == 415 and body["field"] == "Content-Type"
+        assert "db1" not in h.catalog.publish().endpoints
+        status, _ = await send(h, "PUT", "/v1/endpoints/db1", raw=json.dumps(DB).encode(),
+                               headers={"Content-Type": "application/json; charset=utf-8"})
+        assert status == 201
+
+
+# ---------------------------------------------------------------- watchers
+async def test_watchers_are_capped_with_a_clear_429() -> None:
+    async with serve(api_max_watchers=2) as h:
+        _, _, index = await get(h, "/v1/services")
+        first = await h.http.get("/v1/watch")
+        assert (await next_event(first))["event"] == "snapshot"
+        blocking = asyncio.create_task(get(h, "/v1/services", index=str(index), wait="30s"))
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_blocking_queries") == 1)
+        for path, params in (("/v1/watch", {}), ("/v1/services", {"index": str(index), "wait": "30s"})):
+            async with h.http.get(path, params=params) as resp:
+                assert resp.status == 429
+                body = await resp.json()
+                assert body["field"] is None and "--api-max-watchers" in body["error"]
+                assert resp.headers["Retry-After"]
+        # A plain read is not a watcher: always served.
+        assert (await get(h, "/v1/services"))[0] == 200
+        first.close()
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0)
+        async with h.http.get("/v1/watch") as resp:
+            assert resp.status == 200
+        blocking.cancel()
+
+
+async def test_one_change_is_serialised_once_for_every_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    from beacon.api import watch as watch_module
+
+    calls: list[str] = []
+    real = watch_module.sse
+
+    def counting(event: str, index: int, data: object) -> bytes:
+        calls.append(event)
+        return real(event, index, data)
+
+    monkeypatch.setattr(watch_module, "sse", counting)
+    async with serve() as h:
+        h.container("c1", "web")
+        h.catalog.publish()
+        streams = [await h.http.get("/v1/watch") for _ in range(5)]
+        for resp in streams:
+            assert (await next_event(resp))["event"] == "snapshot"
+        assert calls.count("snapshot") == 1  # the same state, encoded once
+        h.container("c2", "web")
+        for resp in streams:
+            event = await next_event(resp)
+            while "comment" in event:
+                event = await next_event(resp)
+            assert [e["id"] for e in event["data"]["services"][0]["endpoints"]] == ["c1:80", "c2:80"]
+        assert calls.count("change") == 1
+        for resp in streams:
+            resp.close()
+
+
+async def test_a_watcher_that_stops_reading_is_dropped() -> None:
+    async with serve(server_options={"watch_write_timeout": 0.3}) as h:
+        assert h.server.address is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (h.server.address.host, h.server.address.port))
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /v1/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 1)
+        # Big changes the client never reads: the server's buffer fills, the write times out.
+        tags = tuple(f"tag{i:03d}" for i in range(60))
+        dropped = REGISTRY.get_sample_value("beacon_registry_api_watch_dropped_total") or 0.0
+        for n in range(2000):  # ~50 KB a change; the socket buffers fill after a few MB
+            for i in range(20):
+                h.container(f"c{i}", f"svc{i}", tags=tags, meta={"n": str(n), "pad": "x" * 2000})
+            h.catalog.publish()
+            await asyncio.sleep(0.005)
+            if REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0:
+                break
+        await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0, timeout=5)
+        assert REGISTRY.get_sample_value("beacon_registry_api_watch_dropped_total") == dropped + 1
+        writer.close()

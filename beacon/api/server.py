@@ -1,120 +1,81 @@
-"""The REST API: catalog reads with blocking queries, a watch stream, manual
-registrations, Beacon's own health and metrics.
+"""The REST API server: catalog reads with blocking queries, the watch stream,
+manual registrations, Beacon's own health and metrics, and the route sets
+other modules mount (`route_sets`).
 
 Reads render the current immutable snapshot, so no response sees a
 half-updated catalog. Every read carries the snapshot index in
 `X-Beacon-Index`; passing it back as `?index=` turns the read into a blocking
-query that returns when the answer may have changed (Consul semantics: the
-wait defaults to 5 min, is capped at 10 min and gets up to wait/16 jitter).
-A query about one service wakes only when that service changes, not on every
-change of the catalog.
+query (`blocking.py`).
 
 Errors are always JSON `{"error": ..., "field": ...}`; the error middleware
 turns aiohttp's own 404/405/413 into that shape and logs anything unexpected
-as a JSON 500. A rejected write changes nothing: validation happens before
-any catalog write.
+as a JSON 500 - for every route, mounted ones included. A rejected write
+changes nothing: validation happens before any catalog write.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import hashlib
 import hmac
-import json
+import ipaddress
 import logging
-import random
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from beacon import __version__
-from beacon.config import Config, HostPort, parse_duration
+from beacon.api.blocking import Blocker, ViewIndex, WatcherSlots
+from beacon.api.openapi import openapi_document
+from beacon.api.responses import MAX_BODY, ApiError, error_response, json_response, jsonable, parse_json_body
+from beacon.api.watch import WatchStreams
+from beacon.config import Config
+from beacon.grammar import HostPort
 from beacon.metrics import SNAPSHOT_COLLECTOR, exposition
-from beacon.registry.catalog import Catalog
+from beacon.registry import Catalog, Endpoint, ManualRegistry, Snapshot, State
 from beacon.registry.manual import (
-    Conflict,
-    ManualRegistry,
     NotFound,
+    RegistrationConflict,
     RegistrationError,
     parse_heartbeat,
     parse_registration,
     validate_service_name,
 )
-from beacon.registry.model import Endpoint, Snapshot, State
-from beacon.registry.openapi import openapi_document
 
-log = logging.getLogger("beacon.registry.api")
-
-DEFAULT_WAIT = 300.0  # like Consul
-MAX_WAIT = 600.0
-MAX_BODY = 64 * 1024
-INDEX_HEADER = "X-Beacon-Index"
+log = logging.getLogger("beacon.api")
 
 API_REQUESTS = Counter(
     "beacon_registry_api_requests",
     "REST API requests by route, method and response status",
     ["route", "method", "status"],
 )
-API_BLOCKING = Gauge("beacon_registry_api_blocking_queries", "Blocking queries waiting for a change")
-API_WATCHES = Gauge("beacon_registry_api_watch_streams", "Open /v1/watch event streams")
-
-
-class ApiError(Exception):
-    """An error answer: status, message and the field it is about."""
-
-    def __init__(
-        self, status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.headers = dict(headers or {})
-
-
-def error_response(
-    status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": message, "field": field}, status=status, headers=headers)
-
-
-def json_response(data: object, snapshot: Snapshot, *, status: int = 200) -> web.Response:
-    return web.Response(
-        body=json.dumps(data, separators=(",", ":")).encode(),
-        status=status,
-        content_type="application/json",
-        headers={INDEX_HEADER: str(snapshot.index)},
-    )
 
 
 # --------------------------------------------------------------- pure parts
-@dataclasses.dataclass(frozen=True, slots=True)
-class BlockingQuery:
-    index: int
-    wait: float  # seconds, jitter included
+_SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 
 
-def parse_blocking(query: Mapping[str, str], rand: Callable[[], float] = random.random) -> BlockingQuery | None:
-    """`?index=N&wait=30s` → BlockingQuery; no index → None (a plain read)."""
-    wait = DEFAULT_WAIT
-    if "wait" in query:
-        try:
-            wait = parse_duration(query["wait"])
-        except ValueError:
-            raise ApiError(400, f"wait must be a duration like 30s or 5m (got {query['wait']!r})", "wait") from None
-        wait = min(wait, MAX_WAIT)
-    if "index" not in query:
-        return None
-    raw = query["index"]
-    if not re.fullmatch(r"\d{1,19}", raw):
-        raise ApiError(400, f"index must be a non-negative integer (got {raw!r})", "index")
-    # Jitter spreads the wake-ups of many clients that started together.
-    return BlockingQuery(index=int(raw), wait=wait + rand() * wait / 16)
+def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
+    """Is a Host header one the API answers writes on? localhost, any IP literal
+    (an address cannot be rebound), or a name in `allowed` ('*' allows all;
+    '*.example.com' any name below example.com)."""
+    if "*" in allowed:
+        return True
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".").lower()
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if host == "localhost" or host in allowed:
+        return True
+    return any(a.startswith("*.") and host.endswith(a[1:]) for a in allowed)
 
 
 def parse_states(raw: str | None) -> frozenset[State] | None:
@@ -145,31 +106,26 @@ def filter_endpoints(
     ]
 
 
-def _jsonable(item: object) -> object:
-    to_json = getattr(item, "to_json", None)
-    if callable(to_json):
-        return to_json()
-    if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        return dataclasses.asdict(item)
-    if isinstance(item, Mapping):
-        return dict(item)
-    return item
+# ------------------------------------------------------------ extensions
+class ApiExtension(Protocol):
+    """A set of routes another module mounts on the API (the Consul-compatible
+    view, Prometheus SD, the UI): `install` adds its routes to the aiohttp app
+    (they get the same middleware: JSON errors, request metrics, body limit);
+    `start`/`stop` run inside the API's own start/stop."""
 
+    def install(self, app: web.Application) -> None: ...
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
+    async def start(self) -> None: ...
 
-
-def parse_json_body(raw: bytes) -> object:
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", "body") from None
+    async def stop(self) -> None: ...
 
 
 # ------------------------------------------------------------------ server
 class ApiServer:
-    """aiohttp application on `config.api_listen`; `address` is the bound address after start."""
+    """aiohttp application on `config.api_listen`; `address` is the bound address after start.
+
+    `extensions` are mounted after Beacon's own routes (app.py passes them).
+    """
 
     def __init__(
         self,
@@ -181,7 +137,8 @@ class ApiServer:
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
-        extensions: Iterable[Any] = (),  # route sets with install(app), start(), stop() (Consul API, Prometheus SD)
+        watch_write_timeout: float = 10.0,
+        extensions: Iterable[ApiExtension] = (),  # mounted after Beacon's own routes (Consul API, Prometheus SD)
         nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
         store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
     ) -> None:
@@ -192,18 +149,16 @@ class ApiServer:
         self._docker = docker
         self._health = health
         self._routes = routes  # the proxy's routing table, as JSON (routes and conflicts)
+        listen_host = config.api_listen.host.lower()
+        self._allowed_hosts = frozenset((*config.api_allowed_hosts, listen_host))
         self._nodes = nodes
         self._store = store
-        self._heartbeat = heartbeat_interval
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
         token = config.api_token.encode("utf-8", "surrogateescape")
         self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
-        self._closing = asyncio.Event()
+        self._blocker = Blocker(catalog, WatcherSlots(config.api_max_watchers))
+        self._watch = WatchStreams(catalog, self._blocker, heartbeat_interval, write_timeout=watch_write_timeout)
         self._runner: web.AppRunner | None = None
-        self._unlisten: Callable[[], None] | None = None
-        self._last: Snapshot = catalog.snapshot
-        self._base_index = catalog.snapshot.index
-        self._service_index: dict[str, int] = {}  # service name -> index of its last change
         self.address: HostPort | None = None
         self.app = self._build_app()
 
@@ -218,7 +173,7 @@ class ApiServer:
         r.add_put("/v1/endpoints/{id}", self._register)
         r.add_delete("/v1/endpoints/{id}", self._deregister)
         r.add_put("/v1/endpoints/{id}/heartbeat", self._heartbeat_handler)
-        r.add_get("/v1/watch", self._watch)
+        r.add_get("/v1/watch", self._watch.handle)
         r.add_get("/v1/autoheal", self._autoheal)
         r.add_get("/v1/routes", self._routes_table)
         r.add_get("/v1/nodes", self._nodes_table)
@@ -230,10 +185,7 @@ class ApiServer:
         return app
 
     async def start(self) -> None:
-        self._closing.clear()
-        self._last = self._catalog.snapshot
-        self._base_index = self._last.index
-        self._unlisten = self._catalog.add_listener(self._on_snapshot)
+        self._blocker.start()
         SNAPSHOT_COLLECTOR.attach(self._current_snapshot)
         for extension in self._extensions:
             await extension.start()
@@ -260,7 +212,7 @@ class ApiServer:
 
     async def stop(self) -> None:
         # Wake blocking queries and watch streams so they end now, not at their timeout.
-        self._closing.set()
+        self._blocker.closing.set()
         for extension in self._extensions:
             await extension.stop()
         runner, self._runner = self._runner, None
@@ -274,22 +226,13 @@ class ApiServer:
 
     def _detach(self) -> None:
         SNAPSHOT_COLLECTOR.detach(self._current_snapshot)
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
-
-    def _on_snapshot(self, snap: Snapshot) -> None:
-        delta = snap.changed_since(self._last)
-        for name in delta.services_touched:
-            self._service_index[name] = snap.index
-        self._last = snap
-        if delta.services_removed and len(self._service_index) > len(snap.services) + 10_000:
-            # Forget removed names; an unknown name falls back to the base index.
-            self._base_index = snap.index
-            self._service_index = {n: i for n, i in self._service_index.items() if n in snap.services}
+        self._blocker.stop()
 
     def _service_modified(self, name: str) -> int:
-        return self._service_index.get(name, self._base_index)
+        return self._blocker.service_modified(name)
+
+    async def _block(self, request: web.Request, view_index: ViewIndex) -> Snapshot:
+        return await self._blocker.block(request, view_index)
 
     # ---------------------------------------------------------- middleware
     @web.middleware
@@ -299,6 +242,8 @@ class ApiServer:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         try:
+            if request.method not in _SAFE_METHODS:
+                self._check_host(request)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, exc.message, exc.field, exc.headers)
@@ -316,6 +261,19 @@ class ApiServer:
         API_REQUESTS.labels(route, request.method, str(response.status)).inc()
         return response
 
+    def _check_host(self, request: web.Request) -> None:
+        """DNS rebinding guard: a write addressed to a name Beacon does not answer to
+        came through a name that an attacker's DNS pointed at us."""
+        host = request.headers.get("Host")
+        if host is None or host_allowed(host, self._allowed_hosts):
+            return
+        raise ApiError(
+            403,
+            f"writes addressed to host {host[:100]!r} are refused: not localhost, an IP address or a name "
+            "allowed with --api-allowed-hosts",
+            "Host",
+        )
+
     def _authorize(self, request: web.Request) -> None:
         if self._token_digest is None:
             return
@@ -331,38 +289,6 @@ class ApiServer:
                 "Authorization",
                 {"WWW-Authenticate": 'Bearer realm="beacon"'},
             )
-
-    # ------------------------------------------------------------ blocking
-    async def _next_snapshot(self, index: int, timeout: float) -> Snapshot:
-        """The first snapshot after `index`, or the current one after `timeout` or on shutdown."""
-        waiter = asyncio.ensure_future(self._catalog.wait_for_index(index, timeout))
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait((waiter, closing), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            closing.cancel()
-        return self._catalog.snapshot
-
-    async def _block(self, request: web.Request, view_index: Callable[[Snapshot], int]) -> Snapshot:
-        """Run a blocking query if `?index=` asks for one; return the snapshot to render."""
-        query = parse_blocking(request.query)
-        snap = self._catalog.snapshot
-        # An index above ours comes from an earlier Beacon process: answer at
-        # once so the client resets (Consul clients do the same).
-        if query is None or query.index > snap.index or view_index(snap) > query.index:
-            return snap
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + query.wait
-        with API_BLOCKING.track_inprogress():
-            while not self._closing.is_set():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                snap = await self._next_snapshot(snap.index, remaining)
-                if view_index(snap) > query.index:
-                    break
-        return self._catalog.snapshot
 
     # --------------------------------------------------------------- reads
     async def _services(self, request: web.Request) -> web.Response:
@@ -415,6 +341,11 @@ class ApiServer:
             if required:
                 raise ApiError(400, "malformed JSON: the body is empty; a JSON object is required", "body")
             return {}
+        # A page in a browser can send text/plain anywhere without asking first;
+        # application/json it cannot (CORS preflight): writes must say JSON.
+        if request.content_type != "application/json":
+            raise ApiError(415, f"a write body must be Content-Type: application/json (got {request.content_type!r})",
+                           "Content-Type")
         return parse_json_body(raw)
 
     async def _register(self, request: web.Request) -> web.Response:
@@ -426,7 +357,7 @@ class ApiServer:
             created = self._manual.register(endpoint)
         except RegistrationError as exc:
             raise ApiError(422, str(exc), exc.field) from None
-        except Conflict as exc:
+        except RegistrationConflict as exc:
             raise ApiError(409, str(exc), exc.field) from None
         # Publish now so a read right after this write sees it (read-your-writes).
         snap = self._catalog.publish()
@@ -439,7 +370,7 @@ class ApiServer:
             self._manual.deregister(eid)
         except NotFound as exc:
             raise ApiError(404, str(exc), exc.field) from None
-        except Conflict as exc:
+        except RegistrationConflict as exc:
             raise ApiError(409, str(exc), exc.field) from None
         snap = self._catalog.publish()
         return json_response({"id": eid, "deregistered": True}, snap)
@@ -459,66 +390,17 @@ class ApiServer:
             raise ApiError(422, str(exc), exc.field) from None
         except NotFound as exc:
             raise ApiError(404, str(exc), exc.field) from None
-        except Conflict as exc:
+        except RegistrationConflict as exc:
             raise ApiError(409, str(exc), exc.field) from None
         snap = self._catalog.publish()
         return json_response(snap.endpoints[eid].to_json(), snap)
-
-    # --------------------------------------------------------------- watch
-    async def _watch(self, request: web.Request) -> web.StreamResponse:
-        only = request.query.get("service") or None
-        if only is not None:
-            try:
-                only = validate_service_name(only)
-            except RegistrationError as exc:
-                raise ApiError(400, str(exc), "service") from None
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",  # keep reverse proxies from buffering events
-            }
-        )
-        snap = self._catalog.snapshot
-        response.headers[INDEX_HEADER] = str(snap.index)
-        await response.prepare(request)
-        loop = asyncio.get_running_loop()
-        with API_WATCHES.track_inprogress(), contextlib.suppress(ConnectionError):
-            names = [only] if only is not None else sorted(snap.services)
-            services = [snap.services[n].to_json() for n in names if n in snap.services]
-            await response.write(_sse("snapshot", snap.index, {"index": snap.index, "services": services}))
-            last_write = loop.time()
-            while not self._closing.is_set():
-                timeout = max(0.0, last_write + self._heartbeat - loop.time())
-                new = await self._next_snapshot(snap.index, timeout)
-                if self._closing.is_set():
-                    break
-                delta = new.changed_since(snap)
-                changed, removed = delta.services_changed, delta.services_removed
-                if only is not None:
-                    changed, removed = changed & {only}, removed & {only}
-                snap = new
-                if changed or removed:
-                    data = {
-                        "index": new.index,
-                        "services": [new.services[n].to_json() for n in sorted(changed)],
-                        "removed": sorted(removed),
-                    }
-                    await response.write(_sse("change", new.index, data))
-                    last_write = loop.time()
-                elif loop.time() - last_write >= self._heartbeat:
-                    # An SSE comment: ignored by clients, keeps idle proxies from closing the stream.
-                    await response.write(b": keep-alive\n\n")
-                    last_write = loop.time()
-            await response.write_eof()
-        return response
 
     # ---------------------------------------------------------------- misc
     async def _autoheal(self, request: web.Request) -> web.Response:
         snap = self._catalog.snapshot
         read_log = getattr(self._health, "autoheal_log", None)
         entries = list(read_log()) if callable(read_log) else []
-        return json_response([_jsonable(e) for e in entries], snap)
+        return json_response([jsonable(e) for e in entries], snap)
 
     async def _routes_table(self, request: web.Request) -> web.Response:
         table = self._routes() if self._routes is not None else {"routes": [], "conflicts": []}
@@ -554,10 +436,4 @@ class ApiServer:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def _sse(event: str, index: int, data: object) -> bytes:
-    # json.dumps escapes newlines inside strings, so data is always one line.
-    payload = json.dumps(data, separators=(",", ":"))
-    return f"id: {index}\nevent: {event}\ndata: {payload}\n\n".encode()
-
-
-__all__ = ["ApiError", "ApiServer", "BlockingQuery", "parse_blocking"]
+__all__ = ["ApiExtension", "ApiServer", "filter_endpoints", "parse_states"]

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -19,9 +19,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from beacon.clock import SYSTEM_CLOCK
 from beacon.registry import AutohealSpec, Catalog, CheckSpec, CheckStatus, Endpoint, Snapshot, Source, State
-from beacon.registry.checks import OUTPUT_LIMIT
-from beacon.registry.health import HealthChecker, Verdict, backoff_delay, classify_http, docker_health, judge
+from beacon.registry.autoheal import backoff_delay, docker_health
+from beacon.registry.checker import HealthChecker, Verdict, classify_http, judge
+from beacon.registry.checkspec import OUTPUT_LIMIT
+from tests.clock import FakeClock
 from tests.helpers import eventually
 from tests.helpers import test_config as make_config
 
@@ -139,9 +142,9 @@ def endpoint(eid: str, port: int, check: CheckSpec | None, **kw: Any) -> Endpoin
 
 @asynccontextmanager
 async def running_checker(
-    catalog: Catalog, docker: Any = None, **overrides: Any
+    catalog: Catalog, docker: Any = None, clock: FakeClock | None = None, **overrides: Any
 ) -> AsyncIterator[HealthChecker]:
-    checker = HealthChecker(make_config(**overrides), catalog, docker=docker)
+    checker = HealthChecker(make_config(**overrides), catalog, docker=docker, clock=clock or SYSTEM_CLOCK)
     await checker.start()
     try:
         yield checker
@@ -168,6 +171,24 @@ def free_port() -> int:
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def tick(clock: FakeClock, seconds: float, times: int = 1) -> None:
+    """Advance the fake clock `times` by `seconds`; after each step every probe
+    that came due has run to its end (its I/O is real, on loopback)."""
+    for _ in range(times):
+        await clock.advance(seconds)
+        for _ in range(20):  # the woken scheduler pops, takes a slot, starts the probe
+            await asyncio.sleep(0)
+        await eventually(lambda: metric("beacon_registry_checks_in_flight") == 0, interval=0.002)
+
+
+async def tick_until(clock: FakeClock, seconds: float, predicate: Callable[[], object], limit: int = 200) -> None:
+    for _ in range(limit):
+        if predicate():
+            return
+        await tick(clock, seconds)
+    raise AssertionError(f"not reached within {limit} steps of {seconds}s")
 
 
 # ------------------------------------------------------------------ HTTP checks
@@ -358,35 +379,40 @@ async def test_one_check_per_endpoint_however_often_the_catalog_changes(upstream
 
 async def test_steady_endpoint_publishes_no_new_snapshots(upstream: Upstream) -> None:
     catalog = Catalog()
-    async with running_checker(catalog):
-        catalog.set_source("manual:a", [endpoint("a", upstream.port, http_check(rise=2, interval=0.05))])
+    clock = FakeClock()
+    async with running_checker(catalog, clock=clock):
+        catalog.set_source("manual:a", [endpoint("a", upstream.port, http_check(rise=2, interval=5.0))])
         # Passing, and the pass count has reached rise: nothing visible changes any more.
-        await eventually(lambda: (s := status_of(catalog, "a")) and s.consecutive_passes == 2,
-                         timeout=5)
-        await asyncio.sleep(0.1)
+        await tick_until(clock, 1.0, lambda: (s := status_of(catalog, "a")) and s.consecutive_passes == 2)
+        catalog.publish()
         index, hits = catalog.snapshot.index, upstream.hits["/health"]
-        await asyncio.sleep(0.5)
-        assert upstream.hits["/health"] >= hits + 4  # still checked
+        await tick(clock, 5.5, times=4)
+        catalog.publish()
+        assert upstream.hits["/health"] == hits + 4  # still checked, once per interval
         assert catalog.snapshot.index == index  # but nobody was woken
 
 
 async def test_removed_endpoint_stops_being_checked_and_changed_spec_reschedules(upstream: Upstream) -> None:
     catalog = Catalog()
-    async with running_checker(catalog) as checker:
-        catalog.set_source("manual:a", [endpoint("a", upstream.port, http_check("/old", interval=0.1))])
-        await eventually(lambda: upstream.hits["/old"] >= 2, timeout=5)
-        # A new check spec (new path, slower) replaces the old one.
-        catalog.set_source("manual:a", [endpoint("a", upstream.port, http_check("/new", interval=0.1))])
-        await eventually(lambda: upstream.hits["/new"] >= 2, timeout=5)
+    clock = FakeClock()
+    async with running_checker(catalog, clock=clock):
+        catalog.set_source("manual:a", [endpoint("a", upstream.port, http_check("/old", interval=10.0))])
+        await tick_until(clock, 1.0, lambda: upstream.hits["/old"] >= 2)
+        # A new check spec (new path) replaces the old one.
+        catalog.set_source("manual:a", [endpoint("a", upstream.port, http_check("/new", interval=10.0))])
+        catalog.publish()
+        await tick_until(clock, 1.0, lambda: upstream.hits["/new"] >= 2)
         old = upstream.hits["/old"]
-        await asyncio.sleep(0.4)
-        assert upstream.hits["/old"] <= old + 1  # at most the probe that was in flight
+        await tick(clock, 10.5, times=4)
+        assert upstream.hits["/old"] == old  # the old spec is never probed again
+        assert upstream.hits["/new"] >= 5  # every 9-11 s (jitter): 3 or 4 more in 42 s
         assert state_of(catalog, "a") is P
         catalog.remove_source("manual:a")
-        await eventually(lambda: checker.checked_endpoints == 0, timeout=5)
+        catalog.publish()
+        assert REGISTRY.get_sample_value("beacon_registry_checked_endpoints") == 0
         new = upstream.hits["/new"]
-        await asyncio.sleep(0.4)
-        assert upstream.hits["/new"] <= new + 1
+        await tick(clock, 10.5, times=4)
+        assert upstream.hits["/new"] == new
 
 
 async def test_new_address_starts_over_as_not_ready(upstream: Upstream) -> None:
@@ -456,13 +482,14 @@ class FakeDocker:
         self.info: dict[str, Any] = info or {"State": {"Running": True, "Paused": False}}
         self.restarts: list[tuple[str, float]] = []
         self.inspects = 0
+        self.clock: FakeClock | None = None  # whose time a restart records
 
     async def inspect_container(self, container_id: str) -> Mapping[str, Any] | None:
         self.inspects += 1
         return self.info
 
     async def restart_container(self, container_id: str, timeout: float = 10) -> None:
-        self.restarts.append((container_id, time.monotonic()))
+        self.restarts.append((container_id, self.clock.now() if self.clock else time.monotonic()))
 
 
 def container_endpoint(port: int, check: CheckSpec | None, autoheal: AutohealSpec | None, **kw: Any) -> Endpoint:
@@ -474,17 +501,19 @@ async def test_autoheal_restarts_after_consecutive_failures_then_stops_at_the_li
     catalog = Catalog()
     docker = FakeDocker()
     upstream.status = 500
-    heal = AutohealSpec(after=2, max_restarts=2, window=60.0, backoff=0.2)
+    heal = AutohealSpec(after=2, max_restarts=2, window=60.0, backoff=2.0)
     before = metric("beacon_registry_autoheal_restarts_total")
-    async with running_checker(catalog, docker=docker) as checker:
-        catalog.set_source("container:c1", [container_endpoint(upstream.port, http_check(interval=0.05), heal)])
-        await eventually(lambda: len(docker.restarts) == 2, timeout=5)
-        await eventually(lambda: any(e["action"] == "limited" for e in checker.autoheal_log()), timeout=5)
-        await asyncio.sleep(0.5)  # failures continue; the limit holds
+    clock = FakeClock()
+    docker.clock = clock
+    async with running_checker(catalog, docker=docker, clock=clock) as checker:
+        catalog.set_source("container:c1", [container_endpoint(upstream.port, http_check(interval=0.5), heal)])
+        await tick_until(clock, 0.5, lambda: len(docker.restarts) == 2)
+        await tick_until(clock, 0.5, lambda: any(e["action"] == "limited" for e in checker.autoheal_log()))
+        await tick(clock, 0.5, times=20)  # ten more seconds of failures: the limit holds
         entries = checker.autoheal_log()
     assert len(docker.restarts) == 2
     # Backoff: the second restart waited at least `backoff` after the first.
-    assert docker.restarts[1][1] - docker.restarts[0][1] >= 0.2
+    assert docker.restarts[1][1] - docker.restarts[0][1] >= 2.0
     assert [e["action"] for e in entries] == ["restarted", "restarted", "limited"]
     first = entries[0]
     assert first["container_id"] == "c1" * 32 and first["container_name"] == "app"
@@ -531,21 +560,23 @@ async def test_autoheal_from_docker_healthcheck() -> None:
     }
     docker = FakeDocker(info)
     heal = AutohealSpec(after=3, backoff=0.0)
-    async with running_checker(catalog, docker=docker) as checker:
+    clock = FakeClock()
+    async with running_checker(catalog, docker=docker, clock=clock) as checker:
         # No Beacon check: Docker's HEALTHCHECK made the source-side state critical.
         catalog.set_source("container:c1", [container_endpoint(1, None, heal, state=State.CRITICAL)])
-        await eventually(lambda: docker.inspects >= 3, timeout=5)
+        await tick_until(clock, 0.5, lambda: docker.inspects >= 3)
         assert docker.restarts == []  # streak 1 < after 3
         info["State"]["Health"]["FailingStreak"] = 3
-        await eventually(lambda: len(docker.restarts) == 1, timeout=5)
+        await tick_until(clock, 0.5, lambda: len(docker.restarts) == 1)
         entry = checker.autoheal_log()[0]
         assert entry["action"] == "restarted"
         assert entry["reason"] == "Docker HEALTHCHECK unhealthy, 3 failures in a row: wget: 404"
         # Healthy again: no more inspecting.
         catalog.set_source("container:c1", [container_endpoint(1, None, heal, state=State.PASSING)])
-        await asyncio.sleep(0.1)
+        catalog.publish()
+        await tick(clock, 0)  # an inspect already in flight ends
         inspects = docker.inspects
-        await asyncio.sleep(0.4)
+        await tick(clock, 0.5, times=10)  # five healthcheck intervals
         assert docker.inspects == inspects
 
 
@@ -567,13 +598,20 @@ async def test_autoheal_history_of_a_destroyed_container_is_freed_once_expired(u
     docker = FakeDocker()
     upstream.status = 500
     cid = "c1" * 32
-    heal = AutohealSpec(after=1, max_restarts=3, window=2.0, backoff=0.0)
-    async with running_checker(catalog, docker=docker) as checker:
-        catalog.set_source("container:c1", [container_endpoint(upstream.port, http_check(interval=0.05), heal)])
-        await eventually(lambda: len(docker.restarts) >= 1, timeout=5)
+    heal = AutohealSpec(after=1, max_restarts=3, window=600.0, backoff=0.0)
+    clock = FakeClock()
+    async with running_checker(catalog, docker=docker, clock=clock) as checker:
+        catalog.set_source("container:c1", [container_endpoint(upstream.port, http_check(interval=1.0), heal)])
+        await tick_until(clock, 0.5, lambda: len(docker.restarts) >= 1)
         catalog.remove_source("container:c1")  # destroyed while its restart still counts
-        await eventually(lambda: "c1-80" not in catalog.snapshot.endpoints)
-        assert cid in checker._heal  # kept while inside the window: the limit must hold
-        await asyncio.sleep(2.1)  # the window passes
-        catalog.set_source("manual:other", [endpoint("other", upstream.port, None, service="other")])
-        await eventually(lambda: cid not in checker._heal, timeout=5)
+        catalog.publish()
+        assert "c1-80" not in catalog.snapshot.endpoints
+        assert cid in checker.autoheal.tracked()  # kept while inside the window: the limit must hold
+        await clock.advance(599.0)
+        catalog.set_source("manual:a", [endpoint("a", upstream.port, None, service="a")])
+        catalog.publish()
+        assert cid in checker.autoheal.tracked()  # still inside the window
+        await clock.advance(1.5)  # the window passes
+        catalog.set_source("manual:b", [endpoint("b", upstream.port, None, service="b")])
+        catalog.publish()
+        assert cid not in checker.autoheal.tracked()

@@ -19,44 +19,40 @@ still below the threshold that matters (rise, fall, autoheal.after). A steady
 endpoint therefore causes no new snapshot and wakes no watcher; its
 `last_checked` is the time of the last such change.
 
-Autoheal (opt-in per container, `beacon.autoheal=true`), two signals:
-- Beacon's own check: `after` consecutive failures of any of the container's
-  checked endpoints.
-- Docker HEALTHCHECK: while the container's source-side state is critical
-  (Docker says unhealthy or starting, or it is paused), the container is
-  inspected at its healthcheck interval; Docker must say `unhealthy` with a
-  `FailingStreak` of at least `after`. Docker already counted the failures, so
-  Beacon does not re-derive them from snapshots.
-Before any restart the container is inspected again: only a running, unpaused
-container is restarted. Restarts are spaced by `backoff`, doubling with each
-restart in the window, and at most `max_restarts` happen per `window`; past
-that the container is left alone (logged `limited:` once per window).
+Autoheal (opt-in per container, `beacon.autoheal=true`): the checker notices
+`after` consecutive failures of a container's checked endpoint, or follows
+Docker's HEALTHCHECK while the container's source-side state is critical
+(inspecting it at its healthcheck interval), and asks `autoheal.Autoheal`
+whether to restart; that module owns the limits and the restart history.
+
+Time: the scheduler's heap and the autoheal windows read the injected
+`clock` (the loop's monotonic time by default); wall-clock times shown in
+the API come from `wall_clock`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import heapq
 import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import aiohttp
 from prometheus_client import Counter, Gauge, Histogram
 from yarl import URL
 
+from beacon.clock import SYSTEM_CLOCK, Clock
 from beacon.config import Config
+from beacon.registry.autoheal import Autoheal, DockerControl, describe, docker_health
 from beacon.registry.catalog import Catalog
-from beacon.registry.checks import OUTPUT_LIMIT, truncate_output
+from beacon.registry.checkspec import OUTPUT_LIMIT, truncate_output
 from beacon.registry.model import AutohealSpec, CheckSpec, CheckStatus, Endpoint, Snapshot, State
 
-log = logging.getLogger("beacon.registry.health")
+log = logging.getLogger("beacon.registry.checker")
 
 # Metrics live at module level: prometheus' default registry accepts each name
 # once per process, and several checkers may exist in one process (tests).
@@ -71,29 +67,12 @@ CHECK_LATENCY = Histogram(
 )
 CHECKED_ENDPOINTS = Gauge("beacon_registry_checked_endpoints", "Endpoints with an active HTTP or TCP check")
 CHECKS_IN_FLIGHT = Gauge("beacon_registry_checks_in_flight", "Active health checks running now")
-AUTOHEAL_RESTARTS = Counter(
-    "beacon_registry_autoheal_restarts_total", "Unhealthy containers restarted by autoheal"
-)
-AUTOHEAL_LIMITED = Counter(
-    "beacon_registry_autoheal_limited_total",
-    "Autoheal restarts withheld because a container reached its limit per window",
-)
-
 # After a TCP connect, how long to watch for an immediate close. Docker's
 # userland proxy accepts on a published port even when nothing listens in the
 # container, then closes at once; a live server keeps the connection open.
 TCP_SETTLE = 0.1
-AUTOHEAL_LOG_SIZE = 200
 _DOCKER_POLL_RANGE = (0.5, 30.0)  # seconds between inspects of an unhealthy container
 _USER_AGENT = "beacon-health/1"
-
-
-class DockerControl(Protocol):
-    """What autoheal needs from the Docker source."""
-
-    async def inspect_container(self, container_id: str) -> Mapping[str, Any] | None: ...
-
-    async def restart_container(self, container_id: str, timeout: float = 10) -> None: ...
 
 
 # ------------------------------------------------------------------ pure core
@@ -136,28 +115,6 @@ def classify_http(status: int, spec: CheckSpec) -> State:
     return State.CRITICAL
 
 
-def backoff_delay(spec: AutohealSpec, restarts_in_window: int) -> float:
-    """Least wait after the latest restart: backoff, doubling per restart, capped at the window."""
-    if restarts_in_window <= 0:
-        return 0.0
-    return float(min(spec.window, spec.backoff * 2 ** (restarts_in_window - 1)))
-
-
-def docker_health(info: Mapping[str, Any]) -> tuple[str, int, float | None, str]:
-    """(status, failing streak, healthcheck interval in seconds or None, last output)
-    from a container inspect document."""
-    state = info.get("State") or {}
-    health = state.get("Health") or {}
-    status = str(health.get("Status") or "")
-    streak = health.get("FailingStreak")
-    streak = streak if isinstance(streak, int) else 0
-    logs = health.get("Log") or []
-    output = str(logs[-1].get("Output") or "").strip() if logs and isinstance(logs[-1], dict) else ""
-    interval_ns = ((info.get("Config") or {}).get("Healthcheck") or {}).get("Interval")
-    interval = interval_ns / 1e9 if isinstance(interval_ns, int) and interval_ns > 0 else None
-    return status, streak, interval, output
-
-
 # ---------------------------------------------------------------- the checker
 @dataclass(eq=False, slots=True)
 class _Job:
@@ -192,14 +149,6 @@ class _DockerWatch(_Job):
 
 
 @dataclass(slots=True)
-class _HealState:
-    window: float
-    history: collections.deque[float] = field(default_factory=collections.deque)  # restart times
-    restarting: bool = False
-    limited_until: float = 0.0  # no repeated "limited" log before this
-
-
-@dataclass(slots=True)
 class _Container:
     """An autoheal container we follow: its catalog source and tracked endpoints."""
 
@@ -224,19 +173,24 @@ class HealthChecker:
         *,
         docker: DockerControl | None,
         rng: random.Random | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._catalog = catalog
         self._docker = docker
         self._rng = rng or random.Random()
+        self._clock = clock  # the heap's due times, intervals, autoheal windows
+        self._wall_clock = wall_clock
         self._slots = asyncio.Semaphore(config.check_concurrency)
         self._heap: list[tuple[float, int, _Job]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._targets: dict[str, _Target] = {}
         self._watches: dict[str, _DockerWatch] = {}  # container id -> Docker health watch
-        self._heal: dict[str, _HealState] = {}  # container id -> restart history
-        self._autoheal_log: collections.deque[dict[str, object]] = collections.deque(maxlen=AUTOHEAL_LOG_SIZE)
+        self.autoheal = Autoheal(
+            docker, draining=self._draining, on_restarted=self._fresh_count, clock=clock.now, wall_clock=wall_clock
+        )
         # The snapshot last followed: only the services changed since are walked.
         self._seen: Snapshot | None = None
         self._tracked_by_service: dict[str, set[str]] = {}
@@ -271,6 +225,7 @@ class HealthChecker:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await self.autoheal.stop()
         self._scheduler = None
         # Forget what was followed, so a later start() begins from the then-current snapshot.
         for job in (*self._targets.values(), *self._watches.values()):
@@ -291,11 +246,8 @@ class HealthChecker:
     # ---------------------------------------------------------------- reads
     def autoheal_log(self) -> list[dict[str, object]]:
         """Autoheal actions, oldest first: restarted, failed (restart error) and limited."""
-        return [dict(entry) for entry in self._autoheal_log]
+        return self.autoheal.actions()
 
-    @property
-    def checked_endpoints(self) -> int:
-        return len(self._targets)
 
     # ------------------------------------------------------ following snapshots
     def _on_snapshot(self, snap: Snapshot) -> None:
@@ -318,7 +270,7 @@ class HealthChecker:
                     self._forget(eid, containers)
         for cid in containers:
             self._update_watch(cid)
-        self._sweep_heal()
+        self.autoheal.forget_expired(self._containers.__contains__)
         CHECKED_ENDPOINTS.set(len(self._targets))
 
     def _upsert(self, ep: Endpoint, containers: set[str]) -> None:
@@ -401,35 +353,17 @@ class HealthChecker:
         elif watch is not None:
             watch.alive = False
             del self._watches[cid]
-        heal = self._heal.get(cid)
-        if info is None and heal is not None and not heal.restarting:
-            # The container is gone (or between stop and start of a restart):
-            # keep its history only while it still counts against the limit.
-            self._prune(heal)
-            if not heal.history:
-                del self._heal[cid]
-
-    def _sweep_heal(self) -> None:
-        """Free the restart history of containers no longer followed once it has
-        expired. _update_watch only sees a container when it leaves; one that
-        left while its restarts still counted would otherwise stay forever."""
-        for cid in [c for c, h in self._heal.items() if c not in self._containers and not h.restarting]:
-            heal = self._heal[cid]
-            self._prune(heal)
-            if not heal.history:
-                del self._heal[cid]
 
     # ------------------------------------------------------------ scheduling
     def _push(self, job: _Job, delay: float) -> None:
         seq = next(self._seq)
         job.seq = seq
-        due = asyncio.get_running_loop().time() + delay
+        due = self._clock.now() + delay
         heapq.heappush(self._heap, (due, seq, job))
         if self._heap[0][1] == seq:
             self._wake.set()  # new earliest job: the scheduler's sleep is too long
 
     async def _schedule_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         popped = 0
         while True:
             if not self._heap:
@@ -437,11 +371,10 @@ class HealthChecker:
                 await self._wake.wait()
                 continue
             due, seq, job = self._heap[0]
-            delay = due - loop.time()
+            delay = due - self._clock.now()
             if delay > 0:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                await self._sleep_or_wake(delay)
                 continue
             heapq.heappop(self._heap)
             popped += 1
@@ -457,6 +390,16 @@ class HealthChecker:
             task = asyncio.create_task(self._run_job(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        """Sleep `delay` on the clock, or less if a new earliest job is pushed."""
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     async def _run_job(self, job: _Job) -> None:
         self._in_flight += 1
@@ -515,7 +458,7 @@ class HealthChecker:
         except TimeoutError:
             return State.CRITICAL, f"{what}: timed out after {spec.timeout:g}s"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            return State.CRITICAL, f"{what}: {_describe(exc)}"
+            return State.CRITICAL, f"{what}: {describe(exc)}"
 
     async def _probe_tcp(self, address: str, port: int, spec: CheckSpec) -> tuple[State, str]:
         what = f"TCP connect {_hostport(address, port)}"
@@ -525,7 +468,7 @@ class HealthChecker:
         except TimeoutError:
             return State.CRITICAL, f"{what}: timed out after {spec.timeout:g}s"
         except (OSError, ValueError) as exc:
-            return State.CRITICAL, f"{what}: {_describe(exc)}"
+            return State.CRITICAL, f"{what}: {describe(exc)}"
         try:
             try:
                 async with asyncio.timeout(min(TCP_SETTLE, spec.timeout / 2)):
@@ -533,7 +476,7 @@ class HealthChecker:
             except TimeoutError:
                 return State.PASSING, f"{what}: connected"
             except OSError as exc:
-                return State.CRITICAL, f"{what}: {_describe(exc)}"
+                return State.CRITICAL, f"{what}: {describe(exc)}"
             if first:
                 return State.PASSING, f"{what}: connected"
             return State.CRITICAL, f"{what}: closed at once (nothing listening behind a published port?)"
@@ -546,7 +489,7 @@ class HealthChecker:
         before = target.verdict
         verdict = judge(before, result, spec.rise, spec.fall)
         target.verdict = verdict
-        now = time.time()
+        now = self._wall_clock()
         if before is None or before.state is not verdict.state:
             target.last_change = now
             if before is not None or verdict.state is not State.CRITICAL:
@@ -580,7 +523,7 @@ class HealthChecker:
             and target.container_id is not None
             and verdict.failures >= target.autoheal.after
         ):
-            self._consider_restart(
+            self.autoheal.consider(
                 target.container_id,
                 target.container_name or "",
                 target.autoheal,
@@ -594,7 +537,7 @@ class HealthChecker:
         try:
             info = await self._docker.inspect_container(watch.container_id)
         except Exception as exc:  # Docker unreachable: try again at the slow pace
-            log.warning("failed: inspect of %s %s: %s", watch.container_id[:12], watch.container_name, _describe(exc))
+            log.warning("failed: inspect of %s %s: %s", watch.container_id[:12], watch.container_name, describe(exc))
             watch.next_delay = _DOCKER_POLL_RANGE[1]
             return
         if info is None or not watch.alive:
@@ -603,68 +546,15 @@ class HealthChecker:
         lo, hi = _DOCKER_POLL_RANGE
         watch.next_delay = min(hi, max(lo, interval if interval is not None else hi))
         if status == "unhealthy" and streak >= watch.spec.after:
-            self._consider_restart(
+            self.autoheal.consider(
                 watch.container_id,
                 watch.container_name,
                 watch.spec,
                 f"Docker HEALTHCHECK unhealthy, {streak} failures in a row: {output.splitlines()[0] if output else ''}",
             )
 
-    def _consider_restart(
-        self, cid: str, name: str, spec: AutohealSpec, reason: str, *, endpoint_id: str | None = None
-    ) -> None:
-        if self._docker is None or self._draining(cid):
-            return
-        heal = self._heal.setdefault(cid, _HealState(spec.window))
-        heal.window = spec.window
-        if heal.restarting:
-            return
-        now = asyncio.get_running_loop().time()
-        self._prune(heal)
-        if len(heal.history) >= spec.max_restarts:
-            if now >= heal.limited_until:
-                heal.limited_until = heal.history[0] + spec.window
-                AUTOHEAL_LIMITED.inc()
-                log.warning(
-                    "limited: %s %s not restarted, %d restarts within %gs already (%s)",
-                    cid[:12], name, len(heal.history), spec.window, reason,
-                )
-                self._log_action("limited", cid, name, reason, endpoint_id, len(heal.history))
-            return
-        if heal.history and now < heal.history[-1] + backoff_delay(spec, len(heal.history)):
-            return
-        heal.restarting = True
-        task = asyncio.create_task(self._restart(cid, name, heal, reason, endpoint_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _restart(
-        self, cid: str, name: str, heal: _HealState, reason: str, endpoint_id: str | None
-    ) -> None:
-        assert self._docker is not None
-        loop = asyncio.get_running_loop()
-        try:
-            # Docker's word is final: never restart a container someone paused,
-            # stopped or that Docker is already restarting.
-            info = await self._docker.inspect_container(cid)
-            state = (info or {}).get("State") or {}
-            if not state.get("Running") or state.get("Paused") or state.get("Restarting"):
-                log.info("skipped: autoheal of %s %s, container is not running", cid[:12], name)
-                return
-            if self._draining(cid):  # `docker stop` began while we looked
-                return
-            heal.history.append(loop.time())
-            await self._docker.restart_container(cid)
-        except Exception as exc:
-            log.warning("failed: autoheal restart of %s %s: %s", cid[:12], name, _describe(exc))
-            self._log_action("failed", cid, name, f"{reason}; restart failed: {_describe(exc)}", endpoint_id, len(heal.history))
-            return
-        finally:
-            heal.restarting = False
-        AUTOHEAL_RESTARTS.inc()
-        log.warning("restarted: %s %s (%s)", cid[:12], name, reason)
-        self._log_action("restarted", cid, name, reason, endpoint_id, len(heal.history))
-        # A fresh process earns a fresh count: `after` new failures before the next restart.
+    def _fresh_count(self, cid: str) -> None:
+        """A restarted process earns a fresh count: `after` new failures before the next restart."""
         for target in self._targets.values():
             if target.container_id == cid and target.verdict is not None:
                 v = target.verdict
@@ -677,26 +567,6 @@ class HealthChecker:
             return False
         return any(e.state is State.DRAINING for e in self._catalog.source_endpoints(info.source_key).values())
 
-    def _prune(self, heal: _HealState) -> None:
-        cutoff = asyncio.get_running_loop().time() - heal.window
-        while heal.history and heal.history[0] <= cutoff:
-            heal.history.popleft()
-
-    def _log_action(
-        self, action: str, cid: str, name: str, reason: str, endpoint_id: str | None, restarts: int
-    ) -> None:
-        self._autoheal_log.append(
-            {
-                "time": time.time(),
-                "action": action,
-                "container_id": cid,
-                "container_name": name,
-                "endpoint_id": endpoint_id,
-                "reason": truncate_output(reason, 1024),
-                "restarts_in_window": restarts,
-            }
-        )
-
 
 async def _read_upto(stream: aiohttp.StreamReader, limit: int) -> bytes:
     """Read at most `limit` bytes of a body (a health page may be endless)."""
@@ -707,8 +577,3 @@ async def _read_upto(stream: aiohttp.StreamReader, limit: int) -> bytes:
             break
         data += chunk
     return bytes(data)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
