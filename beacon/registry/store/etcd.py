@@ -540,6 +540,9 @@ class EtcdStore:
     # ---------------------------------------------------------------- writer
     async def _writer_loop(self) -> None:
         while True:
+            # Clear before looking, never after: a key set while a batch or the
+            # cleanup awaits etcd sets the event again, and is picked up next turn.
+            self._wake.clear()
             for leased in (True, False):
                 while self._dirty[leased]:
                     keys = [self._dirty[leased].pop() for _ in range(min(TXN_OPS, len(self._dirty[leased])))]
@@ -554,7 +557,6 @@ class EtcdStore:
                 await self._cleanup()
             if not self.pending_writes():
                 self._flushed.set()
-            self._wake.clear()
             await self._wake.wait()
 
     async def _write_batch(self, leased: bool, batch: Mapping[str, bytes | None]) -> None:
