@@ -44,9 +44,10 @@ LABEL beacon.enable="false" \
       org.opencontainers.image.title="beacon" \
       org.opencontainers.image.description="Service discovery, DNS and HTTP load balancing for Docker hosts"
 EXPOSE 53/udp 53/tcp 80/tcp 8700/tcp
-# /healthz answers 503 while the Docker engine is unreachable.
+# /healthz answers 503 while the Docker engine is unreachable. The port comes
+# from BEACON_API_LISTEN, so set the API's address there, not with --api-listen.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8700/healthz', timeout=2)"]
+  CMD ["python3", "-c", "import os, urllib.request as u; port = os.environ['BEACON_API_LISTEN'].rsplit(':', 1)[1]; u.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 ENTRYPOINT ["beacon"]
 CMD ["run"]
 USER 10001:10001

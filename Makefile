@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test test-deps lint images image bench-registry bench-dns bench-proxy bench soak clean
+.PHONY: run test test-deps lint images image bench bench-registry bench-dns bench-proxy soak clean
+.PHONY: bench-cluster bench-consul bench-tls
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,10 @@ test-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null)
 	@(docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null) && command -v systemd-analyze >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose systemd >/dev/null)
+	@command -v pebble >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 images:
 	bash tests/images/build.sh
@@ -57,6 +62,16 @@ bench-dns: $(VENV)/.installed-dev
 
 bench-proxy: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.proxy $(ARGS)
+
+# Cluster: propagation over two real Docker hosts, and 1,000 x 100 simulated endpoints on a real etcd.
+bench-cluster: $(VENV)/.installed-dev images test-deps
+	$(BIN)/python -m bench.cluster $(ARGS)
+
+bench-consul: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.consul $(ARGS)
+
+bench-tls: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.tls $(ARGS)
 
 bench: bench-registry bench-dns bench-proxy
 

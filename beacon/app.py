@@ -15,8 +15,9 @@ import socket
 from typing import Protocol
 
 from beacon.api import ApiServer
-from beacon.api.consul import ConsulApi
+from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
+from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
 from beacon.proxy import ProxyServer
@@ -53,7 +54,8 @@ class App:
         self.dns = DnsServer(config, self.catalog)
         self.proxy = ProxyServer(config, self.catalog)
         self.consul = ConsulApi(config, self.catalog, manual=self.manual, node=self.node,
-                                api_address=lambda: str(self.api.address or config.api_listen))
+                                api_address=lambda: str(self.api.address or config.api_listen),
+                                leader=store_leader(self.cluster.store) if self.cluster is not None else None)
         self.api = ApiServer(
             config,
             self.catalog,
@@ -61,7 +63,7 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
-            extensions=[self.consul, PrometheusSd(self.catalog)],
+            extensions=[self.consul, PrometheusSd(self.catalog), Dashboard(self.catalog)],
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
         )

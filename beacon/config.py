@@ -212,6 +212,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
+    Option("proxy_isolated", "--proxy-isolated", parse_bool, False, "forward only in worker processes (--proxy-workers of them), never in the process that runs the API, DNS and Docker watch"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
     Option("proxy_attempts", "--proxy-attempts", _positive_int, 3, "tries per request (first + retries)"),
     Option("proxy_try_timeout", "--proxy-try-timeout", _positive_duration, 30.0, "timeout of one upstream try (until the response header)"),
@@ -219,10 +220,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_idle_timeout", "--proxy-idle-timeout", _positive_duration, 60.0, "idle keep-alive timeout, both sides"),
     Option("proxy_header_timeout", "--proxy-header-timeout", _positive_duration, 10.0, "time a client has to send its request header"),
     Option("proxy_max_header_size", "--proxy-max-header-size", _positive_int, 65536, "largest request header, bytes"),
+    Option("proxy_max_connections", "--proxy-max-connections", _non_negative_int, 0, "most client connections per proxy process (0: from the open-file limit, at most 10000)"),
     Option("proxy_max_body_size", "--proxy-max-body-size", _non_negative_int, 0, "largest request body, bytes (0: no limit)"),
     Option("eject_consecutive_failures", "--eject-consecutive-failures", _positive_int, 5, "gateway errors in a row that eject an endpoint"),
     Option("eject_base_time", "--eject-base-time", _positive_duration, 30.0, "first ejection time, grows with each ejection"),
     Option("eject_max_percent", "--eject-max-percent", _fraction, 0.5, "most of a pool that may be ejected at once (at least one endpoint stays)"),
+    # --- proxy TLS (beacon/proxy/tls/README.md)
+    Option("proxy_tls_listen", "--proxy-tls-listen", parse_hostport, None, "HTTPS listener of the proxy (e.g. 0.0.0.0:443; default: none)", metavar="HOST:PORT"),
+    Option("tls_cert_dir", "--tls-cert-dir", str, "", "directory of NAME.crt + NAME.key PEM pairs, reloaded on change"),
+    Option("tls_default", "--tls-default", _choice("off", "on", "redirect"), "off", "TLS for services without a beacon.tls label: off, on, or on with a redirect from http"),
+    Option("acme_storage", "--acme-storage", str, "", "directory for the ACME account and certificates (turns ACME on)"),
+    Option("acme_email", "--acme-email", str, "", "contact address of the ACME account"),
+    Option("acme_directory", "--acme-directory", str, "https://acme-v02.api.letsencrypt.org/directory", "ACME directory URL (Let's Encrypt staging: https://acme-staging-v02.api.letsencrypt.org/directory)"),
+    Option("acme_ca_bundle", "--acme-ca-bundle", str, "", "CA bundle trusted for the ACME server's own HTTPS (step-ca, Pebble)"),
+    Option("acme_allow", "--acme-allow", str, (), "host patterns ACME may order for (e.g. *.example.com; default: every public-looking TLS route host)", repeated=True, metavar="PATTERN"),
+    Option("acme_challenge", "--acme-challenge", _choice("http-01", "tls-alpn-01"), "http-01", "challenge answered first (the other if the server lacks it)"),
 )
 
 
@@ -269,6 +281,7 @@ class Config:
     proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
+    proxy_isolated: bool = False
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_attempts: int = 3
     proxy_try_timeout: float = 30.0
@@ -277,9 +290,19 @@ class Config:
     proxy_header_timeout: float = 10.0
     proxy_max_header_size: int = 65536
     proxy_max_body_size: int = 0
+    proxy_max_connections: int = 0
     eject_consecutive_failures: int = 5
     eject_base_time: float = 30.0
     eject_max_percent: float = 0.5
+    proxy_tls_listen: HostPort | None = None
+    tls_cert_dir: str = ""
+    tls_default: str = "off"
+    acme_storage: str = ""
+    acme_email: str = ""
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_ca_bundle: str = ""
+    acme_allow: tuple[str, ...] = ()
+    acme_challenge: str = "http-01"
 
     def validate(self) -> Config:
         """Check options that depend on each other; raise ConfigError naming them."""
@@ -297,6 +320,14 @@ class Config:
             raise ConfigError("--etcd-cert and --etcd-key go together")
         if self.etcd_user and not self.etcd_password:
             raise ConfigError("--etcd-user needs the password in BEACON_ETCD_PASSWORD")
+        if self.proxy_tls_listen is None and (self.tls_cert_dir or self.acme_storage):
+            raise ConfigError("--tls-cert-dir and --acme-storage need --proxy-tls-listen")
+        if self.proxy_tls_listen is not None and self.proxy_workers > 1:
+            raise ConfigError("--proxy-tls-listen runs in the main process only: use --proxy-workers 1")
+        if not self.acme_storage and (self.acme_email or self.acme_ca_bundle or self.acme_allow):
+            raise ConfigError("--acme-email, --acme-ca-bundle and --acme-allow need --acme-storage")
+        if self.acme_storage and not self.acme_directory.startswith(("https://", "http://")):
+            raise ConfigError("--acme-directory must be an http(s) URL")
         return self
 
 

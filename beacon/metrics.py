@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from beacon.registry.model import Snapshot, State
 
-COMPONENTS = ("registry", "dns", "proxy", "health", "store")
+COMPONENTS = ("registry", "dns", "proxy", "health", "store", "tls")
 _NAME = re.compile(rf"beacon_({'|'.join(COMPONENTS)})_[a-z][a-z0-9_]*[a-z0-9]")
 # A name that measures time must end in the base unit (seconds, not ms).
 _TIME_WORDS = frozenset({"duration", "latency", "delay", "timeout", "age", "time", "seconds", "ms"})

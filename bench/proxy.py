@@ -48,6 +48,9 @@ from bench.common import ensure_debian_packages, median, percentile, print_table
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"hello from the beacon benchmark backend\n" * 3  # ~120 bytes
 PEERS = ("beacon", "nginx", "haproxy", "caddy", "direct")
+UNLIMITED = 1_000_000
+# Backends that close keep-alive connections: nginx's default and a low value.
+KEEPALIVE_ROWS = (1000, 100)
 
 REPORT_LUA = """
 done = function(summary, latency, requests)
@@ -100,17 +103,17 @@ def process(args: list[str], env: dict[str, str] | None = None, log: Path | None
 
 
 # ----------------------------------------------------------------- configs
-def backend_conf(tmp: Path, ports: tuple[int, int]) -> Path:
+def backend_conf(tmp: Path, ports: tuple[int, int], keepalive_requests: int = UNLIMITED, name: str = "backend") -> Path:
     www = tmp / "www"
     www.mkdir(exist_ok=True)
     (www / "index.html").write_bytes(BODY)
-    conf = tmp / "backend.conf"
+    conf = tmp / f"{name}.conf"
     conf.write_text(f"""
-daemon off; master_process off; worker_processes 1; pid {tmp}/backend.pid;
-error_log {tmp}/backend-error.log warn;
+daemon off; master_process off; worker_processes 1; pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
+  access_log off; keepalive_requests {keepalive_requests}; keepalive_timeout 120s;
   client_body_temp_path {tmp}/b-body; proxy_temp_path {tmp}/b-proxy; fastcgi_temp_path {tmp}/b-fcgi;
   uwsgi_temp_path {tmp}/b-uwsgi; scgi_temp_path {tmp}/b-scgi;
   server {{ listen 127.0.0.1:{ports[0]}; listen 127.0.0.1:{ports[1]}; root {www}; index index.html; }}
@@ -119,7 +122,18 @@ http {{
     return conf
 
 
-def nginx_conf(tmp: Path, port: int, backends: tuple[int, int]) -> Path:
+def nginx_conf(tmp: Path, port: int, backends: tuple[int, int], extra: dict[int, tuple[int, int]]) -> Path:
+    """nginx as the proxy on `port` in front of `backends`; `extra` maps more
+    listen ports to other backend pairs (the keep-alive rows)."""
+    servers = "".join(f"""
+  upstream b{lport} {{ server 127.0.0.1:{pair[0]}; server 127.0.0.1:{pair[1]}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{lport};
+    location / {{
+      proxy_pass http://b{lport}; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }}
+  }}""" for lport, pair in extra.items())
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
 daemon off; master_process off; worker_processes 1; pid {tmp}/nginx.pid;
@@ -136,7 +150,7 @@ http {{
       proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
     }}
-  }}
+  }}{servers}
 }}
 """)
     return conf
@@ -182,10 +196,10 @@ http://:{port} {{
     return conf
 
 
-def register_backends(api_port: int, backends: tuple[int, int]) -> None:
+def register_backends(api_port: int, backends: tuple[int, int], service: str = "bench") -> None:
     for n, port in enumerate(backends, start=1):
-        body = json.dumps({"service": "bench", "address": "127.0.0.1", "port": port}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{api_port}/v1/endpoints/bench-{n}", data=body,
+        body = json.dumps({"service": service, "address": "127.0.0.1", "port": port}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{api_port}/v1/endpoints/{service}-{n}", data=body,
                                      method="PUT", headers={"Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(req, timeout=5) as resp:
             resp.read()
@@ -263,6 +277,8 @@ def main() -> int:
         report = tmp / "report.lua"
         report.write_text(REPORT_LUA)
         backends = (free_port(), free_port())
+        ka_backends = {n: (free_port(), free_port()) for n in KEEPALIVE_ROWS}
+        ka_nginx_ports = {n: free_port() for n in KEEPALIVE_ROWS}
         ports = {p: free_port() for p in PEERS}
         api_port, dns_port = free_port(), free_port()
         beacon_args = [
@@ -272,7 +288,13 @@ def main() -> int:
         ]  # fmt: skip
         with (
             process([nginx, "-c", str(backend_conf(tmp, backends)), "-e", str(tmp / "backend-error.log")]),
-            process([nginx, "-c", str(nginx_conf(tmp, ports["nginx"], backends)), "-e", str(tmp / "nginx-error.log")]),
+            process([nginx, "-c", str(backend_conf(tmp, ka_backends[KEEPALIVE_ROWS[0]], KEEPALIVE_ROWS[0], "ka0")),
+                     "-e", str(tmp / "ka0-error.log")]),
+            process([nginx, "-c", str(backend_conf(tmp, ka_backends[KEEPALIVE_ROWS[1]], KEEPALIVE_ROWS[1], "ka1")),
+                     "-e", str(tmp / "ka1-error.log")]),
+            process([nginx, "-c", str(nginx_conf(tmp, ports["nginx"], backends,
+                                                 {ka_nginx_ports[n]: ka_backends[n] for n in KEEPALIVE_ROWS})),
+                     "-e", str(tmp / "nginx-error.log")]),
             process([haproxy, "-f", str(haproxy_conf(tmp, ports["haproxy"], backends))], log=tmp / "haproxy.log"),
             process(["caddy", "run", "--config", str(caddy_conf(tmp, ports["caddy"], backends)), "--adapter", "caddyfile"],
                     env={"GOMAXPROCS": "1", "HOME": str(tmp), "XDG_DATA_HOME": str(tmp), "XDG_CONFIG_HOME": str(tmp)},
@@ -289,6 +311,8 @@ def main() -> int:
             ]:
                 wait_port(port, what, log)
             register_backends(api_port, backends)
+            for n in KEEPALIVE_ROWS:
+                register_backends(api_port, ka_backends[n], f"bench{n}")
             urls = {p: f"http://127.0.0.1:{ports[p]}/" for p in PEERS}
             urls["direct"] = f"http://127.0.0.1:{backends[0]}/"
             hosts = {p: None for p in PEERS} | {"beacon": "bench.localhost"}
@@ -345,7 +369,41 @@ def main() -> int:
                     if "nginx" in at_half:
                         ref = median(x.p99_ms for x in at_half["nginx"]) - direct_p99
                         print(f"p99 added by nginx over direct at the same rate: {ref:.3f} ms")
+            if {"beacon", "nginx"} & set(summary):
+                keepalive_rows(args, [p for p in ("beacon", "nginx") if p in summary], summary, report,
+                               {n: {"beacon": (urls["beacon"], f"bench{n}.localhost"),
+                                    "nginx": (f"http://127.0.0.1:{ka_nginx_ports[n]}/", None)}
+                                for n in KEEPALIVE_ROWS})  # fmt: skip
     return 0
+
+
+def keepalive_rows(args: argparse.Namespace, targets: list[str], unlimited: dict[str, Result], report: Path,
+                   where: dict[int, dict[str, tuple[str, str | None]]]) -> None:  # fmt: skip
+    """The same load with backends that close their keep-alive connections
+    after N requests (nginx `keepalive_requests`): each proxy must reconnect."""
+    for n, urls in where.items():
+        for p in targets:
+            wait_routed(f"{p} (keepalive_requests {n})", int(urls[p][0].rsplit(":", 1)[1].strip("/")),
+                        urls[p][1] or "localhost")  # fmt: skip
+            run_wrk(urls[p][0], urls[p][1], 1.0, args.connections, report)  # warm-up
+    results: dict[tuple[int, str], list[Result]] = {(n, p): [] for n in where for p in targets}
+    for r in range(args.repeats):
+        for n, urls in where.items():
+            for p in targets:
+                res = run_wrk(urls[p][0], urls[p][1], args.duration, args.connections, report)
+                results[(n, p)].append(res)
+                print(f"  keepalive_requests {n} run {r + 1}: {p:8s} {res.rps:9,.0f} req/s  p50 {res.p50_ms:.3f} ms  "
+                      f"p99 {res.p99_ms:.3f} ms  errors {res.errors}", file=sys.stderr)  # fmt: skip
+    rows = []
+    for (n, p), rs in results.items():
+        rps = median(x.rps for x in rs)
+        nginx_rps = median(x.rps for x in results[(n, "nginx")]) if (n, "nginx") in results else None
+        rows.append([f"{p} (backend keepalive_requests {n})", rps, f"{median(x.p50_ms for x in rs):.3f}",
+                     f"{median(x.p99_ms for x in rs):.3f}", f"{rps / nginx_rps:.2f}x" if nginx_rps else "-",
+                     f"{rps / unlimited[p].rps:.2f}x", sum(x.errors for x in rs)])  # fmt: skip
+    print(f"\nBackends closing keep-alive connections, median of {args.repeats} x {args.duration:g}s "
+          f"(same load; 'vs unlimited': the same proxy against keep-alive-friendly backends above)")  # fmt: skip
+    print_table(["target", "req/s", "p50 ms", "p99 ms", "vs nginx", "vs unlimited", "errors"], rows)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from multidict import MultiMapping
@@ -50,6 +50,7 @@ from prometheus_client import Gauge
 from beacon import __version__
 from beacon.config import Config
 from beacon.registry.catalog import Catalog
+from beacon.registry.docker import detect_host_ip
 from beacon.registry.manual import (
     ManualRegistry,
     NotFound,
@@ -175,20 +176,6 @@ def parse_flag(query: MultiMapping[str], name: str) -> bool:
 
 
 # -------------------------------------------------------------- the indexes
-def _service_delta(old: Snapshot, new: Snapshot) -> Iterable[str]:
-    """Names of services that differ between two snapshots (added, changed or removed).
-
-    The catalog reuses unchanged `Service` objects, so identity settles almost every
-    comparison without walking endpoints.
-    """
-    delta = getattr(new, "changed_since", None)
-    if callable(delta):  # Snapshot.changed_since (the registry's delta), when present: O(changed)
-        d = delta(old)
-        return {*d.services_changed, *d.services_removed}
-    names = new.services.keys() | old.services.keys()
-    return [n for n in names if old.services.get(n) is not new.services.get(n)]
-
-
 @dataclass(slots=True)
 class _EndpointIndex:
     create: int
@@ -256,7 +243,8 @@ class IndexTracker:
         old_eps: dict[str, Endpoint] = {}
         new_eps: dict[str, Endpoint] = {}
         names_changed = False
-        for name in _service_delta(old, new):
+        # O(what changed) when `old` is the snapshot just before (the catalog recorded the delta).
+        for name in new.changed_since(old).services_touched:
             before, after = old.services.get(name), new.services.get(name)
             self._service[name] = idx
             keys.add("svc:" + name)
@@ -495,9 +483,19 @@ def _matching(svc: Service | None, tags: Iterable[str]) -> list[Endpoint]:
     return [e for e in svc.endpoints if all(t in e.tags for t in wanted)]
 
 
-def catalog_services_view(snap: Snapshot) -> dict[str, list[str]]:
-    """/v1/catalog/services: service name → all its tags."""
-    return {name: list(snap.services[name].tags) for name in sorted(snap.services)}
+def catalog_services_view(snap: Snapshot, ctx: ViewContext | None = None,
+                          predicate: Predicate | None = None) -> dict[str, list[str]]:
+    """/v1/catalog/services: service name → all its tags; with a filter, Consul evaluates it on
+    each instance (as in /v1/catalog/service) and lists the services and tags of those that match."""
+    if predicate is None or ctx is None:
+        return {name: list(snap.services[name].tags) for name in sorted(snap.services)}
+    out: dict[str, list[str]] = {}
+    for name in sorted(snap.services):
+        for ep in snap.services[name].endpoints:
+            if predicate(catalog_service_json(ctx, snap, ep)):
+                tags = out.setdefault(name, [])
+                tags.extend(t for t in ep.tags if t not in tags)
+    return {name: sorted(tags) for name, tags in out.items()}
 
 
 def catalog_service_view(ctx: ViewContext, snap: Snapshot, name: str, tags: Iterable[str] = ()) -> list[Any]:
@@ -528,7 +526,8 @@ def catalog_nodes_view(ctx: ViewContext, snap: Snapshot) -> list[Any]:
     return [node_json(ctx, snap, n) for n in sorted(names)]
 
 
-def catalog_node_view(ctx: ViewContext, snap: Snapshot, node: str) -> dict[str, Any] | None:
+def catalog_node_view(ctx: ViewContext, snap: Snapshot, node: str,
+                      predicate: Predicate | None = None) -> dict[str, Any] | None:
     """/v1/catalog/node/<node>: the node and its services by ID; None (JSON null) for an unknown node."""
     eids = ctx.tracker.node_endpoints(node)
     if not eids and node != ctx.tracker.local_node:
@@ -539,7 +538,8 @@ def catalog_node_view(ctx: ViewContext, snap: Snapshot, node: str) -> dict[str, 
         if ep is not None:
             entry = agent_service_json(ctx, ep)
             del entry["Datacenter"]
-            services[eid] = entry
+            if predicate is None or predicate(entry):
+                services[eid] = entry
     return {"Node": node_json(ctx, snap, node), "Services": services}
 
 
@@ -599,6 +599,198 @@ def agent_health_view(ctx: ViewContext, snap: Snapshot, name: str) -> tuple[int,
         return 404, "", []
     code = {"passing": 200, "warning": 429}.get(worst, 503)
     return code, "critical" if worst == "maintenance" else worst, entries
+
+
+# ------------------------------------------------------------------ filters
+MAX_FILTER = 4096
+_FILTER_TOKEN = re.compile(
+    r"""\s*(?:(?P<str>"(?:[^"\\]|\\.)*"|`[^`]*`)|(?P<op>==|!=|\(|\))"""
+    r"""|(?P<word>[A-Za-z0-9_.\-]+(?:\["(?:[^"\\]|\\.)*"\][A-Za-z0-9_.\-]*)*))"""
+)
+Predicate = Callable[[Any], bool]
+_NESTED_QUANTIFIER = re.compile(r"\([^)]*[+*}?][^)]*\)\s*[+*{]")
+
+
+class FilterError(ValueError):
+    """A ?filter expression Beacon cannot parse (Consul: 400)."""
+
+
+def parse_filter(text: str) -> Predicate:
+    """Consul's ?filter language (hashicorp/go-bexpr), the parts tools use:
+
+    `Sel == "v"`, `Sel != "v"`, `"v" in Sel`, `"v" not in Sel`, `Sel contains "v"`,
+    `Sel not contains "v"`, `Sel is empty`, `Sel is not empty`, `Sel matches "re"`,
+    `Sel not matches "re"`, joined with `and`, `or`, `not` and parentheses. A selector is a
+    dotted path into an answer entry (`Service.Tags`, `ServiceMeta.env`, `Node.Meta["k-1"]`);
+    through a list (`Checks.Status`) it matches when any element does.
+    """
+    if len(text) > MAX_FILTER:
+        raise FilterError(f"filter longer than {MAX_FILTER} characters")
+    tokens: list[str] = []
+    pos = 0
+    while pos < len(text):
+        m = _FILTER_TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            if text[pos:].strip() == "":
+                break
+            raise FilterError(f"unexpected input at position {pos}: {text[pos:pos + 20]!r}")
+        tokens.append(m.group(m.lastgroup or "word"))
+        pos = m.end()
+    parser = _FilterParser(tokens)
+    predicate = parser.expression(0)
+    if parser.pos != len(tokens):
+        raise FilterError(f"unexpected {tokens[parser.pos]!r}")
+    return predicate
+
+
+def _unquote(token: str) -> str:
+    if token.startswith("`"):
+        return token[1:-1]
+    if token.startswith('"'):
+        return str(json.loads(token))
+    return token
+
+
+def _selector_parts(token: str) -> list[str]:
+    parts: list[str] = []
+    for m in re.finditer(r'\["((?:[^"\\]|\\.)*)"\]|([^.\[\]]+)', token):
+        parts.append(json.loads(f'"{m.group(1)}"') if m.group(1) is not None else m.group(2))
+    return parts
+
+
+def _resolve(value: Any, parts: list[str]) -> list[Any]:
+    """Every value the selector reaches (lists fan out); a missing field reaches nothing."""
+    values = [value]
+    for part in parts:
+        nxt: list[Any] = []
+        for v in values:
+            for item in v if isinstance(v, list) else [v]:
+                if isinstance(item, dict) and part in item:
+                    nxt.append(item[part])
+        values = nxt
+    return values
+
+
+def _equal(field_value: Any, literal: str) -> bool:
+    if isinstance(field_value, bool):
+        return str(field_value).lower() == literal.lower()
+    if isinstance(field_value, (int, float)):
+        try:
+            return float(field_value) == float(literal)
+        except ValueError:
+            return False
+    return isinstance(field_value, str) and field_value == literal
+
+
+def _contains(field_value: Any, literal: str) -> bool:
+    if isinstance(field_value, str):
+        return literal in field_value
+    if isinstance(field_value, dict):
+        return literal in field_value
+    if isinstance(field_value, list):
+        return any(_equal(item, literal) for item in field_value)
+    return False
+
+
+class _FilterParser:
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens = tokens
+        self.pos = 0
+
+    def peek(self, offset: int = 0) -> str | None:
+        i = self.pos + offset
+        return self.tokens[i] if i < len(self.tokens) else None
+
+    def take(self) -> str:
+        token = self.peek()
+        if token is None:
+            raise FilterError("the expression ends too early")
+        self.pos += 1
+        return token
+
+    def expect(self, word: str) -> None:
+        token = self.take()
+        if token.lower() != word:
+            raise FilterError(f"expected {word!r}, got {token!r}")
+
+    def expression(self, depth: int) -> Predicate:
+        if depth > 32:
+            raise FilterError("the expression nests too deep")
+        left = self.conjunction(depth)
+        while (self.peek() or "").lower() == "or":
+            self.take()
+            right = self.conjunction(depth)
+            left = (lambda a, b: lambda v: a(v) or b(v))(left, right)
+        return left
+
+    def conjunction(self, depth: int) -> Predicate:
+        left = self.unary(depth)
+        while (self.peek() or "").lower() == "and":
+            self.take()
+            right = self.unary(depth)
+            left = (lambda a, b: lambda v: a(v) and b(v))(left, right)
+        return left
+
+    def unary(self, depth: int) -> Predicate:
+        token = self.peek()
+        if token is not None and token.lower() == "not":
+            self.take()
+            inner = self.unary(depth + 1)
+            return lambda v: not inner(v)
+        if token == "(":
+            self.take()
+            inner = self.expression(depth + 1)
+            if self.take() != ")":
+                raise FilterError("a parenthesis is not closed")
+            return inner
+        return self.match()
+
+    def match(self) -> Predicate:
+        first = self.take()
+        following = (self.peek() or "").lower()
+        value_first = following == "in" or (following == "not" and (self.peek(1) or "").lower() == "in")
+        if value_first or first.startswith(('"', "`")):
+            literal = _unquote(first)
+            negate = (self.peek() or "").lower() == "not"
+            if negate:
+                self.take()
+            self.expect("in")
+            parts = _selector_parts(self.take())
+            return lambda v: (not negate) == any(_contains(x, literal) for x in _resolve(v, parts))
+        parts = _selector_parts(first)
+        op = self.take().lower()
+        if op in ("==", "!="):
+            literal = _unquote(self.take())
+            want = op == "=="
+            return lambda v: want == any(_equal(x, literal) for x in _resolve(v, parts))
+        if op == "is":
+            negate = (self.peek() or "").lower() == "not"
+            if negate:
+                self.take()
+            self.expect("empty")
+            return lambda v: negate != all(x in (None, "", [], {}) for x in _resolve(v, parts))
+        negate = op == "not"
+        if negate:
+            op = self.take().lower()
+        if op == "contains":
+            literal = _unquote(self.take())
+            return lambda v: (not negate) == any(_contains(x, literal) for x in _resolve(v, parts))
+        if op == "matches":
+            source = _unquote(self.take())
+            if _NESTED_QUANTIFIER.search(source):
+                # Python's re backtracks (Go's RE2 does not): refuse what could take exponential time.
+                raise FilterError("nested quantifiers such as (a+)+ are not supported in matches")
+            try:
+                pattern = re.compile(source)
+            except re.error as exc:
+                raise FilterError(f"invalid regular expression: {exc}") from None
+            return lambda v: (not negate) == any(isinstance(x, str) and pattern.search(x) is not None
+                                                 for x in _resolve(v, parts))
+        raise FilterError(f"unknown operator {op!r}")
+
+
+def apply_filter(entries: list[Any], predicate: Predicate | None) -> list[Any]:
+    return entries if predicate is None else [e for e in entries if predicate(e)]
 
 
 # ------------------------------------------------------------------- writes
@@ -685,46 +877,53 @@ def _check_from_consul(raw: object) -> tuple[str, Any]:
 
 
 # ------------------------------------------------------------------ waiters
-@dataclass(slots=True)
-class _Slot:
-    future: asyncio.Future[None]
-    count: int = 0
-
-
-@dataclass(slots=True)
 class Waiters:
-    """One shared future per watched key; a snapshot resolves only the keys it changed.
+    """The parked blocking queries, by watched key; a snapshot wakes only the keys it changed.
 
-    A parked query holds a reference to its key's slot; the slot is dropped with its
-    last waiter (a client that hangs up is cancelled by aiohttp and releases it), so
-    memory follows the number of parked queries and nothing else.
+    Each parked query owns one future and one timer, kept in its key's set and dropped
+    with it (a client that hangs up is cancelled by aiohttp and leaves the set), so memory
+    follows the number of parked queries. Nothing is shared between waiters: no callback
+    list on a common future that every departure would have to search.
     """
 
-    slots: dict[str, _Slot] = field(default_factory=dict)
-    parked: int = 0
+    def __init__(self) -> None:
+        self.slots: dict[str, set[asyncio.Future[None]]] = {}
+        self.parked = 0
 
-    def acquire(self, key: str) -> _Slot:
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self.slots[key] = _Slot(asyncio.get_running_loop().create_future())
-        slot.count += 1
+    async def wait(self, key: str, timeout: float) -> None:
+        """Until `key` is woken, `timeout` seconds pass or everything is woken (shutdown)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiters = self.slots.get(key)
+        if waiters is None:
+            waiters = self.slots[key] = set()
+        waiters.add(future)
         self.parked += 1
-        return slot
+        timer = loop.call_later(timeout, _settle, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self.parked -= 1
+            waiters.discard(future)
+            if not waiters and self.slots.get(key) is waiters:
+                del self.slots[key]
 
-    def release(self, key: str, slot: _Slot) -> None:
-        slot.count -= 1
-        self.parked -= 1
-        if slot.count == 0 and self.slots.get(key) is slot:
-            del self.slots[key]
+    def count(self, key: str) -> int:
+        return len(self.slots.get(key, ()))
 
     def wake(self, keys: Iterable[str]) -> None:
         for key in keys:
-            slot = self.slots.pop(key, None)
-            if slot is not None and not slot.future.done():
-                slot.future.set_result(None)
+            for future in self.slots.pop(key, ()):
+                _settle(future)
 
     def wake_all(self) -> None:
         self.wake(list(self.slots))
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # ------------------------------------------------------------------- server
@@ -733,6 +932,24 @@ Leader = Callable[[], tuple[bool, float]]  # (known leader, seconds since last c
 
 def _always_leader() -> tuple[bool, float]:
     return True, 0.0
+
+
+class _Store(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def last_sync_age(self) -> float | None: ...
+
+
+def store_leader(store: _Store) -> Leader:
+    """X-Consul-KnownLeader / LastContact from the shared store (etcd mode): known while it is
+    connected; last contact is the age of the last successful sync with it."""
+
+    def leader() -> tuple[bool, float]:
+        age = store.last_sync_age()
+        return store.connected, 0.0 if age is None else age
+
+    return leader
 
 
 class ConsulApi:
@@ -753,21 +970,23 @@ class ConsulApi:
         datacenter: str = DATACENTER,
         local_address: str = "",
         api_address: Callable[[], str] | None = None,
-        leader: Leader = _always_leader,
+        leader: Leader | None = None,  # None: one node, always its own leader
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._catalog = catalog
         self._manual = manual
         self._datacenter = datacenter
-        self._leader = leader
+        self._leader = leader or _always_leader
         self._rand = rand
         self._api_address = api_address or (lambda: str(config.api_listen))
         token = config.api_token.encode("utf-8", "surrogateescape")
         self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
         epoch = max(1, int(wall_clock() * 1_000_000))
         self._tracker = IndexTracker(catalog.snapshot, epoch=epoch, local_node=node)
-        self._ctx = ViewContext(self._tracker, datacenter, local_address or config.advertise_ip)
+        # The local node's Address, as the Docker source advertises host ports: --advertise-ip, else detected.
+        address = local_address or config.advertise_ip or detect_host_ip() or ""
+        self._ctx = ViewContext(self._tracker, datacenter, address)
         self._waiters = Waiters()
         self._closing: asyncio.Future[None] | None = None
         self._unlisten: Callable[[], None] | None = None
@@ -827,8 +1046,7 @@ class ConsulApi:
 
     def parked_on(self, key: str) -> int:
         """Blocking queries waiting on one key (`services`, `svc:<name>`, `nodes`, `node:<name>`)."""
-        slot = self._waiters.slots.get(key)
-        return slot.count if slot is not None else 0
+        return self._waiters.count(key)
 
     @property
     def tracker(self) -> IndexTracker:
@@ -869,9 +1087,20 @@ class ConsulApi:
     async def _read(self, request: web.Request, key: str) -> tuple[Snapshot, QueryOptions, int]:
         """Parse the common options, run the blocking query if one is asked for, return what to render."""
         opts = parse_query_options(request.query, self._datacenter)
+        self._filter(request)  # a bad filter is refused at once, not after the wait
         if opts.index is not None and opts.index > 0:
             await self._block(opts, key)
         return self._catalog.snapshot, opts, self._tracker.view_index(key)
+
+    @staticmethod
+    def _filter(request: web.Request) -> tuple[str, Predicate | None]:
+        text = request.query.get("filter", "")
+        if not text.strip():
+            return "", None
+        try:
+            return text, parse_filter(text)
+        except FilterError as exc:
+            raise ConsulError(400, f"Failed to create boolean expression evaluator: {exc}") from None
 
     async def _block(self, opts: QueryOptions, key: str) -> None:
         assert opts.index is not None
@@ -893,13 +1122,7 @@ class ConsulApi:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                slot = self._waiters.acquire(key)
-                try:
-                    # asyncio.wait adds a callback to the shared futures (no task per waiter) and
-                    # removes it again when this query times out or its client hangs up.
-                    await asyncio.wait((slot.future, closing), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    self._waiters.release(key, slot)
+                await self._waiters.wait(key, remaining)
         finally:
             PARKED.dec()
 
@@ -923,7 +1146,9 @@ class ConsulApi:
 
     async def _catalog_services_inner(self, request: web.Request) -> web.StreamResponse:
         snap, opts, index = await self._read(request, "services")
-        return self._json(request, ("services", snap.index), lambda: catalog_services_view(snap),
+        flt, predicate = self._filter(request)
+        return self._json(request, ("services", flt, snap.index),
+                          lambda: catalog_services_view(snap, self._ctx, predicate),
                           self._headers(index, opts))
 
     async def _catalog_service(self, request: web.Request) -> web.StreamResponse:
@@ -933,8 +1158,10 @@ class ConsulApi:
         name = request.match_info["name"]
         tags = tuple(request.query.getall("tag", ()))
         snap, opts, index = await self._read(request, "svc:" + name)
-        return self._json(request, ("catalog", name, tags, snap.index),
-                          lambda: catalog_service_view(self._ctx, snap, name, tags), self._headers(index, opts))
+        flt, predicate = self._filter(request)
+        return self._json(request, ("catalog", name, tags, flt, snap.index),
+                          lambda: apply_filter(catalog_service_view(self._ctx, snap, name, tags), predicate),
+                          self._headers(index, opts))
 
     async def _health_service(self, request: web.Request) -> web.StreamResponse:
         return await self._guard(self._health_service_inner, request)
@@ -944,8 +1171,9 @@ class ConsulApi:
         tags = tuple(request.query.getall("tag", ()))
         passing = parse_flag(request.query, "passing")
         snap, opts, index = await self._read(request, "svc:" + name)
-        return self._json(request, ("health", name, tags, passing, snap.index),
-                          lambda: health_service_view(self._ctx, snap, name, tags, passing),
+        flt, predicate = self._filter(request)
+        return self._json(request, ("health", name, tags, passing, flt, snap.index),
+                          lambda: apply_filter(health_service_view(self._ctx, snap, name, tags, passing), predicate),
                           self._headers(index, opts))
 
     async def _catalog_nodes(self, request: web.Request) -> web.StreamResponse:
@@ -953,7 +1181,9 @@ class ConsulApi:
 
     async def _catalog_nodes_inner(self, request: web.Request) -> web.StreamResponse:
         snap, opts, index = await self._read(request, "nodes")
-        return self._json(request, ("nodes", snap.index), lambda: catalog_nodes_view(self._ctx, snap),
+        flt, predicate = self._filter(request)
+        return self._json(request, ("nodes", flt, snap.index),
+                          lambda: apply_filter(catalog_nodes_view(self._ctx, snap), predicate),
                           self._headers(index, opts))
 
     async def _catalog_node(self, request: web.Request) -> web.StreamResponse:
@@ -962,7 +1192,9 @@ class ConsulApi:
     async def _catalog_node_inner(self, request: web.Request) -> web.StreamResponse:
         node = request.match_info["node"]
         snap, opts, index = await self._read(request, "node:" + node)
-        return self._json(request, ("node", node, snap.index), lambda: catalog_node_view(self._ctx, snap, node),
+        flt, predicate = self._filter(request)
+        return self._json(request, ("node", node, flt, snap.index),
+                          lambda: catalog_node_view(self._ctx, snap, node, predicate),
                           self._headers(index, opts))
 
     async def _datacenters(self, request: web.Request) -> web.StreamResponse:
@@ -991,16 +1223,15 @@ class ConsulApi:
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        allowed = sorted({
-            route.method
-            for resource in request.app.router.resources()
-            for route in resource
-            if route.handler != self._unknown and route.method != "*"
-            and resource.get_info().get("path") == path
-        })
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if any(route.handler == self._unknown for route in resource):
+                continue
+            _, methods = await resource.resolve(request)  # the methods of a resource whose path matches
+            allowed |= methods
         if allowed:
             return web.Response(status=405, text=f"method {request.method} not allowed",
-                                headers={"Allow": ", ".join(allowed)})
+                                headers={"Allow": ", ".join(sorted(allowed))})
         return web.Response(
             status=404,
             text=f"Beacon does not serve {path}: its Consul-compatible API covers /v1/catalog/services, "
@@ -1107,4 +1338,5 @@ __all__ = [
     "parse_go_duration",
     "parse_query_options",
     "registration_from_consul",
+    "store_leader",
 ]

@@ -102,6 +102,48 @@ def _reverse_labels(ip: IPAddress) -> tuple[bytes, ...]:
     return _labels(ip.reverse_pointer)
 
 
+@functools.lru_cache(maxsize=4096)
+def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_loopback(ip: IPAddress) -> bool:
+    return ip.is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What one querier can reach: an answer must be usable by the client that asked.
+
+    `subnets`: the Docker networks (of some endpoint) its address lies on; an
+    endpoint attached to one of them is offered at its container address and
+    port there. `loopback`: the querier is the host itself, the only one that
+    can reach an endpoint published on 127.0.0.1 / ::1.
+    """
+
+    loopback: bool = True
+    subnets: frozenset[str] = frozenset()
+
+
+HOST_VIEW = View()  # the host itself: what every answer was before views
+
+
+def reach(ep: Endpoint, view: View) -> tuple[IPAddress, int] | None:
+    """Where the querier of `view` reaches `ep`, or None when it cannot."""
+    if view.subnets:
+        for na in ep.networks:
+            if na.subnet in view.subnets and (ip := _ip(na.address)) is not None:
+                return ip, na.port
+    ip = _ip(ep.address)
+    if ip is None or (not view.loopback and _is_loopback(ip)):
+        return None  # published on loopback only: useless to anyone else
+    return ip, ep.port
+
+
 def _labels(name: str) -> tuple[bytes, ...]:
     return tuple(p.encode() for p in name.strip(".").lower().split(".") if p)
 
@@ -126,7 +168,26 @@ class Zone:
         # The records of service answers built so far, by (qname labels as
         # asked, qtype): a second query for the same name (another EDNS size,
         # other flags) reuses them instead of walking every endpoint again.
-        self.service_records: dict[tuple[tuple[bytes, ...], int], _ServiceRecords] = {}
+        self.service_records: dict[tuple[tuple[bytes, ...], int, View], _ServiceRecords] = {}
+
+    @functools.cached_property
+    def subnets(self) -> tuple[str, ...]:
+        """Every Docker subnet some endpoint is reachable on (built on first use)."""
+        found: dict[str, None] = {}
+        for ep in self.snapshot.endpoints.values():
+            for na in ep.networks:
+                found[na.subnet] = None
+        return tuple(found)
+
+    def view_of(self, source: str) -> View:
+        """What a querier at `source` can reach, under this snapshot."""
+        ip = _ip(source)
+        if ip is None:
+            return View(loopback=False)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d
+        on = frozenset(s for s in self.subnets if (net := _net(s)) is not None and ip in net)
+        return View(loopback=ip.is_loopback, subnets=on)
 
     @staticmethod
     def ip_of(ep: Endpoint) -> IPAddress | None:
@@ -220,8 +281,9 @@ class _Reply:
         return Answer(self.record, self.udp_limit, self.rotate, self.service)
 
 
-def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
-    """Answer `request` from `zone`; None when the name is not ours (forward it)."""
+def resolve(request: DNSRecord, zone: Zone, view: View | None = None) -> Answer | None:
+    """Answer `request` from `zone` for a querier with `view` (default: the
+    host itself); None when the name is not ours (forward it)."""
     settings = zone.settings
     out = _Reply(request, zone, settings.recursion_available)
     h = request.header
@@ -257,7 +319,7 @@ def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
         if q.qtype in (T_AXFR, T_IXFR):
             return out.rcode(REFUSED).finish()
         out.record.header.aa = 1
-        _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)])
+        _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)], view or HOST_VIEW)
         return out.finish()
     targets = zone.reverse.get(labels) if labels[-2:] in _REVERSE_ZONES else None
     if targets is not None:
@@ -271,7 +333,9 @@ def resolve(request: DNSRecord, zone: Zone) -> Answer | None:
     return None
 
 
-def _answer_local(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, rel: tuple[bytes, ...]) -> None:
+def _answer_local(
+    out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, rel: tuple[bytes, ...], view: View
+) -> None:
     rec = out.record
     if not rel:  # the apex
         if qtype == T_SOA:
@@ -292,7 +356,7 @@ def _answer_local(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, rel: tup
             out.negative(NOERROR)  # an empty non-terminal: names exist below it (RFC 8020)
         return
     if kind == b"service" and len(rel) in (2, 3):
-        _answer_service(out, zone, qname, qtype, rel[:-1])
+        _answer_service(out, zone, qname, qtype, rel[:-1], view)
         return
     if kind == b"container":
         name = b".".join(rel[:-1]).decode("utf-8", "replace")
@@ -341,11 +405,13 @@ class _ServiceRecords:
 MAX_SERVICE_RECORDS = 4096  # memoized answers per zone; beyond it answers are built each time
 
 
-def _answer_service(out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts: tuple[bytes, ...]) -> None:
-    memo_key = (tuple(qname.label), qtype)
+def _answer_service(
+    out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts: tuple[bytes, ...], view: View
+) -> None:
+    memo_key = (tuple(qname.label), qtype, view)
     memo = zone.service_records.get(memo_key)
     if memo is None:
-        built = _build_service_answer(out, zone, qname, qtype, parts)
+        built = _build_service_answer(out, zone, qname, qtype, parts, view)
         if built is None:
             return
         memo = built
@@ -366,7 +432,7 @@ def _service_key(parts: tuple[bytes, ...]) -> str:
 
 
 def _build_service_answer(
-    out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts: tuple[bytes, ...]
+    out: _Reply, zone: Zone, qname: DNSLabel, qtype: int, parts: tuple[bytes, ...], view: View
 ) -> _ServiceRecords | None:
     """The records of a service answer; None after answering NXDOMAIN itself."""
     tag: str | None = None
@@ -399,15 +465,16 @@ def _build_service_answer(
         return None
     # A known name with no usable endpoint answers NODATA, not SERVFAIL (README:
     # SERVFAIL makes stub resolvers fail over to other servers and retry).
-    usable = [(e, ip) for e in members if zone.usable(e) and (ip := zone.ip_of(e)) is not None]
+    # Each endpoint as this querier can reach it, or not at all.
+    usable = [(e, *at) for e in members if zone.usable(e) and (at := reach(e, view)) is not None]
     ttl = zone.service_ttl(svc)
     if qtype == T_SRV:
         targets: dict[str, IPAddress] = {}
         answers = []
-        for ep, ip in usable:
+        for ep, ip, port in usable:
             target = f"{addr_label(ip)}.addr.{zone.domain}"
             targets[target] = ip
-            srv = SRV(priority=1, weight=max(0, min(ep.weight, 0xFFFF)), port=ep.port, target=target)
+            srv = SRV(priority=1, weight=max(0, min(ep.weight, 0xFFFF)), port=port, target=target)
             answers.append(RR(qname, T_SRV, ttl=ttl, rdata=srv))
         return _ServiceRecords(tuple(answers), tuple(_rr_for_ip(t, ip, ttl) for t, ip in targets.items()))
     if qtype == T_ANY:
@@ -415,7 +482,7 @@ def _build_service_answer(
     # Two ports of one address: one A record (no duplicate RRs); a dict keeps
     # this linear for services with thousands of endpoints.
     want = 4 if qtype == T_A else 6 if qtype == T_AAAA else 0
-    unique = dict.fromkeys(ip for _, ip in usable if ip.version == want)
+    unique = dict.fromkeys(ip for _, ip, _ in usable if ip.version == want)
     return _ServiceRecords(tuple(_rr_for_ip(qname, ip, ttl) for ip in unique))
 
 

@@ -41,6 +41,7 @@ from beacon.dns.logs import Throttle, escape
 from beacon.dns.metrics import INVALID_QTYPE, DnsMetrics
 from beacon.dns.resolver import (
     Answer,
+    View,
     Zone,
     ZoneSettings,
     pack,
@@ -173,6 +174,21 @@ class _Cache:
         self.bytes = 0
 
 
+class _ViewCaches:
+    """The UDP and TCP caches of one view: answers differ by what the querier can reach."""
+
+    __slots__ = ("tcp", "udp", "view")
+
+    def __init__(self, view: View) -> None:
+        self.view = view
+        self.udp = _Cache()
+        self.tcp = _Cache()
+
+
+MAX_VIEWS = 64  # distinct (loopback, subnets) combinations; a host has a few networks
+MAX_SOURCES = 4096  # source address -> view map; cleared when full (spoofed sources)
+
+
 class DnsServer:
     def __init__(
         self,
@@ -193,14 +209,19 @@ class DnsServer:
         self._snapshot: Snapshot = catalog.snapshot
         self._zone: Zone | None = None
         self._settings = ZoneSettings()
-        self._cache = _Cache()
-        self._tcp_cache = _Cache()
+        self._views: dict[View, _ViewCaches] = {}
+        # Source address -> its view's caches (the UDP hot path reads the
+        # first, one dict lookup). Rebuilt lazily after each snapshot, since
+        # the subnets that tell views apart may change.
+        self._udp_by_source: dict[str, dict[bytes, _Entry]] = {}
+        self._source_caches: dict[str, _ViewCaches] = {}
         self._fwd: dict[bytes, _Forward] = {}
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.Server] = []
         self._tcp_conns: set[_TcpConnection] = set()
         self._tcp_sweeper: asyncio.TimerHandle | None = None
         self._throttle = Throttle(log, clock=clock)
+        self._refused_sources = Throttle(log, interval=float("inf"), clock=clock)  # once per source
         self._tasks: set[asyncio.Task[None]] = set()
         self._forwarder = Forwarder((), config.dns_recursor_timeout, self.metrics)
         self._allow = AllowList(())
@@ -232,7 +253,7 @@ class DnsServer:
         self._on_snapshot(self.catalog.snapshot)
         self._unlisten = self.catalog.add_listener(self._on_snapshot)
         self.metrics.live_hits = self._live_hits
-        self.metrics.cache_entries = lambda: len(self._cache.entries) + len(self._tcp_cache.entries)
+        self.metrics.cache_entries = lambda: sum(len(c.entries) for c in self._all_caches())
         if self._registry is not None:
             dns_metrics.register(self.metrics, self._registry)
         for sock in self._udp:
@@ -281,7 +302,7 @@ class DnsServer:
             await server.wait_closed()
         self._tcp_servers.clear()
         await self._forwarder.stop()
-        for cache in (self._cache, self._tcp_cache):
+        for cache in self._all_caches():
             cache.fold(self.metrics.count)
             cache.clear()
         dns_metrics.unregister(self.metrics)
@@ -335,15 +356,51 @@ class DnsServer:
         changed = {name.lower() for name in snapshot.changed_since(self._snapshot).services_touched}
         self._snapshot = snapshot
         self._zone = None
-        self._cache.prune(changed, self.metrics.count)
-        self._tcp_cache.prune(changed, self.metrics.count)
+        for cache in self._all_caches():
+            cache.prune(changed, self.metrics.count)
+        self._udp_by_source.clear()  # in place: the UDP read loop holds it
+        self._source_caches.clear()
         # A reverse name becomes ours when an endpoint takes its address.
         self._fwd = {}
 
     def _live_hits(self) -> Iterator[tuple[int, int, int]]:
-        for cache in (self._cache, self._tcp_cache):
+        for cache in self._all_caches():
             for e in list(cache.entries.values()):
                 yield e.qtype, e.rcode, e.hits
+
+    def _all_caches(self) -> list[_Cache]:
+        return [c for vc in list(self._views.values()) for c in (vc.udp, vc.tcp)]
+
+    def _caches_of(self, source: str) -> _ViewCaches:
+        """The caches of the view of a querier at `source` (computed once per snapshot)."""
+        found = self._source_caches.get(source)
+        if found is not None:
+            return found
+        view = self.zone.view_of(source)
+        found = self._views.get(view)
+        if found is None:
+            if len(self._views) >= MAX_VIEWS:
+                for cache in self._all_caches():
+                    cache.fold(self.metrics.count)
+                self._views.clear()
+                self._udp_by_source.clear()
+                self._source_caches.clear()
+            found = self._views[view] = _ViewCaches(view)
+        if len(self._source_caches) >= MAX_SOURCES:
+            self._udp_by_source.clear()
+            self._source_caches.clear()
+        self._source_caches[source] = found
+        self._udp_by_source[source] = found.udp.entries
+        return found
+
+    @property
+    def _cache(self) -> _Cache:
+        """The UDP cache of the host's own view (what loopback clients use)."""
+        return self._caches_of("127.0.0.1").udp
+
+    @property
+    def _tcp_cache(self) -> _Cache:
+        return self._caches_of("127.0.0.1").tcp
 
     @property
     def zone(self) -> Zone:
@@ -356,7 +413,7 @@ class DnsServer:
     def _on_udp_readable(self, sock: socket.socket) -> None:
         recv = sock.recvfrom
         send = sock.sendto
-        cache = self._cache.entries
+        by_source = self._udp_by_source
         perf = time.perf_counter
         started = perf()
         n = 0
@@ -371,7 +428,10 @@ class DnsServer:
                 n += 1
                 continue
             n += 1
-            entry = cache.get(data[2:])
+            entries = by_source.get(addr[0])
+            if entries is None:  # first query from this source since the snapshot
+                entries = self._caches_of(addr[0]).udp.entries
+            entry = entries.get(data[2:])
             if entry is not None:
                 entry.hits += 1
                 try:
@@ -390,7 +450,7 @@ class DnsServer:
 
     def _udp_miss(self, sock: socket.socket, data: bytes, addr: Any) -> bool:
         """Answer a query the exact-bytes lookup did not find. True when answered locally."""
-        found = self._miss(data, tcp=False)
+        found = self._miss(data, addr[0], tcp=False)
         if found is None:
             return False
         if isinstance(found, _Forward):
@@ -423,6 +483,7 @@ class DnsServer:
         elif self._allow.can_refresh():
             self._spawn(self._forward_after_refresh(data, addr[0], fwd, done))
         else:
+            self._refused(str(addr[0]))
             done(wire.question_reply(data, fwd.qend, wire.REFUSED, ra=True))
 
     async def _forward_after_refresh(
@@ -432,7 +493,19 @@ class DnsServer:
         if self._allow.allows(host):
             self._forwarder.forward(data, fwd.qend, done)
         else:
+            self._refused(host)
             done(wire.question_reply(data, fwd.qend, wire.REFUSED, ra=True))
+
+    def _refused(self, host: str) -> None:
+        """Log a source refused forwarding, once: often a NATed container the operator meant to allow."""
+        self._refused_sources.log(
+            logging.WARNING, host,
+            "refused: forwarding names outside %s for %s (not loopback, not in --dns-allow%s); "
+            "to allow it set --dns-allow %s (containers reaching the host's address may arrive NATed from it)",
+            self.config.dns_domain, escape(host),
+            "" if self.config.dns_allow is not None else " nor a Docker network",
+            escape(host) + ("/128" if ":" in host else "/32"),
+        )  # fmt: skip
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -440,7 +513,7 @@ class DnsServer:
         task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------ shared miss
-    def _miss(self, data: bytes, *, tcp: bool) -> _Miss:
+    def _miss(self, data: bytes, source: str, *, tcp: bool) -> _Miss:
         """The reply to a query whose exact bytes are not cached: from the entry
         of its case-folded key (resolved and packed on a real miss), with the
         question's own case put back; or a forward decision; None: drop it."""
@@ -454,13 +527,14 @@ class DnsServer:
             return self._invalid(data)
         folded = wire.case_folded(data)
         key, nend = folded if folded is not None else (data[2:], 0)
-        cache = self._tcp_cache if tcp else self._cache
+        caches = self._caches_of(source)
+        cache = caches.tcp if tcp else caches.udp
         entry = cache.entries.get(key)
         if entry is None:
             fwd = self._fwd.get(key)
             if fwd is not None:
                 return fwd
-            found = self._resolve(data, key, cache, tcp=tcp)
+            found = self._resolve(data, key, cache, caches.view, tcp=tcp)
             if not isinstance(found, _Entry):
                 return found
             entry = found
@@ -472,14 +546,14 @@ class DnsServer:
             reply = reply[:12] + data[12:nend] + reply[nend:]
         return reply
 
-    def _resolve(self, data: bytes, key: bytes, cache: _Cache, *, tcp: bool) -> _Entry | _Miss:
+    def _resolve(self, data: bytes, key: bytes, cache: _Cache, view: View, *, tcp: bool) -> _Entry | _Miss:
         """Parse, resolve and pack one query (its case-folded form); cache what can be cached."""
         try:
             request = DNSRecord.parse(data[:2] + key)
         except Exception:  # dnslib raises several types for malformed input
             return self._invalid(data)
         try:
-            answer = resolve(request, self.zone)
+            answer = resolve(request, self.zone, view)
             if answer is None:
                 qend = wire.question_end(data)
                 if qend is None:
@@ -529,12 +603,12 @@ class DnsServer:
 
     # --------------------------------------------------------------------- TCP
     def _tcp_query(self, conn: _TcpConnection, msg: bytes) -> None:
-        entry = self._tcp_cache.entries.get(msg[2:])
+        entry = self._caches_of(conn.host).tcp.entries.get(msg[2:])
         if entry is not None:
             entry.hits += 1
             conn.send(msg[:2] + entry.next())
             return
-        found = self._miss(msg, tcp=True)
+        found = self._miss(msg, conn.host, tcp=True)
         if found is None:
             conn.abort()  # not a query on a stream: nothing sensible to answer
         elif isinstance(found, _Forward):
@@ -592,6 +666,7 @@ class DnsServer:
             if self._allow.allows(conn.host):
                 reply = await self._forwarder.forward_tcp(msg, fwd.qend)
             else:
+                self._refused(conn.host)
                 reply = wire.question_reply(msg, fwd.qend, wire.REFUSED, ra=True)
             self.metrics.count(fwd.qtype, wire.rcode_of(reply))
             conn.send(reply)

@@ -337,9 +337,14 @@ class Balancer:
         self._passing: set[str] = set()
 
     # ------------------------------------------------------------- snapshots
-    def update_service(self, svc: Service, policy: str, sticky: bool, now: float) -> list[EndpointState]:
+    def update_service(
+        self, svc: Service, policy: str, sticky: bool, now: float, prefer_node: str | None = None
+    ) -> list[EndpointState]:
         """Rebuild the pool of a changed service; returns the endpoint states that
-        take no new requests any more (replaced, or no longer passing)."""
+        take no new requests any more (replaced, or no longer passing).
+
+        `prefer_node` (beacon.lb.locality=prefer-local): while any passing endpoint
+        is on that node, the pool holds only those; else every passing endpoint."""
         states = self.states
         retired: list[EndpointState] = []
         members: list[EndpointState] = []
@@ -361,6 +366,9 @@ class Balancer:
             else:
                 self._passing.discard(ep.id)
                 retired.append(st)  # draining: no new requests, let the backend go
+        if prefer_node is not None:
+            local = {ep.id for ep in svc.endpoints if ep.node == prefer_node}
+            members = [m for m in members if m.id in local] or members
         self.pools[svc.name] = Pool(svc.name, members, policy, sticky, self.ejection, self.rng, now)
         return retired
 

@@ -10,6 +10,8 @@ import itertools
 import logging
 import os
 import random
+import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +68,7 @@ class ProxyCore:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
+        self._local_node = config.node or socket.gethostname()  # as App names this node
         self.loop = loop
         self.clock = clock or loop.time
         self.metrics = ProxyMetrics()
@@ -89,16 +92,21 @@ class ProxyCore:
         self.connect_timeout = config.proxy_connect_timeout
         self.max_header_size = config.proxy_max_header_size
         self.max_body_size = config.proxy_max_body_size
+        self.max_connections = config.proxy_max_connections or default_max_connections()
+        self._at_cap = False
         self._trusted = config.trusted_proxies
         self._trust_cache: dict[str, bool] = {}
         self._route_cache: dict[str, tuple[Service, list[Route]]] = {}
         self._pool_sources: dict[str, Service] = {}
+        self._snapshot: Snapshot | None = None  # the last one applied
         self._conflicts: set[str] = set()
         self._rid_prefix = os.urandom(5).hex().encode() + b"-"
         self._rid = itertools.count(1)
         self._sweeper: asyncio.TimerHandle | None = None
         self._tick = max(0.02, min(1.0, min(self.header_timeout, self.idle_timeout, self.try_timeout) / 4))
         self._last_log: dict[str, float] = {}
+        # Set by the TLS frontend: may answer a request before routing (ex.error / ex.extra).
+        self.intercept: Callable[[Exchange, bytes, bytes], None] | None = None
 
     # ------------------------------------------------------------- lifecycle
     def start_timers(self) -> None:
@@ -131,13 +139,30 @@ class ProxyCore:
         return self.metrics.to_json(len(self.clients), len(self.pool), len(self.table.conflicts),
                                     self.balancer.in_flight())  # fmt: skip
 
-    def client_opened(self, client: ClientConnection) -> bool:
-        """A client connected; False if it must be closed at once (draining)."""
+    def client_opened(self, client: ClientConnection) -> str | None:
+        """A client connected: None to serve it, else why it must be closed at once."""
+        if self.stopping:
+            self.clients.add(client)
+            return ""
+        if len(self.clients) >= self.max_connections:
+            # Make room from an idle keep-alive connection (as nginx reuses
+            # them) before refusing; the scan only happens at the cap.
+            idle = next((c for c in self.clients if c.is_idle() and not c.closing), None)
+            if idle is None:
+                self.metrics.refused_connections += 1
+                if not self._at_cap:
+                    self._at_cap = True
+                    log.warning("refused: proxy connections at the cap (--proxy-max-connections %d); "
+                                "new ones get a 503 until some close", self.max_connections)  # fmt: skip
+                return "too many connections"
+            idle.close()
         self.clients.add(client)
-        return not self.stopping
+        return None
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        if self._at_cap and len(self.clients) < self.max_connections * 0.9:
+            self._at_cap = False  # the next time the cap is hit is logged again
         if self._drained is not None and not self.clients:
             self._drained.set()
 
@@ -177,6 +202,12 @@ class ProxyCore:
             up.close()  # idle in the pool too long
             return
         up.detach()
+        if not ex.request_done and not ex.response_started:
+            # The client is still sending its body: the wait is its doing, not
+            # the endpoint's (a slow or stalled client must not eject it).
+            self.endpoint_done(ex, None, neutral=True)
+            self._fail(ex, 408, "request body timeout")
+            return
         if ex.response_started and not self._unstart(ex):
             log.warning("timeout: upstream %s:%d stalled mid-response", up.state.address, up.state.port)
             self.endpoint_done(ex, FailureKind.STALLED)
@@ -192,13 +223,15 @@ class ProxyCore:
     def apply(self, snapshot: Snapshot) -> None:
         """Swap in routes and pools for a new snapshot (established connections stay).
 
-        Called inside the catalog's publish, so it is incremental: only services
-        whose Service object changed are rebuilt, and the routing table is
-        reused when no route changed.
+        Called inside the catalog's publish, so it is incremental: only the
+        services `snapshot.changed_since` the last one names are rebuilt, and
+        the routing table is reused when no route changed.
         """
         now = self.now = self.clock()
+        previous, self._snapshot = self._snapshot, snapshot
+        delta = snapshot.changed_since(previous) if previous is not None else None
         table = build_table(snapshot, self.config.proxy_domain, self._route_cache, self.table,
-                            self.config.proxy_expose_by_default)  # fmt: skip
+                            self.config.proxy_expose_by_default, delta)  # fmt: skip
         if table is not self.table:
             conflicts = {c.describe() for c in table.conflicts}
             for text in sorted(conflicts - self._conflicts):
@@ -206,8 +239,12 @@ class ProxyCore:
             self._conflicts = conflicts
         services = snapshot.services
         old_sources = self._pool_sources
-        changed = [name for name, svc in services.items() if old_sources.get(name) is not svc]
-        removed = [name for name in old_sources if name not in services]
+        if delta is None:
+            changed = list(services)
+            removed = [name for name in old_sources if name not in services]
+        else:
+            changed = [name for name in delta.services_changed if old_sources.get(name) is not services.get(name)]
+            removed = [name for name in delta.services_removed if name in old_sources]
         if not changed and not removed:
             self.table = table
             return
@@ -229,7 +266,9 @@ class ProxyCore:
             except ValueError as exc:
                 log.warning("ignored: beacon.lb of service %s: %s", name, exc)
                 policy, sticky = self.config.lb, False
-            retired += balancer.update_service(svc, policy, sticky, now)
+            # Cluster hook: beacon.lb.locality=prefer-local prefers this node's endpoints.
+            prefer = self._local_node if any(ep.locality == "prefer-local" for ep in svc.endpoints) else None
+            retired += balancer.update_service(svc, policy, sticky, now, prefer_node=prefer)
             if old is not None:
                 retired += balancer.forget(old, endpoints)
         self._pool_sources = sources
@@ -282,6 +321,10 @@ class ProxyCore:
         host = ex.host
         if ex.method == b"CONNECT":
             ex.error = ex.error or (405, "CONNECT is not supported by this reverse proxy")
+        elif ex.method == b"TRACE":
+            # It would echo the request back, cookies and credentials included
+            # (cross-site tracing); nginx answers 405 too.
+            ex.error = ex.error or (405, "TRACE is not supported by this reverse proxy")
         if url[:1] != b"/":
             if url == b"*":
                 url = b"/"
@@ -297,6 +340,8 @@ class ProxyCore:
             host = b""
         if ex.cl is not None and self.max_body_size and int(ex.cl) > self.max_body_size:
             ex.error = ex.error or (413, f"request body larger than {self.max_body_size} bytes")
+        if self.intercept is not None and ex.error is None:
+            self.intercept(ex, host, url)  # TLS: ACME challenge, https redirect, HSTS
         if ex.error is not None:
             ex.stats = self.metrics.service(UNROUTED)
             return
@@ -329,7 +374,7 @@ class ProxyCore:
         else:
             parts.append(client.xff_line if ex.xff is None else
                          b"X-Forwarded-For: " + ex.xff + b", " + client.peer + CRLF)  # fmt: skip
-            parts.append(b"X-Forwarded-Proto: http\r\n" if ex.xfp is None else b"X-Forwarded-Proto: " + ex.xfp + CRLF)
+            parts.append(client.forwarded_proto if ex.xfp is None else b"X-Forwarded-Proto: " + ex.xfp + CRLF)
         parts += (b"X-Forwarded-Host: ", host if ex.xfh is None else ex.xfh, b"\r\nX-Request-Id: ", ex.reqid, CRLF)
         if upgrade and ex.upgrade_value is not None:
             ex.upgrade = True
@@ -350,7 +395,7 @@ class ProxyCore:
             body_pending = not ex.request_done and (ex.chunked or ex.cl not in (None, b"0"))
             close = ex.close_client or not ex.keep_alive or self.stopping or body_pending or status in CLOSING_ERRORS
             ex.close_client = close
-            client.buffer(error_response(status, message, ex.reqid or b"-", close, ex.is_head))
+            client.buffer(error_response(status, message, ex.reqid or b"-", close, ex.is_head, ex.extra))
             ex.response_started = True
             ex.status = status
             self.finish(ex)
@@ -409,14 +454,17 @@ class ProxyCore:
             conn.pause_reading()
 
     # ------------------------------------------------------------- outcomes
-    def endpoint_done(self, ex: Exchange, failure: FailureKind | None) -> None:
-        """The exchange's try is over: tell the balancer how it went."""
+    def endpoint_done(self, ex: Exchange, failure: FailureKind | None, neutral: bool = False) -> None:
+        """The exchange's try is over: tell the balancer how it went (`neutral`:
+        it says nothing about the endpoint, e.g. the client went away)."""
         state = ex.endpoint
         if state is None:
             return
         ex.endpoint = None
         balancer = self.balancer
         balancer.drop(state)
+        if neutral:
+            return
         if failure is None:
             balancer.success(state)
             return
@@ -450,6 +498,8 @@ class ProxyCore:
             conn.close_after_exchange()
             if not ex.request_done:
                 ex.close_client = True
+            elif not conn.keep_alive:
+                self.pool.connect_ahead(conn.state)  # the upstream ended it: replace it before it is needed
         self.finish(ex)
 
     def finish(self, ex: Exchange) -> None:
@@ -534,7 +584,23 @@ class ProxyCore:
         ex.upstream = None
         if up is not None:
             up.detach()  # mid-request or mid-response: the connection is out of sync
-        self.endpoint_done(ex, None)
+        self.endpoint_done(ex, None, neutral=True)
+
+
+# File descriptors left to everything but proxied connections: the API, DNS,
+# the Docker socket, health checks (a check failing with EMFILE would pull a
+# healthy endpoint), logs.
+FD_RESERVE_MIN = 256
+
+
+def default_max_connections() -> int:
+    """Client connections that fit the open-file limit, each with an upstream
+    connection, after a reserve for the control plane; at most 10,000."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    reserve = max(FD_RESERVE_MIN, soft // 8)
+    return max(16, min(10_000, (soft - reserve) // 2))
 
 
 def client_factory(core: ProxyCore) -> Callable[[], asyncio.Protocol]:

@@ -55,6 +55,9 @@ PAUSE_PIPELINE, PAUSE_BUFFER, PAUSE_UPSTREAM = 1, 2, 4
 class ClientConnection(asyncio.Protocol):
     """The downstream side: parses requests, answers errors, streams responses."""
 
+    forwarded_proto = b"X-Forwarded-Proto: http\r\n"  # TLS connections (tls/frontend.py) say https
+    tls = False
+
     def __init__(self, core: ProxyCore) -> None:
         # The core decides routing and outcomes; this connection owns its parser,
         # its output buffer, its deadline and the order of its exchanges.
@@ -94,9 +97,13 @@ class ClientConnection(asyncio.Protocol):
         self.peer = ip.encode()
         self.trusted = core.is_trusted(ip)
         self.xff_line = b"X-Forwarded-For: " + self.peer + CRLF
-        self.forwarded = self.xff_line + b"X-Forwarded-Proto: http\r\n"
+        self.forwarded = self.xff_line + self.forwarded_proto
         self.deadline = core.now + core.header_timeout
-        if not core.client_opened(self):
+        refused = core.client_opened(self)
+        if refused is not None:
+            self.mode = MODE_CLOSING
+            if refused:
+                self.transport.write(error_response(503, refused, core.next_request_id(), True))
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -112,6 +119,10 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         self.queue.clear()
         self.cur = None
+
+    @property
+    def closing(self) -> bool:
+        return self.mode == MODE_CLOSING
 
     def close(self) -> None:
         self.mode = MODE_CLOSING
@@ -144,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.in_head:
             self.deadline = core.now + core.idle_timeout
+        heading = self.cur if self.in_head else None  # a head in progress before this chunk
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -151,7 +163,12 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
             return
-        if self.in_head:
+        if self.in_head and self.cur is heading:
+            # The same head spans the whole chunk: count it all (httptools
+            # buffers a header line it has not finished, so this is the bound
+            # on that). A head that began inside this chunk is not counted for
+            # it - the chunk also held the requests before it - only for the
+            # next ones: the bound is then the limit plus one read.
             self.head_raw += len(data)
             if self.head_raw > core.max_header_size:
                 self._reject(RequestRejected(431, "request header too large"))

@@ -22,7 +22,7 @@ class Exchange:
 
     __slots__ = (
         "attempts", "body_log", "body_log_size", "body_size", "chunked", "cl", "client",
-        "close_client", "conn_value", "cookie", "done", "endpoint", "error", "expect", "head",
+        "close_client", "conn_value", "cookie", "done", "endpoint", "error", "expect", "extra", "head",
         "host", "http11", "idempotent", "is_head", "keep_alive", "last_failure", "lines",
         "method", "pending", "pending_size", "reqid", "request_done", "response_started",
         "route", "set_cookie", "stats", "status", "t0", "tried", "upgrade",
@@ -70,6 +70,7 @@ class Exchange:
         self.attempts = 0
         self.last_failure: tuple[FailureKind, str] | None = None  # (kind, detail for the log)
         self.set_cookie: bytes | None = None
+        self.extra = b""  # response header lines (b"\r\nName: value") the TLS hooks add
         self.t0 = time.perf_counter()
 
     # --------------------------------------------------------- request body

@@ -16,7 +16,7 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 REASONS = {
-    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    200: b"OK", 308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }  # fmt: skip
@@ -83,13 +83,14 @@ def status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
-def error_response(status: int, message: str, request_id: bytes, close: bool, head_only: bool = False) -> bytes:
+def error_response(status: int, message: str, request_id: bytes, close: bool, head_only: bool = False,
+                   extra: bytes = b"") -> bytes:
     """A complete proxy error response: one text/plain line, framed by Content-Length."""
     body = message.encode("utf-8", "replace") + b"\n"
     parts = [
         status_line(status, REASONS.get(status, b"Error")),
         b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
-        b"X-Request-Id: " + request_id + CRLF,
+        b"X-Request-Id: " + request_id + extra + CRLF,  # extra: b"\r\nName: value" lines (TLS hooks)
         b"Connection: close\r\n" if close else b"",
         CRLF,
         b"" if head_only else body,
@@ -139,6 +140,14 @@ def filter_hop_headers(block: bytes) -> tuple[bytes, bool, bytes | None]:
         lines = block.split(b"\r\n")
         block = b"\r\n".join(ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in named)
     return block, chunked, upgrade_value
+
+
+_CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length:[^\r]*", re.IGNORECASE)
+
+
+def drop_content_length(block: bytes) -> bytes:
+    """A raw header block without its Content-Length header(s)."""
+    return _CONTENT_LENGTH_LINE.sub(b"", block)
 
 
 def filter_response_headers(block: bytes, low: bytes) -> tuple[bytes, bool, bytes | None]:

@@ -4,17 +4,7 @@ The data path bumps plain ints in a per-service `ServiceStats` (one list index
 per request, one bisect for the latency bucket); nothing touches a prometheus
 object per request. At scrape time one `Collector` folds the counts of every
 running ProxyServer - and of its worker processes, which report theirs over
-their pipe - into metric families:
-
-  beacon_proxy_requests_total{service,code_class}      responses sent, by 1xx..5xx
-  beacon_proxy_request_duration_seconds{service}       request start → response end
-  beacon_proxy_upstream_attempts_total{service}        tries sent to an endpoint
-  beacon_proxy_retries_total{service}                  tries after the first
-  beacon_proxy_ejections_total{service}                passive-health ejections
-  beacon_proxy_open_connections{side}                  client | upstream, now
-  beacon_proxy_in_flight_requests{service}             tries and tunnels being served, now
-  beacon_proxy_route_conflicts                         conflicting routes now
-  beacon_proxy_worker_restarts_total                   worker processes restarted
+their pipe - into the metric families listed in README.md "Metrics".
 
 Requests that matched no route are counted under service "unrouted". A
 service's counters are dropped when it leaves the catalog. A worker process
@@ -76,6 +66,7 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         self.services: dict[str, ServiceStats] = {}
+        self.refused_connections = 0  # over --proxy-max-connections
 
     def service(self, name: str) -> ServiceStats:
         stats = self.services.get(name)
@@ -101,6 +92,7 @@ class ProxyMetrics:
             "upstream_connections": upstream_connections,
             "conflicts": conflicts,
             "in_flight": in_flight,
+            "refused_connections": self.refused_connections,
         }
 
 
@@ -143,12 +135,13 @@ class ProxyCollector(Collector):
         merged: dict[str, dict[str, Any]] = {}
         in_flight: dict[str, int] = {}
         clients = upstreams = conflicts = 0
-        restarts = 0
+        restarts = refused = 0
         for report in reports:
             clients += report["client_connections"]
             upstreams += report["upstream_connections"]
             conflicts = max(conflicts, report["conflicts"])  # every process has the same table
             restarts += report.get("worker_restarts", 0)  # only the parent's report has it
+            refused += report.get("refused_connections", 0)
             fold_counters(merged, report["services"])
             for name, n in report.get("in_flight", {}).items():
                 in_flight[name] = in_flight.get(name, 0) + n
@@ -208,6 +201,11 @@ class ProxyCollector(Collector):
         )
         restart_counter.add_metric([], restarts)
         yield restart_counter
+        refused_counter = CounterMetricFamily(
+            "beacon_proxy_refused_connections", "Client connections refused at --proxy-max-connections"
+        )
+        refused_counter.add_metric([], refused)
+        yield refused_counter
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "code_class"])
@@ -219,6 +217,7 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("beacon_proxy_in_flight_requests", "", labels=["service"])
         yield GaugeMetricFamily("beacon_proxy_route_conflicts", "")
         yield CounterMetricFamily("beacon_proxy_worker_restarts", "")
+        yield CounterMetricFamily("beacon_proxy_refused_connections", "")
 
 
 COLLECTOR = ProxyCollector()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("beacon.proxy")
 
 MAX_IDLE_PER_ENDPOINT = 256
+MAX_AHEAD = 4
 
 
 class UpstreamPool:
@@ -33,6 +34,7 @@ class UpstreamPool:
         self._idle: dict[EndpointState, list[UpstreamConnection]] = {}
         self.connections: set[UpstreamConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ahead: dict[EndpointState, int] = {}  # connects ahead in flight
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -83,6 +85,37 @@ class UpstreamPool:
             return
         core.attach(ex, conn)
         ex.client.flush()
+
+    def connect_ahead(self, state: EndpointState) -> None:
+        """Open a connection to `state` for the idle pool now, off any request's
+        path: called when the upstream closed one (Connection: close, e.g. at
+        nginx's keepalive_requests), so the next request does not wait for a
+        connect. At most MAX_AHEAD in flight per endpoint; a failure counts
+        for nothing (no request was waiting on it)."""
+        if self.core.stopping or self._ahead.get(state, 0) >= MAX_AHEAD or not self._takes_requests(state):
+            return
+        self._ahead[state] = self._ahead.get(state, 0) + 1
+        task = self.core.loop.create_task(self._connect_ahead(state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_ahead(self, state: EndpointState) -> None:
+        core = self.core
+        try:
+            async with asyncio.timeout(core.connect_timeout):
+                _, conn = await core.loop.create_connection(
+                    lambda: UpstreamConnection(core, self, state), state.address, state.port
+                )
+        except (OSError, TimeoutError) as exc:
+            log.debug("failed: connect ahead to %s:%d: %s", state.address, state.port, exc)
+            return
+        finally:
+            left = self._ahead.get(state, 1) - 1
+            if left > 0:
+                self._ahead[state] = left
+            else:
+                self._ahead.pop(state, None)
+        self.release(conn)
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take a connection back: idle in the pool, or closed when not worth keeping."""

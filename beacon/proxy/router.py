@@ -2,26 +2,8 @@
 
 Built once per snapshot, read on every request. Every key is precomputed as
 lowercase ASCII bytes so the data path matches the raw header bytes without
-decoding them.
-
-Routes come from three places, most specific first:
-
-1. exact hosts - labels `beacon.http.host=api.example.com` and the implicit
-   `<service>.<proxy-domain>` of every service;
-2. wildcard hosts - `beacon.http.host=*.example.com` matches any name below
-   `example.com` (at any depth, not `example.com` itself); a longer suffix wins;
-3. any host - an endpoint with `beacon.http.path_prefix` and no host label.
-
-The host level is chosen first; within a host level the longest matching path
-prefix wins; if no prefix of that level matches the path, the next (less
-specific) host level is tried. A prefix matches on segment boundaries: `/api`
-matches `/api`, `/api/x` and `/api?q`, never `/apix`.
-
-Two services claiming the same (host, prefix) is a conflict: the first by
-service name wins (deterministic), and the conflict is logged by the caller
-and listed in `RoutingTable.conflicts`. A label route silently replaces the
-implicit `<service>.<domain>` route of another service and is listed too
-(kind "shadowed"), so the API can explain why a name goes elsewhere.
+decoding them. The routing rules (precedence, prefixes, conflicts) are
+described once, in README.md "Routing".
 """
 
 from __future__ import annotations
@@ -29,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from beacon.registry.model import Service, Snapshot
+from beacon.registry.model import Service, Snapshot, SnapshotDelta
 
 ANY_HOST = b"*"
 # Endpoint protocols an HTTP proxy can talk to (a udp port never gets a request).
@@ -243,6 +225,7 @@ def build_table(
     cache: dict[str, tuple[Service, list[Route]]] | None = None,
     previous: RoutingTable | None = None,
     expose_by_default: bool = True,
+    delta: SnapshotDelta | None = None,
 ) -> RoutingTable:
     """Build the routing table for a snapshot.
 
@@ -252,15 +235,24 @@ def build_table(
     It is updated in place. With `previous` (the table built with that cache),
     a snapshot whose services' routes are all unchanged - endpoints came,
     went or changed state, no label changed - returns `previous` itself.
+    With `delta` (the snapshot's `changed_since` the one `cache` was built
+    from) only the services it names are looked at: O(what changed).
     """
     services = snapshot.services if isinstance(snapshot, Snapshot) else snapshot
     domain_b = domain.strip().rstrip(".").lower().encode("ascii")
     memo = cache if cache is not None else {}
     changed = previous is None
-    for gone in [name for name in memo if name not in services]:
+    if delta is not None and cache is not None and previous is not None:
+        gone_names: Iterable[str] = [name for name in delta.services_removed if name in memo]
+        candidates: Iterable[str] = [name for name in delta.services_changed if name in services]
+    else:
+        gone_names = [name for name in memo if name not in services]
+        candidates = services.keys()
+    for gone in gone_names:
         del memo[gone]
         changed = True
-    for name, svc in services.items():
+    for name in candidates:
+        svc = services[name]
         hit = memo.get(name)
         if hit is not None and hit[0] is svc:
             continue

@@ -1,11 +1,6 @@
 """ProxyServer: the proxy's lifecycle - listener, snapshots in, workers, drain.
 
-With `--proxy-workers N` the parent serves as worker 0 in its own event loop
-and starts N-1 worker processes (`python -m beacon.proxy.worker`). Each binds
-its own listening socket on the same port with SO_REUSEPORT, so the kernel
-spreads new connections across processes. The parent forwards every snapshot
-to the workers over their stdin pipe (see wire.py); workers send their
-metrics back over stdout, so /metrics covers every process.
+How workers share the port, get snapshots and report metrics: README.md "Workers".
 """
 
 from __future__ import annotations
@@ -33,7 +28,9 @@ log = logging.getLogger("beacon.proxy")
 BACKLOG = 1024
 
 
-def listen_socket(address: HostPort, reuse_port: bool) -> socket.socket:
+def listen_socket(address: HostPort, reuse_port: bool, listen: bool = True) -> socket.socket:
+    """A bound (and, with `listen`, listening) socket. Bound but not listening
+    it holds the port for SO_REUSEPORT workers and gets no connections."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -43,7 +40,8 @@ def listen_socket(address: HostPort, reuse_port: bool) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
-        sock.listen(BACKLOG)
+        if listen:
+            sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -60,12 +58,19 @@ class LocalProxy:
         self.core: ProxyCore | None = None
         self.server: asyncio.Server | None = None
         self.address: HostPort | None = None
+        self._held: socket.socket | None = None  # the port, held for the workers (--proxy-isolated)
 
-    async def start(self, address: HostPort, reuse_port: bool, snapshot: Snapshot) -> HostPort:
+    async def start(self, address: HostPort, reuse_port: bool, snapshot: Snapshot, listen: bool = True) -> HostPort:
+        """Serve `address`; without `listen` only route (for the API) and hold the port."""
         loop = asyncio.get_running_loop()
         self.core = core = ProxyCore(self.config, loop, clock=self.clock)
         core.apply(snapshot)
-        sock = listen_socket(address, reuse_port)
+        sock = listen_socket(address, reuse_port, listen)
+        if not listen:
+            self._held = sock
+            host, port = sock.getsockname()[:2]
+            self.address = HostPort(host, port)
+            return self.address
         try:
             # create_server listens again: pass the backlog or it drops to 100.
             self.server = await loop.create_server(client_factory(core), sock=sock, backlog=BACKLOG)
@@ -78,6 +83,10 @@ class LocalProxy:
         return self.address
 
     async def stop(self, timeout: float) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+            self.core = None
         core, server = self.core, self.server
         if core is None or server is None:
             return
@@ -107,6 +116,7 @@ class ProxyServer:
         self._workers: list[_Worker] = []
         self._encoder = SnapshotEncoder()
         self._stopping = False
+        self.tls: Any = None  # beacon.proxy.tls.TlsFrontend with --proxy-tls-listen
 
     # ----------------------------------------------------------- inspection
     @property
@@ -135,27 +145,41 @@ class ProxyServer:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         workers = self.config.proxy_workers
-        self.address = await self._local.start(self.config.proxy_listen, workers > 1, self.catalog.snapshot)
+        isolated = self.config.proxy_isolated
+        # Isolated: every proxy process is a worker and this one only routes
+        # for the API; else this process is worker 0.
+        children = workers if isolated else workers - 1
+        self.address = await self._local.start(self.config.proxy_listen, children > 0, self.catalog.snapshot,
+                                               listen=not isolated)  # fmt: skip
         self._unsubscribe = self.catalog.add_listener(self._on_snapshot)
         COLLECTOR.add(self)
         try:
-            if workers > 1:
+            if self.config.proxy_tls_listen is not None:
+                from beacon.proxy.tls import TlsFrontend  # imported only when used (acme, cryptography)
+
+                assert self._local.core is not None
+                self.tls = TlsFrontend(self.config, self._local.core)
+                await self.tls.start(self.catalog.snapshot)
+            if children:
                 # Deltas sent from now on are relative to this snapshot; each
                 # worker gets the then-current snapshot whole when it starts.
                 self._encoder.encode(self.catalog.snapshot, full=True)
-            for n in range(1, workers):
+            for n in range(1, children + 1):
                 worker = _Worker(n, self.config, self.address, lambda: self.catalog.snapshot)
                 self._workers.append(worker)
                 await worker.start()
         except BaseException:
             await self.stop()
             raise
-        log.info("listening: proxy on %s (%d worker%s)", self.address, workers, "s" if workers > 1 else "")
+        log.info("listening: proxy on %s (%d worker%s%s)", self.address, children + (not isolated),
+                 "s" if children + (not isolated) > 1 else "", ", isolated" if isolated else "")  # fmt: skip
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         core = self._local.core
         if core is not None:
             core.apply(snapshot)
+        if self.tls is not None:
+            self.tls.apply(snapshot)
         if self._workers:
             payload = self._encoder.encode(snapshot)
             for w in self._workers:
@@ -169,11 +193,15 @@ class ProxyServer:
             self._unsubscribe()
             self._unsubscribe = None
         timeout = max(0.1, self.config.shutdown_timeout * 0.9)
+        if self.tls is not None:
+            self.tls.close()  # stop accepting; its connections drain with the plain ones
         await asyncio.gather(
             self._local.stop(timeout),
             *(w.stop(timeout) for w in self._workers),
         )
         self._workers.clear()
+        if self.tls is not None:
+            await self.tls.stop()
         COLLECTOR.remove(self)
         log.info("stopped: proxy on %s", self.address)
 

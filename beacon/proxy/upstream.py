@@ -11,7 +11,7 @@ import httptools
 from beacon.proxy.balancer import EndpointState, FailureKind
 from beacon.proxy.downstream import PAUSE_UPSTREAM
 from beacon.proxy.exchange import Exchange
-from beacon.proxy.http1 import LAST_CHUNK, UpstreamProtocolError, filter_response_headers
+from beacon.proxy.http1 import LAST_CHUNK, UpstreamProtocolError, drop_content_length, filter_response_headers
 
 if TYPE_CHECKING:
     from beacon.proxy.core import ProxyCore
@@ -275,6 +275,8 @@ class UpstreamConnection(asyncio.Protocol):
         block, chunked, upgrade_value = filter_response_headers(block, low)
         if status == 101 and (not ex.upgrade or upgrade_value is None):
             raise UpstreamProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+        if status == 204 and has_cl:
+            block = drop_content_length(block)  # never on a 204 (RFC 9110 §8.6)
         self.status = status
         self.keep_alive = parser.should_keep_alive()
         if ex.is_head or status == 204 or status == 304 or status == 101:
@@ -312,6 +314,8 @@ class UpstreamConnection(asyncio.Protocol):
             parts = [b"HTTP/1.1", buf[start + 8 : first], block, b"\r\nX-Request-Id: ", ex.reqid]
         if ex.set_cookie is not None:
             parts.append(ex.set_cookie)
+        if ex.extra:
+            parts.append(ex.extra)
         if status == 101:
             parts.append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade_value or b""))
         elif mode == BODY_CHUNKED:

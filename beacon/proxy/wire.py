@@ -27,7 +27,7 @@ from beacon.registry.model import Endpoint, Service, Snapshot, Source, State
 HEADER = struct.Struct(">cI")
 
 _FIELDS = ("id", "service", "address", "port", "protocol", "state", "weight", "lb", "http_hosts",
-           "http_path_prefix", "http_strip_prefix")  # fmt: skip
+           "http_path_prefix", "http_strip_prefix", "node", "locality")  # fmt: skip
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -37,7 +37,7 @@ def frame(kind: bytes, payload: bytes) -> bytes:
 def _rows(service: Service) -> list[list[Any]]:
     return [
         [ep.id, ep.service, ep.address, ep.port, ep.protocol, ep.state.value, ep.weight, ep.lb, list(ep.http_hosts),
-         ep.http_path_prefix, ep.http_strip_prefix]
+         ep.http_path_prefix, ep.http_strip_prefix, ep.node, ep.locality]
         for ep in service.endpoints
     ]  # fmt: skip
 
@@ -57,6 +57,8 @@ def _endpoint(row: list[Any]) -> Endpoint:
         http_hosts=tuple(values["http_hosts"]),
         http_path_prefix=values["http_path_prefix"],
         http_strip_prefix=bool(values["http_strip_prefix"]),
+        node=str(values["node"]),  # cluster: node and locality for beacon.lb.locality
+        locality=values["locality"],
     )
 
 

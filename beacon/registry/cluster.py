@@ -24,6 +24,7 @@ for any new registration.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -40,6 +41,7 @@ from beacon.registry.store.base import Change, Store, StoreError
 log = logging.getLogger("beacon.registry.cluster")
 
 SOURCE_PREFIX = "remote:"
+FOLD_CHUNK = 2000  # remote changes folded per loop turn
 MANUAL_SOURCE_PREFIX = "manual:"
 
 
@@ -108,6 +110,8 @@ class ClusterSource:
         self._previous = Snapshot(index=0, services={}, endpoints={})
         self._bad_keys: set[str] = set()  # keys whose record we could not use (logged once)
         self._unlisten: list[Callable[[], None]] = []
+        self._queue: collections.deque[Change] = collections.deque()
+        self._drain_handle: asyncio.Handle | None = None
         self._manual_task: asyncio.Task[None] | None = None
         self.remote_changes = 0
 
@@ -141,7 +145,6 @@ class ClusterSource:
     async def start(self) -> None:
         self._unlisten.append(self._store.subscribe(self._on_store_changes))
         await self._store.start()  # NodeNameTaken propagates: the agent must not run
-        self._on_store_changes([Change(k, v) for k, v in self._store.view().items()])
         if self._manual is not None:
             if not await self._load_manual():
                 self._manual_task = asyncio.create_task(self._retry_manual(), name="beacon-cluster-manual")
@@ -156,6 +159,9 @@ class ClusterSource:
         for unlisten in self._unlisten:
             unlisten()
         self._unlisten.clear()
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
         if self._manual_task is not None:
             self._manual_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -227,8 +233,32 @@ class ClusterSource:
 
     # ----------------------------------------------- store -> catalog (fold)
     def _on_store_changes(self, changes: Sequence[Change]) -> None:
+        """Fold store changes in order; a big batch (a re-list of the whole
+        cluster) is folded FOLD_CHUNK at a time so the loop keeps serving and
+        the lease keepalive is never starved."""
+        self._queue.extend(changes)
+        if self._drain_handle is not None:
+            return  # a drain is under way: these follow in order
+        if len(self._queue) <= FOLD_CHUNK:
+            self._fold_some()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (pure use): fold it all now
+            while self._queue:
+                self._fold_some()
+            return
+        self._drain_handle = loop.call_soon(self._drain_step)
+
+    def _drain_step(self) -> None:
+        self._fold_some()
+        self._drain_handle = asyncio.get_running_loop().call_soon(self._drain_step) if self._queue else None
+
+    def _fold_some(self) -> None:
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(FOLD_CHUNK, len(queue)))]
         now = self._wall()
-        for change in changes:
+        for change in batch:
             parsed = parse_key(change.key)
             if parsed is None:
                 continue

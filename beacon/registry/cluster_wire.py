@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from beacon.registry.model import CheckSpec, CheckStatus, Endpoint, Source, State
+from beacon.registry.model import EMPTY_MAP, CheckSpec, CheckStatus, Endpoint, Source, State
 
 MAX_VALUE = 64 * 1024  # bytes of one endpoint record
 _MAX_STR = 4096
@@ -40,7 +40,7 @@ def endpoint_to_wire(ep: Endpoint, *, full: bool = False) -> bytes:
         "meta": dict(ep.meta),
         "source": ep.source.to_json(),
     }
-    for name in ("dns_ttl", "lb", "http_path_prefix"):
+    for name in ("dns_ttl", "lb", "http_path_prefix", "locality"):
         if (value := getattr(ep, name)) is not None:
             out[name] = value
     if ep.http_hosts:
@@ -60,37 +60,60 @@ def endpoint_to_wire(ep: Endpoint, *, full: bool = False) -> bytes:
     return json.dumps(out, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _get(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    if name not in d:
-        if default is ...:
+_MISSING: Any = object()
+
+
+# Hot path (a fresh agent decodes every endpoint of the cluster): exact type
+# checks (`type(v) is str`) rather than isinstance, so a JSON true is never an int.
+def _str(d: Mapping[str, Any], name: str, default: Any = _MISSING) -> Any:
+    value = d.get(name, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
             raise ValueError(f"{name} is missing")
         return default
-    value = d[name]
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ValueError(f"{name} has the wrong type")
-    if not isinstance(value, kind):
-        raise ValueError(f"{name} has the wrong type")
-    if isinstance(value, str) and len(value) > _MAX_STR:
-        raise ValueError(f"{name} is too long")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} is not finite")
+    if type(value) is not str or len(value) > _MAX_STR:
+        raise ValueError(f"{name} must be a string of at most {_MAX_STR} characters")
+    return value
+
+
+def _int(d: Mapping[str, Any], name: str, low: int, high: int, default: Any = _MISSING) -> Any:
+    value = d.get(name, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise ValueError(f"{name} is missing")
+        return default
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _num(d: Mapping[str, Any], name: str, default: float) -> float:
+    value = d.get(name, default)
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+    return float(value)
+
+
+def _obj(d: Mapping[str, Any], name: str, default: Any = _MISSING) -> Any:
+    value = d.get(name, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise ValueError(f"{name} is missing")
+        return default
+    if type(value) is not dict:
+        raise ValueError(f"{name} must be an object")
     return value
 
 
 def _strings(d: Mapping[str, Any], name: str) -> tuple[str, ...]:
-    items = _get(d, name, list, [])
-    if len(items) > _MAX_LIST or not all(isinstance(i, str) and len(i) <= 255 for i in items):
+    items = d.get(name)
+    if items is None:
+        return ()
+    if type(items) is not list or len(items) > _MAX_LIST or not all(
+        type(i) is str and len(i) <= 255 for i in items
+    ):
         raise ValueError(f"{name} must be a list of at most {_MAX_LIST} short strings")
     return tuple(items)
-
-
-def _int(d: Mapping[str, Any], name: str, low: int, high: int, default: Any = ...) -> Any:
-    value = _get(d, name, int, default)
-    if value is None:
-        return None
-    if not low <= value <= high:
-        raise ValueError(f"{name} out of range")
-    return int(value)
 
 
 def endpoint_from_wire(raw: bytes, *, node: str) -> Endpoint:
@@ -103,49 +126,49 @@ def endpoint_from_wire(raw: bytes, *, node: str) -> Endpoint:
         raise ValueError("record is not JSON") from None
     if not isinstance(d, dict):
         raise ValueError("record is not an object")
-    src = _get(d, "source", dict)
-    kind = _get(src, "kind", str)
+    src = _obj(d, "source")
+    kind = _str(src, "kind")
     if kind not in ("container", "manual"):
         raise ValueError("source.kind must be container or manual")
-    source = Source(kind, _get(src, "container_id", str, None), _get(src, "container_name", str, None))
-    meta = _get(d, "meta", dict, {})
-    if len(meta) > _MAX_LIST or not all(isinstance(v, str) and len(v) <= _MAX_STR for v in meta.values()):
+    source = Source(kind, _str(src, "container_id", None), _str(src, "container_name", None))
+    meta = _obj(d, "meta", {})
+    if len(meta) > _MAX_LIST or not all(type(v) is str and len(v) <= _MAX_STR for v in meta.values()):
         raise ValueError("meta must map at most 64 keys to strings")
     status: CheckStatus | None = None
-    if (cs := _get(d, "check_status", dict, None)) is not None:
+    if (cs := _obj(d, "check_status", None)) is not None:
         status = CheckStatus(
-            state=State(_get(cs, "state", str)),
-            output=_get(cs, "output", str, ""),
-            last_change=float(_get(cs, "last_change", (int, float), 0.0)),
+            state=State(_str(cs, "state")),
+            output=_str(cs, "output", ""),
+            last_change=_num(cs, "last_change", 0.0),
         )
     check: CheckSpec | None = None
-    if (c := _get(d, "check", dict, None)) is not None:
-        ck = _get(c, "kind", str)
+    if (c := _obj(d, "check", None)) is not None:
+        ck = _str(c, "kind")
         if ck not in ("http", "tcp", "ttl"):
             raise ValueError("check.kind must be http, tcp or ttl")
         check = CheckSpec(
             kind=ck,
-            path=_get(c, "path", str, "/"),
-            method=_get(c, "method", str, "GET"),
+            path=_str(c, "path", "/"),
+            method=_str(c, "method", "GET"),
             status_min=_int(c, "status_min", 100, 599, 200),
             status_max=_int(c, "status_max", 100, 599, 399),
-            interval=float(_get(c, "interval", (int, float), 5.0)),
-            timeout=float(_get(c, "timeout", (int, float), 2.0)),
+            interval=_num(c, "interval", 5.0),
+            timeout=_num(c, "timeout", 2.0),
             rise=_int(c, "rise", 1, 1000, 1),
             fall=_int(c, "fall", 1, 1000, 1),
-            ttl=float(_get(c, "ttl", (int, float), 0.0)),
+            ttl=_num(c, "ttl", 0.0),
         )
-    protocol = _get(d, "protocol", str, "tcp")
+    protocol = _str(d, "protocol", "tcp")
     if protocol not in ("tcp", "udp"):
         raise ValueError("protocol must be tcp or udp")
     try:
-        state = State(_get(d, "state", str, "passing"))
+        state = State(_str(d, "state", "passing"))
     except ValueError:
         raise ValueError("state is not a known state") from None
     return Endpoint(
-        id=_get(d, "id", str),
-        service=_get(d, "service", str),
-        address=_get(d, "address", str),
+        id=_str(d, "id"),
+        service=_str(d, "service"),
+        address=_str(d, "address"),
         port=_int(d, "port", 0, 65535),
         source=source,
         node=node,
@@ -153,12 +176,13 @@ def endpoint_from_wire(raw: bytes, *, node: str) -> Endpoint:
         state=state,
         weight=_int(d, "weight", 0, 1_000_000, 1),
         tags=_strings(d, "tags"),
-        meta=MappingProxyType(dict(sorted(meta.items()))),
+        meta=MappingProxyType(dict(sorted(meta.items()))) if meta else EMPTY_MAP,
         dns_ttl=_int(d, "dns_ttl", 0, 2**31 - 1, None),
-        lb=_get(d, "lb", str, None),
+        lb=_str(d, "lb", None),
+        locality=_str(d, "locality", None),
         http_hosts=_strings(d, "http_hosts"),
-        http_path_prefix=_get(d, "http_path_prefix", str, None),
-        http_strip_prefix=bool(_get(d, "http_strip_prefix", bool, False)),
+        http_path_prefix=_str(d, "http_path_prefix", None),
+        http_strip_prefix=d.get("http_strip_prefix") is True,
         check=check,
         check_status=status,
     )

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from beacon import grammar
 from beacon.registry.checkspec import parse_check_labels
-from beacon.registry.model import EMPTY_MAP, Balancing, Endpoint, Source, State
+from beacon.registry.model import EMPTY_MAP, Balancing, Endpoint, NetworkAddress, Source, State
 
 MAX_DNS_TTL = 86400
 MAX_WEIGHT = 65535  # an SRV weight is 16 bits
@@ -249,6 +249,24 @@ def _choose_network(
     return name, usable[name]
 
 
+def _network_addresses(attrs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(subnet, container IP) on every Docker network the container is attached to."""
+    networks: Mapping[str, Any] = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    out: list[tuple[str, str]] = []
+    for net in networks.values():
+        for ip_key, len_key in (("IPAddress", "IPPrefixLen"), ("GlobalIPv6Address", "GlobalIPv6PrefixLen")):
+            ip, prefix = (net or {}).get(ip_key), (net or {}).get(len_key)
+            if not ip or not isinstance(prefix, int):
+                continue
+            try:
+                subnet = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+            except (TypeError, ValueError):
+                continue
+            if (str(subnet), str(ip)) not in out:
+                out.append((str(subnet), str(ip)))
+    return out[:64]  # bounded: a container is on a few networks
+
+
 def _container_state(attrs: Mapping[str, Any]) -> State | None:
     """None when the container is not running (it offers nothing)."""
     st = attrs.get("State") or {}
@@ -274,6 +292,7 @@ class _Settings:
     http_hosts: tuple[str, ...] = ()
     http_path_prefix: str | None = None
     http_strip_prefix: bool = False
+    locality: str | None = None
 
 
 def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
@@ -315,6 +334,8 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
                 meta[name] = value
             else:
                 problems.add(key, value, "metadata key must be 1-128 of A-Z a-z 0-9 . _ -")
+        elif key == "beacon.tls" or key.startswith("beacon.tls."):
+            meta[key] = value  # parsed by beacon/proxy/tls/policy.py (its own typed parser)
 
     dns_ttl: int | None = None
     if (raw := labels.get("beacon.dns.ttl")) is not None:
@@ -337,6 +358,13 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
             problems.add("beacon.lb", raw, str(exc), "using --lb")
         else:
             lb = raw.strip().lower()
+
+    locality: str | None = None  # cluster hook: beacon.lb.locality (prefer-local | any)
+    if (raw := labels.get("beacon.lb.locality")) is not None:
+        if raw.strip().lower() in ("prefer-local", "any"):
+            locality = raw.strip().lower() if raw.strip().lower() != "any" else None
+        else:
+            problems.add("beacon.lb.locality", raw, "expected prefer-local or any", "using any")
 
     hosts: dict[str, None] = {}  # ordered, de-duplicated in linear time
     if (raw := labels.get("beacon.http.host")) is not None:
@@ -382,6 +410,7 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
         http_hosts=tuple(hosts),
         http_path_prefix=prefix,
         http_strip_prefix=strip,
+        locality=locality,
     )
 
 
@@ -503,6 +532,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     problems.items.extend(f"container {who}: {_one_line(p)}" for p in check_problems)
 
     source = Source("container", container_id=cid, container_name=cname)
+    on_networks = [] if host_network else _network_addresses(attrs)
     several = len({p.number for p in candidates}) > 1
     endpoints: list[Endpoint] = []
     for port in sorted(candidates, key=lambda p: (p.number, p.protocol)):
@@ -548,8 +578,10 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
                     http_hosts=settings.http_hosts,
                     http_path_prefix=settings.http_path_prefix,
                     http_strip_prefix=settings.http_strip_prefix,
+                    locality=settings.locality,
                     check=check,
                     autoheal=autoheal,
+                    networks=tuple(NetworkAddress(net, ip, port.number) for net, ip in on_networks),
                 )
             )
     if not endpoints:

@@ -109,6 +109,15 @@ class CheckStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkAddress:
+    """Where a container's port is reached from one Docker network it is on."""
+
+    subnet: str  # the network's CIDR as the container sees it, e.g. 172.18.0.0/16
+    address: str  # the container's IP on that network
+    port: int  # the container's own port (not the published one)
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One reachable instance of a service: address:port plus what we know about it.
 
@@ -131,12 +140,16 @@ class Endpoint:
     # Per-endpoint settings that consumers read (all from beacon.* labels).
     dns_ttl: int | None = None  # beacon.dns.ttl
     lb: str | None = None  # beacon.lb
+    locality: str | None = None  # beacon.lb.locality: "prefer-local" (proxy prefers this node's endpoints)
     http_hosts: tuple[str, ...] = ()  # beacon.http.host
     http_path_prefix: str | None = None  # beacon.http.path_prefix
     http_strip_prefix: bool = False  # beacon.http.strip_prefix
     check: CheckSpec | None = None  # beacon.check.*
     autoheal: AutohealSpec | None = None  # beacon.autoheal*
     check_status: CheckStatus | None = None  # filled in by the catalog
+    # A container's addresses on its Docker networks: DNS answers a querier on
+    # one of these subnets with them instead of `address` (which it may not reach).
+    networks: tuple[NetworkAddress, ...] = ()
 
     @property
     def is_ipv6(self) -> bool:

@@ -28,30 +28,29 @@ work="$(mktemp -d)"
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 list="$work/files"
 
-# Every file and symlink of the packages, minus documentation, translations and
-# Python's own test suite.
-dpkg -L "${packages[@]}" | while read -r f; do
-  [ -d "$f" ] && continue  # directories (and the /bin -> usr/bin link) come from the skeleton
-  [ -f "$f" ] || [ -L "$f" ] || continue
-  case "$f" in
-    /usr/share/doc/*|/usr/share/man/*|/usr/share/lintian/*|/usr/share/locale/*|/usr/lib/python3.11/test/*) continue ;;
-  esac
-  echo "$f"
-done >"$list.pkg"
-
 # Shared libraries: the interpreter's and every extension module's ldd closure.
 { echo /usr/bin/python3.11; ls /usr/lib/python3.11/lib-dynload/*.so; echo /usr/bin/dash; } |
   xargs ldd 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} NF == 2 && $1 ~ /^\// && $2 ~ /^\(0x/ {print $1}' |
   sort -u >"$list.libs"
 
-# Store canonical paths (Debian merges /bin and /lib into /usr): a member
-# written through a symlinked directory would not unpack. Keep a symlinked
-# library (libfoo.so.1 -> libfoo.so.1.2.3) as both the link and its target.
-cat "$list.pkg" "$list.libs" | while read -r f; do
-  dir="$(realpath "$(dirname "$f")")"
-  echo "$dir/$(basename "$f")"
-  case "$f" in *.so*) [ -L "$f" ] && realpath "$f" ;; esac
-done | sed 's|^/||' | sort -u >"$list"
+# Every file and symlink of the packages (minus documentation, translations and
+# Python's own test suite) and those libraries, by canonical path: Debian
+# merges /bin and /lib into /usr, and a member written through a symlinked
+# directory would not unpack. A symlinked library (libfoo.so.1 ->
+# libfoo.so.1.2.3) is kept as both the link and its target. (One Python
+# process instead of a few thousand forks of realpath/dirname.)
+{ dpkg -L "${packages[@]}"; cat "$list.libs"; } | python3 -c '
+import os, sys
+skip = ("/usr/share/doc/", "/usr/share/man/", "/usr/share/lintian/", "/usr/share/locale/", "/usr/lib/python3.11/test/")
+out = set()
+for f in sys.stdin.read().split("\n"):
+    if not f or f.startswith(skip) or os.path.isdir(f) or not os.path.lexists(f):
+        continue  # directories (and the /bin -> usr/bin link) come from the skeleton
+    out.add(os.path.join(os.path.realpath(os.path.dirname(f)), os.path.basename(f)))
+    if ".so" in f and os.path.islink(f):
+        out.add(os.path.realpath(f))
+print("\n".join(sorted(p.lstrip("/") for p in out)))
+' >"$list"
 
 versions="$(dpkg-query -W -f '${Package}=${Version}\n' "${packages[@]}")"
 sum="$( (echo "$versions"; cat "$list"; cat "$0") | sha256sum | cut -c1-16)"

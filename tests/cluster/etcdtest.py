@@ -127,6 +127,7 @@ class TcpRelay:
 
     cut(): abort every relayed connection and refuse new ones (etcd "down").
     stall(): keep connections open but forward nothing (a half-open path).
+    stall_open_watches(): silence the watch streams open now, nothing else (etcd#8980).
     slow(delay): forward each chunk `delay` seconds late.
     restore(): back to a clean relay.
     """
@@ -141,6 +142,8 @@ class TcpRelay:
         self._flowing.set()
         self.delay = 0.0
         self.connections = 0
+        self._watch_writers: set[asyncio.StreamWriter] = set()  # client sides of watch requests
+        self._silenced: set[asyncio.StreamWriter] = set()
 
     @property
     def endpoint(self) -> str:
@@ -160,6 +163,10 @@ class TcpRelay:
 
     def stall(self) -> None:
         self._flowing.clear()
+
+    def stall_open_watches(self) -> int:
+        self._silenced |= self._watch_writers
+        return len(self._silenced)
 
     def slow(self, delay: float) -> None:
         self.delay = delay
@@ -184,15 +191,21 @@ class TcpRelay:
             return
         self.connections += 1
         self._writers |= {writer, up_writer}
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        for src, dst, client in ((reader, up_writer, writer), (up_reader, writer, None)):
+            task = asyncio.create_task(self._pipe(src, dst, client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: asyncio.StreamWriter | None
+    ) -> None:
         try:
             while data := await src.read(65536):
+                if client is not None and data.startswith(b"POST /v3/watch"):
+                    self._watch_writers.add(client)  # this connection carries a watch
                 await self._flowing.wait()  # stalled: hold the bytes, the peer sees silence
+                if dst in self._silenced:  # a silenced watch: never answer again (until cut)
+                    await asyncio.Event().wait()
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 dst.write(data)

@@ -196,6 +196,20 @@ async def test_half_open_connection_is_detected_and_recovered(
         await eventually(lambda: a.connected and "nodes/b/ep/x" in a.view(), timeout=TTL + 5)
 
 
+async def test_silent_watch_is_noticed_and_resumed_without_relist(
+    etcd: EtcdCluster, prefix: str, relay: TcpRelay
+) -> None:
+    async with running(make_store([relay.endpoint], prefix, "a", watch_idle=2.0)) as a, running(
+        make_store(etcd.endpoints, prefix, "b")
+    ) as b:
+        await eventually(lambda: a.connected)
+        assert relay.stall_open_watches() == 1  # keepalives and writes still get through
+        sessions = a.sessions
+        b.set_own("nodes/b/ep/x", b"1")
+        await eventually(lambda: "nodes/b/ep/x" in a.view(), timeout=2.0 + TTL + 3)
+        assert a.sessions == sessions + 1 and a.relists == 1  # a new session resumed the watch
+
+
 async def test_slow_etcd_still_converges(etcd: EtcdCluster, prefix: str, relay: TcpRelay) -> None:
     relay.slow(0.05)
     async with running(make_store([relay.endpoint], prefix, "a")) as a, running(

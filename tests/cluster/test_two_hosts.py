@@ -219,3 +219,21 @@ async def test_etcd_outage_while_containers_come_and_go_then_converge(
     await eventually(lambda: all(set(ids_of(x, service)) == want for x in pair.agents()), timeout=15)
     await eventually(lambda: all(x.get("/healthz")["status"] == "ok" for x in pair.agents()), timeout=10)
     assert len(want) == 2
+
+
+async def test_prefer_local_serves_this_node_first_and_falls_back(
+    pair: Pair, run_b: ContainerFactory, run_container: ContainerFactory
+) -> None:
+    service = f"local{RUN_ID}"
+    local = {**labels(service), "beacon.lb.locality": "prefer-local"}
+    on_a = run_container(labels=local, ports=ON_A)
+    on_b = run_b(labels=local, ports=ON_B)
+    await eventually(lambda: all(len(ids_of(x, service)) == 2 for x in pair.agents()), timeout=15)
+    async with aiohttp.ClientSession() as http:
+        from_a = {(await proxy_get(http, pair.a, service))[1] for _ in range(10)}
+        from_b = {(await proxy_get(http, pair.b, service))[1] for _ in range(10)}
+        assert from_a == {on_a.id[:12]} and from_b == {on_b.id[:12]}
+        on_a.stop(timeout=2)
+        await eventually(lambda: len(ids_of(pair.a, service)) == 1, timeout=10)
+        fallback = {(await proxy_get(http, pair.a, service))[1] for _ in range(10)}
+    assert fallback == {on_b.id[:12]}

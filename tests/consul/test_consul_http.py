@@ -61,6 +61,8 @@ async def test_errors_are_consuls(http: aiohttp.ClientSession) -> None:
         assert "Beacon does not serve /v1/kv/some/key" in await resp.text()
     async with http.put("/v1/catalog/services") as resp:
         assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD"
+    async with http.delete("/v1/health/service/web") as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD"
     async with http.get("/v1/catalog/node/nobody") as resp:
         assert (resp.status, await resp.text()) == (200, "null")  # as Consul
     async with http.get("/v1/agent/health/service/name/nothing") as resp:
@@ -223,3 +225,21 @@ async def test_prometheus_consul_sd_request_sequence(app: App, http: aiohttp.Cli
     async with http.get("/v1/health/service/web?stale=&wait=120000ms") as resp:
         checks = (await resp.json())[0]["Checks"]
     assert "_service_maintenance:aaa-80" in [c["CheckID"] for c in checks]  # Prometheus: health="maintenance"
+
+
+async def test_filter_narrows_answers_and_a_bad_one_is_consuls_400(app: App, http: aiohttp.ClientSession) -> None:
+    put(app.catalog, container_endpoint("aaa", "web", tags=("prod",), meta={"env": "live"}),
+        container_endpoint("bbb", "web", tags=("canary",)), container_endpoint("ccc", "db", port=5432))
+    async with http.get("/v1/health/service/web", params={"filter": '"prod" in Service.Tags'}) as resp:
+        assert [e["Service"]["ID"] for e in await resp.json()] == ["aaa-80"]
+    async with http.get("/v1/catalog/service/web", params={"filter": "ServiceMeta.env == live"}) as resp:
+        assert [e["ServiceID"] for e in await resp.json()] == ["aaa-80"]
+    async with http.get("/v1/catalog/services", params={"filter": "ServicePort == 5432"}) as resp:
+        assert await resp.json() == {"db": []}
+    async with http.get("/v1/catalog/nodes", params={"filter": 'Node == "nobody"'}) as resp:
+        assert await resp.json() == []
+    started = time.monotonic()
+    async with http.get("/v1/health/service/web", params={"filter": "Service.Port ==", "index": "1", "wait": "10s"}) as resp:
+        assert resp.status == 400
+        assert (await resp.text()).startswith("Failed to create boolean expression evaluator: ")
+    assert time.monotonic() - started < 1.0  # refused at once, not after the wait

@@ -10,8 +10,10 @@ from beacon.api.consul import (
     DEFAULT_WAIT,
     MAX_WAIT,
     ConsulError,
+    FilterError,
     IndexTracker,
     blocking_timeout,
+    parse_filter,
     parse_go_duration,
     parse_query_options,
     registration_from_consul,
@@ -167,3 +169,43 @@ def test_consul_registrations_beacon_cannot_honour(body: object, text: str) -> N
     with pytest.raises(ConsulError) as err:
         registration_from_consul(body, default_address="10.0.0.1")
     assert err.value.status == 400 and text in err.value.message
+
+
+FILTER_ENTRY = {
+    "Service": {"ID": "web-1", "Tags": ["prod", "v1"], "Meta": {"env": "live", "k-1": "x"}, "Port": 80},
+    "Checks": [{"Status": "passing"}, {"Status": "critical"}],
+    "ServiceMeta": {},
+}
+
+
+@pytest.mark.parametrize(
+    ("expression", "matches"),
+    [
+        ('"prod" in Service.Tags', True),
+        ('"dev" in Service.Tags', False),
+        ('"dev" not in Service.Tags', True),
+        ('Service.Meta.env == "live"', True),
+        ('Service.Meta["k-1"] == x', True),
+        ("Service.Port == 80", True),
+        ("Service.Port != 80", False),
+        ("Checks.Status == critical", True),  # through a list: any element
+        ('Service.ID matches "^web-"', True),
+        ('Service.ID not matches "^web-"', False),
+        ("ServiceMeta is empty", True),
+        ("Service.Tags is not empty", True),
+        ("Service.Missing is empty", True),
+        ('Service.Tags contains "v1" and not Service.Port == 81', True),
+        ('(Service.Port == 81 or "v1" in Service.Tags) and Service.Meta.env != "test"', True),
+        ('Service.Port == 81 or "v9" in Service.Tags', False),
+    ],
+)
+def test_filter_expressions(expression: str, matches: bool) -> None:
+    assert parse_filter(expression)(FILTER_ENTRY) is matches
+
+
+@pytest.mark.parametrize(
+    "expression", ["Service.Port ==", "(a == b", "a ~ b", '"x" b', 'a matches "("', 'a matches "(a+)+$"', "x" * 5000]
+)
+def test_bad_filters_are_refused(expression: str) -> None:
+    with pytest.raises(FilterError):
+        parse_filter(expression)

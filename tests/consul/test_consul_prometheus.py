@@ -31,18 +31,19 @@ from tests.helpers import eventually, running_app
 pytestmark = pytest.mark.docker
 
 LOOPBACK_PORT = {"80/tcp": ("127.0.0.1", None)}
+# beacon/api/CONSUL.md's relabelling example, as documented.
 KEEP_METRICS = """
     relabel_configs:
-      - source_labels: [{port_label}]
+      - source_labels: [__meta_beacon_meta_metrics_port]
         regex: .+
         action: keep
-      - source_labels: [{address_label}, {port_label}]
-        regex: (.+);(.+)
-        replacement: $1:$2
+      - source_labels: [__meta_beacon_metrics_address]
         target_label: __address__
-      - source_labels: [{path_label}]
+      - source_labels: [__meta_beacon_meta_metrics_path]
         regex: (.+)
         target_label: __metrics_path__
+      - source_labels: [__meta_beacon_service]
+        target_label: service
 """
 
 
@@ -124,8 +125,7 @@ scrape_configs:
     http_sd_configs:
       - url: http://{app.api.address}/v1/prometheus/targets
         refresh_interval: 1s
-""" + KEEP_METRICS.format(port_label="__meta_beacon_meta_metrics_port", address_label="__meta_beacon_address",
-                          path_label="__meta_beacon_meta_metrics_path")
+""" + KEEP_METRICS
         async with prometheus(config, tmp_path / "prometheus") as base, aiohttp.ClientSession() as http:
             snap = app.catalog.snapshot
             expected = {f"{e.address}:{e.port}" for e in snap.services[web].endpoints}
@@ -139,6 +139,7 @@ scrape_configs:
                 assert labels["__meta_beacon_meta_metrics_path"] == "/index.html"
                 # After relabelling: the metrics port and path from the container's beacon.meta.* labels.
                 assert target["labels"]["instance"] == f"{labels['__meta_beacon_address']}:80"
+                assert target["labels"]["service"] == web
                 assert target["scrapeUrl"] == f"http://{labels['__meta_beacon_address']}:80/index.html"
             # The service without metrics labels is discovered but dropped by the keep rule.
             assert not [t for t in await active_targets(http, base) if other in str(t["discoveredLabels"])]

@@ -79,6 +79,8 @@ def beacon_container(
         read_only=True,
         tmpfs={"/tmp": ""},
         ports={"53/udp": loopback, "53/tcp": loopback, "80/tcp": loopback, "8700/tcp": loopback},
+        # The image's own HEALTHCHECK command (no "test": inherited), run every second.
+        healthcheck={"interval": 1_000_000_000, "timeout": 3_000_000_000},
     )
 
 
@@ -128,6 +130,17 @@ async def test_beacon_in_a_container_discovers_and_serves_a_labelled_container(
         assert [(e["address"], e["port"], e["state"]) for e in endpoints] == [(app_ip, 80, "passing")]
         assert endpoints[0]["source"]["container_id"] == app.id
         assert await get_json(session, f"{api}/healthz") == {"status": "ok", "docker": "connected"}
+
+        def docker_health() -> str | None:
+            beacon.reload()
+            status = beacon.attrs["State"].get("Health", {}).get("Status")
+            return status if status != "starting" else None
+
+        # The image's HEALTHCHECK command reaches /healthz.
+        assert await eventually_async(lambda: asyncio.to_thread(docker_health), timeout=15) == "healthy"
+        # The dashboard's files are in the installed package (pyproject package-data).
+        async with session.get(f"{api}/ui/app.js") as resp:
+            assert resp.status == 200 and "EventSource" in await resp.text()
 
         # DNS from the host, through the port published on loopback.
         query = dns.message.make_query("web.service.beacon", dns.rdatatype.A)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -81,7 +82,7 @@ async def test_container_resolves_and_reaches_a_service_through_beacon_on_the_ga
 
 
 async def test_beyond_loopback_forwarding_is_only_for_allowed_networks(
-    run_container: Callable[..., Container], make_network: Callable[..., Network]
+    run_container: Callable[..., Container], make_network: Callable[..., Network], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A container asks Beacon directly (busybox `nslookup NAME SERVER`, no Docker
     DNS in between): its own names are answered to anyone, forwarding only for
@@ -97,9 +98,15 @@ async def test_beyond_loopback_forwarding_is_only_for_allowed_networks(
     async with upstreams(up) as ups:
         elsewhere = (ipaddress.ip_network("203.0.113.0/24"),)
         async with dns_server(catalog, dns_listen=listen, dns_recursors=ups, dns_allow=elsewhere) as srv:
-            _, out = await run_to_completion(run_container, script, network=net.name)
+            with caplog.at_level(logging.WARNING, logger="beacon.dns"):
+                _, out = await run_to_completion(run_container, script + f"; nslookup ext.example.test {gateway}", network=net.name)
             assert "10.0.0.1" in out and "REFUSED" in out and "198.51.100.10" not in out, out
             assert up.queries == []
+            # the refused source is logged once, with the flag that would allow it
+            refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused: forwarding")]
+            assert len(refused) == 1 and "--dns-allow" in refused[0] and "/32" in refused[0], refused
+            source = refused[0].split("--dns-allow ")[-1].split("/32")[0]
+            assert ipaddress.ip_address(source) in subnet, refused
             # the host itself (loopback) may always forward
             assert addresses(await udp(srv, "ext.example.test", source="127.0.0.1")) == ["198.51.100.10"]
             assert addresses(await tcp(srv, "ext.example.test", source="127.0.0.1")) == ["198.51.100.10"]
@@ -137,3 +144,48 @@ async def test_full_stack_docker_watcher_feeds_dns(
         )
     assert code == 0, out
     assert backend_ip in out and backend.attrs["Config"]["Hostname"] in out, out
+
+
+async def test_a_container_is_told_the_address_it_can_reach_not_the_hosts_loopback(
+    run_container: Callable[..., Container], make_network: Callable[..., Network]
+) -> None:
+    """Issue 12: the default host address mode, a backend publishing its port on
+    127.0.0.1 only. The host (loopback) is told 127.0.0.1 and the published
+    port; a container on the backend's network is told the backend's address
+    there and its own port (and wget reaches it); a second service published
+    on loopback only, on another network, is not offered to the container."""
+    net = await asyncio.to_thread(make_network)
+    other = await asyncio.to_thread(make_network)
+    gateway = gateway_of(net)
+    service = f"reach-{RUN_ID}-{uuid.uuid4().hex[:4]}"
+    async with running_app(dns_listen=(HostPort("127.0.0.1", 0), HostPort(gateway, 53)), advertise_ip="127.0.0.1") as app:
+        backend = await asyncio.to_thread(
+            run_container, network=net.name, ports={"80/tcp": ("127.0.0.1", None)},
+            labels={"beacon.service": service, "beacon.port": "80"},
+        )  # fmt: skip
+        hidden = await asyncio.to_thread(
+            run_container, network=other.name, ports={"80/tcp": ("127.0.0.1", None)},
+            labels={"beacon.service": f"{service}-lo", "beacon.port": "80"},
+        )  # fmt: skip
+        backend_ip = ip_on(backend, net)
+        host_port = int(backend.attrs["NetworkSettings"]["Ports"]["80/tcp"][0]["HostPort"])
+        snap = await eventually(
+            lambda: {service, f"{service}-lo"} <= set(app.catalog.snapshot.services) and app.catalog.snapshot,
+            timeout=20,
+        )
+        [endpoint] = snap.services[service].endpoints
+        assert (endpoint.address, endpoint.port) == ("127.0.0.1", host_port)
+        assert [(n.address, n.port) for n in endpoint.networks] == [(backend_ip, 80)]
+        host = app.dns.addresses[0]
+        assert addresses(await udp(host, f"{service}.service.beacon")) == ["127.0.0.1"]
+        assert [rd.port for rd in (await udp(host, f"{service}.service.beacon", "SRV")).answer[0]] == [host_port]
+        _, out = await run_to_completion(
+            run_container,
+            f"nslookup {service}.service.beacon && wget -q -O- http://{service}.service.beacon/ && "
+            f"nslookup -type=srv {service}.service.beacon; nslookup {service}-lo.service.beacon; true",
+            network=net.name,
+            dns=[gateway],
+        )
+    assert backend_ip in out and backend.attrs["Config"]["Hostname"] in out, out  # resolved and reached
+    assert "Address: 127.0.0.1\n" not in out and hidden.attrs["Config"]["Hostname"] not in out, out
+    assert f"service = 1 1 80 {ipaddress.ip_address(backend_ip).packed.hex()}.addr.beacon" in out, out  # SRV: container port

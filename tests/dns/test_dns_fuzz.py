@@ -101,7 +101,7 @@ def errors() -> Iterator[_Errors]:
 def test_packet_handler_never_raises(data: bytes, tcp: bool, errors: _Errors) -> None:
     server = DnsServer(make_config(dns_recursors=()), catalog(), metrics_registry=None)
     for _ in range(2):  # a miss, then the case-folded entry it cached
-        result = server._miss(data, tcp=tcp)
+        result = server._miss(data, "127.0.0.1", tcp=tcp)
         assert result is None or isinstance(result, bytes | _Forward)
         if isinstance(result, bytes):
             assert len(result) >= 12 and result[:2] == data[:2] and result[2] & 0x80

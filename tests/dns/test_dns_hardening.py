@@ -15,12 +15,15 @@ import dns.flags
 import dns.message
 import dns.rcode
 import pytest
+from dnslib import DNSRecord
 from prometheus_client.registry import CollectorRegistry
 
 from beacon.dns import DnsServer
 from beacon.dns import resolver as dns_resolver
 from beacon.dns.logs import Throttle, escape
+from beacon.dns.resolver import Zone, ZoneSettings, resolve
 from beacon.registry import Catalog, Endpoint
+from beacon.registry.model import NetworkAddress
 from tests.dns.dnstest import addresses, dns_server, ep, put, raw_udp, tcp, udp
 from tests.helpers import eventually, test_config
 
@@ -221,3 +224,68 @@ def test_throttle_logs_once_per_interval_and_counts_the_rest(caplog: pytest.LogC
     assert [r.getMessage() for r in caplog.records] == [
         "refused: a", "refused: c", "refused: d (9 more like it in the last 61s)",
     ]  # fmt: skip
+
+
+# ------------------------------------------------- answers the querier can use
+def networked(eid: str, host_ip: str, host_port: int, *nets: tuple[str, str, int], service: str = "web") -> Endpoint:
+    return ep(eid, host_ip, service, port=host_port, networks=tuple(NetworkAddress(*n) for n in nets))
+
+
+NET_A, NET_B = "172.30.0.0/24", "172.31.0.0/24"
+
+
+@pytest.mark.parametrize(
+    ("source", "a", "srv_port"),
+    [
+        ("127.0.0.1", ["192.0.2.10"], 18080),  # the host: the advertised host address
+        ("172.30.0.9", ["172.30.0.5"], 80),  # on network A: the container's address there
+        ("172.31.0.9", ["172.31.0.5"], 80),  # on network B: its address on B
+        ("198.51.100.7", ["192.0.2.10"], 18080),  # anyone else: the host address
+    ],
+)
+def test_an_answer_is_what_the_querier_can_reach(source: str, a: list[str], srv_port: int) -> None:
+    cat = Catalog()
+    put(cat, "w", networked("w", "192.0.2.10", 18080, (NET_A, "172.30.0.5", 80), (NET_B, "172.31.0.5", 80)))
+    zone = Zone(cat.snapshot, ZoneSettings())
+    view = zone.view_of(source)
+    answer = resolve(DNSRecord.question("web.service.beacon", "A"), zone, view)
+    assert answer is not None and [str(rr.rdata) for rr in answer.reply.rr] == a
+    srv = resolve(DNSRecord.question("web.service.beacon", "SRV"), zone, view)
+    assert srv is not None and [rr.rdata.port for rr in srv.reply.rr] == [srv_port]
+    assert [str(rr.rdata) for rr in srv.reply.ar] == a  # the target's address follows
+
+
+def test_an_endpoint_published_on_loopback_only_is_offered_to_loopback_only() -> None:
+    cat = Catalog()
+    put(cat, "l", networked("l", "127.0.0.1", 18080, (NET_A, "172.30.0.5", 80)), ep("o", "192.0.2.20", port=81))
+    zone = Zone(cat.snapshot, ZoneSettings())
+
+    def a_of(source: str) -> list[str]:
+        answer = resolve(DNSRecord.question("web.service.beacon", "A"), zone, zone.view_of(source))
+        assert answer is not None and answer.reply.header.rcode == 0
+        return sorted(str(rr.rdata) for rr in answer.reply.rr)
+
+    assert a_of("127.0.0.1") == ["127.0.0.1", "192.0.2.20"]
+    assert a_of("::ffff:172.30.0.9") == ["172.30.0.5", "192.0.2.20"]
+    assert a_of("198.51.100.7") == ["192.0.2.20"]  # never told 127.0.0.1: its own loopback
+    put(cat, "l", networked("l", "127.0.0.1", 18080, (NET_A, "172.30.0.5", 80)))  # only the loopback-published one left: NODATA for outsiders, not 127.0.0.1
+    zone = Zone(cat.snapshot, ZoneSettings())
+    outside = resolve(DNSRecord.question("web.service.beacon", "A"), zone, zone.view_of("198.51.100.7"))
+    assert outside is not None and outside.reply.header.rcode == 0 and not outside.reply.rr
+
+
+async def test_the_server_answers_each_source_from_its_own_view() -> None:
+    """Over real sockets: 127.0.0.2 stands for a container network (its /32),
+    127.0.0.1 for the host; each keeps its own cached answer, and a snapshot
+    that drops the network sends 127.0.0.2 back to the host address."""
+    cat = Catalog()
+    put(cat, "w", networked("w", "127.0.0.1", 18080, ("127.0.0.2/32", "10.9.0.5", 80)))
+    async with dns_server(cat) as srv:
+        for _ in range(2):  # a miss, then a hit, for each source
+            assert addresses(await udp(srv, "web.service.beacon", source="127.0.0.1")) == ["127.0.0.1"]
+            assert addresses(await udp(srv, "web.service.beacon", source="127.0.0.2")) == ["10.9.0.5"]
+            assert addresses(await tcp(srv, "web.service.beacon", source="127.0.0.2")) == ["10.9.0.5"]
+        srv_reply = await udp(srv, "web.service.beacon", "SRV", source="127.0.0.2")
+        assert [rd.port for rd in srv_reply.answer[0]] == [80]
+        put(cat, "w", ep("w", "127.0.0.1", port=18080))
+        assert addresses(await udp(srv, "web.service.beacon", source="127.0.0.2")) == ["127.0.0.1"]

@@ -219,6 +219,7 @@ async def test_expect_100_continue() -> None:
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # TLS to a plain-HTTP port
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
+        (b"TRACE / HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n", 405),  # would echo the request back (XST)
         (b"GET / HTTP/1.1\r\nHost: web.localhost\r\nExpect: magic\r\n\r\n", 417),
         (b"GET / HTTP/1.1\r\nHost: web.localhost\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
         (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: web.localhost\r\n\r\n", 431),
@@ -536,3 +537,55 @@ async def test_an_endpoint_that_is_not_http_never_gets_a_request() -> None:
                 await get_json(s, url(proxy), "web.localhost")
         assert stat(proxy, "web", "attempts") == 4
     assert len(web.requests) == 4
+
+
+async def test_thousands_of_pipelined_requests_are_all_answered_without_a_spurious_431() -> None:
+    def ok(head: bytes, transport: asyncio.Transport) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    backend = await raw_backend(ok)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:raw", ep("r1", backend.port, "raw"))
+            assert proxy.address is not None
+            n = 5000
+            one = b"GET /p HTTP/1.1\r\nHost: raw.localhost\r\nX-Pad: %s\r\n\r\n" % (b"p" * 20)
+            last = b"GET /p HTTP/1.1\r\nHost: raw.localhost\r\nConnection: close\r\n\r\n"
+            raw = await raw_request(proxy.address, one * (n - 1) + last, timeout=30)
+    finally:
+        await backend.stop()
+    assert raw.count(b"HTTP/1.1 431 ") == 0
+    assert raw.count(b"HTTP/1.1 200 ") == n
+
+
+async def test_204_and_304_responses_carry_only_the_framing_headers_they_may() -> None:
+    def answer(head: bytes, transport: asyncio.Transport) -> None:
+        if b" /204 " in head:
+            transport.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n")
+        elif b" /204te " in head:
+            transport.write(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n")
+        elif b" /304 " in head:
+            transport.write(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n\r\n')
+        else:
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+
+    backend = await raw_backend(answer)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:raw", ep("r1", backend.port, "raw"))
+            reader, writer = await connect(proxy)
+            for path, status in ((b"/204", 204), (b"/204te", 204), (b"/304", 304)):
+                writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: raw.localhost\r\n\r\n")
+                got, headers, _ = await read_response(reader)
+                assert got == status
+                if status == 204:  # RFC 9110 8.6 / RFC 9112 6.1: neither on a 204
+                    assert "content-length" not in headers and "transfer-encoding" not in headers, headers
+                else:  # a 304's Content-Length is the selected representation's: passed on as it is
+                    assert headers["content-length"] == "1234" and headers["etag"] == '"v1"'
+                writer.write(b"GET /after HTTP/1.1\r\nHost: raw.localhost\r\n\r\n")
+                assert (await read_response(reader))[2] == b"next"  # framing held: the next answer is intact
+            writer.close()
+    finally:
+        await backend.stop()

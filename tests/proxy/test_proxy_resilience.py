@@ -22,6 +22,7 @@ from tests.proxy.proxytest import (
     put,
     raw_backend,
     raw_request,
+    read_response,
     stat,
     url,
 )
@@ -399,3 +400,94 @@ async def test_a_try_waiting_on_an_endpoint_that_leaves_the_catalog_is_retried_a
             assert status == 200 and '"backend": "good"' in body
     finally:
         await silent.stop()
+
+
+async def test_a_slow_client_body_is_a_408_and_never_counts_against_the_endpoint() -> None:
+    # POST with Content-Length 100 and a body that trickles: the try timeout
+    # runs out while the client is still sending - the client's fault.
+    cat = Catalog()
+    clock = ManualClock()
+    async with backends("web") as (web,), proxy_server(
+        cat, clock, proxy_try_timeout=30.0, proxy_header_timeout=0.2, eject_consecutive_failures=1
+    ) as proxy:
+        put(cat, "m:web", ep("web1", web.port), ep("web2", web.port))
+        for _ in range(2):  # one failure would eject either endpoint
+            reader, writer = await connect(proxy)
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 100\r\n\r\nx")
+            await eventually(lambda: in_flight(proxy, "web") == 1)
+            for _ in range(7):  # a byte every 5 s (of the proxy's clock): past the 30 s try timeout
+                clock.advance(5.0)
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)  # pacing: the proxy reads the byte and ticks before time moves on
+            answer = await asyncio.wait_for(reader.read(-1), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+        assert stat(proxy, "web", "ejections") == 0
+        assert in_flight(proxy, "web") == 0
+        ok = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n" + CLOSE + b"\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_the_connection_cap_refuses_busy_overflow_and_makes_room_from_idle_keep_alive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cat = Catalog()
+    async with backends("web") as (web,), proxy_server(cat, proxy_max_connections=3) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        assert proxy.address is not None
+        busy = [await connect(proxy) for _ in range(3)]
+        for _, w in busy:
+            w.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n")  # a head in progress: not idle
+        await eventually(lambda: open_connections(proxy, "client") == 3)
+        for _ in range(2):
+            refused = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+            assert refused.startswith(b"HTTP/1.1 503 ") and b"too many connections" in refused
+        assert sum("proxy connections at the cap" in r.getMessage() for r in caplog.records) == 1  # logged once
+        # Idle keep-alive connections make room: the oldest idle one is closed for a new one.
+        for r, w in busy:
+            w.write(b"\r\n")
+            assert (await read_response(r))[0] == 200
+        ok = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\n" + CLOSE + b"\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 ")
+        await eventually(lambda: open_connections(proxy, "client") == 2)  # one idle connection was closed
+        for _, w in busy:
+            w.close()
+
+
+class _ClosingBackend(asyncio.Protocol):
+    """Answers one request per connection with Connection: close (a backend at
+    its keepalive_requests limit); records when connections open and requests come."""
+
+    events: list[str] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.events.append("open")
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.events.append("request")
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")  # type: ignore[attr-defined]
+            self.transport.close()
+
+
+async def test_a_connection_the_backend_closes_is_replaced_ahead_of_the_next_request() -> None:
+    _ClosingBackend.events = []
+    server = await asyncio.get_running_loop().create_server(_ClosingBackend, "127.0.0.1", 0)
+    cat = Catalog()
+    try:
+        async with proxy_server(cat) as proxy:
+            put(cat, "m:web", ep("web1", server.sockets[0].getsockname()[1]))
+            reader, writer = await connect(proxy)
+            for _ in range(3):
+                writer.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+                assert (await read_response(reader))[2] == b"ok"
+                # the replacement is opened before the client asks again
+                await eventually(lambda: _ClosingBackend.events[-1] == "open")
+            writer.close()
+    finally:
+        server.close()
+    # every request after the first found a connection already open
+    assert _ClosingBackend.events[:4] == ["open", "request", "open", "request"]
+    assert _ClosingBackend.events.count("request") == 3

@@ -236,3 +236,21 @@ async def test_stop_during_a_restart_backoff_restarts_nothing(monkeypatch: pytes
         await asyncio.sleep(1.0)
         assert len(spawned) == 1  # only the worker started with the server
         assert worker.restarts == 0
+
+
+async def test_isolated_the_process_with_the_control_plane_forwards_nothing() -> None:
+    cat = Catalog()
+    async with backends("web") as (web,), proxy_server(cat, proxy_workers=1, proxy_isolated=True) as proxy:
+        put(cat, "m:web", ep("web1", web.port))
+        assert proxy.address is not None
+        request = b"GET / HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n"
+        results = await asyncio.gather(*(raw_request(proxy.address, request) for _ in range(10)))
+        assert [r[:12] for r in results] == [b"HTTP/1.1 200"] * 10
+        assert proxy.routes_json()["routes"]  # the API still sees the routing table
+
+        def per_process() -> list[int] | None:
+            counts = [r["services"].get("web", {}).get("classes", [0, 0, 0])[2] for r in proxy.metrics_json()]
+            return counts if sum(counts) == 10 else None
+
+        counts = await eventually(per_process)
+    assert counts[-1] == 0  # the parent's own report (last): it served none of them

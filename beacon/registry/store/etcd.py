@@ -87,6 +87,7 @@ class EtcdStore:
         backoff_max: float = 2.0,
         watch_idle: float | None = None,
         start_timeout: float | None = None,
+        mirror: bool = True,
     ) -> None:
         if lease_ttl < 1:
             raise ValueError("lease_ttl must be at least 1s (etcd leases count whole seconds)")
@@ -103,6 +104,8 @@ class EtcdStore:
         self._watch_idle = watch_idle if watch_idle is not None else max(3 * lease_ttl, 3.0)
         self._start_timeout = start_timeout if start_timeout is not None else lease_ttl + 5.0
         self._request_timeout = max(lease_ttl / 3, 0.5)
+        # False: a writer only (no list, no watch) - the synthetic agents of bench/cluster.py.
+        self._mirror = mirror
         self._instance = uuid.uuid4().hex
         self._nodes_range = (prefix + "nodes/").encode()
         self._own_prefix = f"nodes/{node}/"
@@ -196,7 +199,11 @@ class EtcdStore:
             with contextlib.suppress(GatewayError):
                 await self._put_owner(self._lease, released=True)
                 log.info("released: node %s (lease %x kept for %gs)", self._node, self._lease, self._ttl)
-        self._set_connected(False, "stopped")
+        if self._connected:  # a requested stop is not an outage: no warning
+            self._connected = False
+            if self._metrics:
+                metrics.CONNECTED.set(0)
+            log.info("stopped: etcd session of node %s", self._node)
         await self._gateway.close()
 
     # --------------------------------------------------------------- writes
@@ -279,13 +286,17 @@ class EtcdStore:
         if self._metrics:
             metrics.SESSIONS.inc()
         await self._ensure_lease()
-        if self._revision == 0 or await self._compacted_since_last_seen():
+        if self._mirror and (self._revision == 0 or await self._compacted_since_last_seen()):
             await self._relist()
         tasks = [
             asyncio.create_task(self._keepalive_loop(), name="beacon-store-keepalive"),
-            asyncio.create_task(self._watch_loop(), name="beacon-store-watch"),
             asyncio.create_task(self._writer_loop(), name="beacon-store-writer"),
         ]
+        if self._mirror:
+            tasks.append(asyncio.create_task(self._watch_loop(), name="beacon-store-watch"))
+        else:
+            self._set_connected(True)
+            self._first_attempt.set()
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -397,7 +408,7 @@ class EtcdStore:
             if int(result.get("TTL", 0)) <= 0:
                 raise LeaseLost(f"lease {self._lease or 0:x} expired")
             quiet = self._clock() - self._last_watch_message
-            if quiet > self._watch_idle and self._head_revision > self._revision:
+            if self._mirror and quiet > self._watch_idle and self._head_revision > self._revision:
                 raise WatchStalled(
                     f"watch silent for {quiet:.1f}s while etcd moved to revision {self._head_revision}"
                 )
