@@ -19,6 +19,10 @@ runs in a small thread pool. Container data is turned into endpoints by the pure
 Races between an event and an in-flight inspect are settled with a per-container
 generation number: every event bumps it, and an inspect result is applied only
 if no event for that container arrived while it was in flight.
+
+(About 600 lines on purpose: the watch loop, event handling, drains and the
+per-container record share one state and read best together; the pure parts
+live in labels.py, the thread pool in daemon_executor.py.)
 """
 
 from __future__ import annotations
@@ -26,12 +30,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import random
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -41,6 +43,7 @@ import docker.errors
 from beacon.clock import SYSTEM_CLOCK, Clock
 from beacon.config import Config
 from beacon.registry.catalog import Catalog, EndpointConflict
+from beacon.registry.daemon_executor import DaemonExecutor
 from beacon.registry.labels import ContainerEndpoints, LabelOptions, container_endpoints
 from beacon.registry.model import Endpoint, State
 
@@ -63,72 +66,6 @@ DEFAULT_STOP_TIMEOUT = 10.0
 # Where the "UDP connect" probe points to find the primary interface. connect()
 # on a UDP socket only asks the kernel for a route; no packet is sent.
 _ROUTE_PROBES = (("198.51.100.1", socket.AF_INET),)
-
-
-class _DaemonExecutor(Executor):
-    """A thread pool whose threads never hold the process up.
-
-    The Docker SDK blocks in threads; against a hung engine a call waits out
-    its 30 s client timeout. ThreadPoolExecutor's threads are joined at
-    interpreter exit, so SIGTERM would wait for them past --shutdown-timeout.
-    These are daemon threads: at exit an abandoned call is simply dropped (its
-    answer would be thrown away anyway).
-    """
-
-    def __init__(self, max_workers: int, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
-        self._max = max_workers
-        self._name = name
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        future: Future[T] = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("executor is shut down")
-            self._queue.put((future, lambda: fn(*args, **kwargs)))
-            if self._idle == 0 and len(self._threads) < self._max:
-                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
-                self._threads.append(thread)
-                thread.start()
-            elif self._idle > 0:
-                self._idle -= 1  # an idle thread takes it
-        return future
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            future, call = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(call())
-                except BaseException as exc:
-                    future.set_exception(exc)
-            with self._lock:
-                self._idle += 1
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._closed = True
-            threads = list(self._threads)
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        for _ in threads:
-            self._queue.put(None)
-        if wait:
-            for thread in threads:
-                thread.join()
 
 
 class DockerUnavailable(RuntimeError):
@@ -251,7 +188,7 @@ class DockerSource:
         self._start_timeout = start_timeout
         self._drain_margin = drain_margin
         self._clock = clock  # drain timers, resync interval, reconnect backoff
-        self._pool = _DaemonExecutor(inspect_workers, "beacon-docker")
+        self._pool = DaemonExecutor(inspect_workers, "beacon-docker")
         self._options = LabelOptions()
         self._client: docker.DockerClient | None = None
         self._stream: Any = None
