@@ -283,7 +283,7 @@ def _container_state(attrs: Mapping[str, Any]) -> State | None:
 MAX_REASON = 500  # characters of Docker's health output kept
 
 
-def _container_reason(attrs: Mapping[str, Any]) -> str:
+def container_reason(attrs: Mapping[str, Any]) -> str:
     """Why Docker's view keeps a running container from passing (empty when it does not)."""
     st = attrs.get("State") or {}
     if st.get("Paused"):
@@ -464,7 +464,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     state = _container_state(attrs)
     if state is None:
         return verdict(None)
-    reason = _container_reason(attrs)
+    reason = container_reason(attrs)
 
     # registrator variables: environment first, a label of the same name wins.
     reg = _bounded(_env_map(config.get("Env")), problems)

@@ -5,10 +5,14 @@ pure on inspect data, then on the real engine through the API."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import dns.asyncquery
+import dns.message
+import dns.rcode
 import pytest
 from docker.models.containers import Container
 
@@ -83,3 +87,46 @@ async def eventually_async(probe: Callable[[], Any], timeout: float) -> Any:
             return last
         await asyncio.sleep(0.1)
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+@pytest.mark.docker
+async def test_a_crash_looping_container_stays_critical_with_exit_code_and_restart_count(
+    run_container: Callable[..., Container],
+) -> None:
+    async with running_app(explicit=True) as app, aiohttp.ClientSession() as session:
+        crashing = await asyncio.to_thread(
+            run_container, labels={"beacon.enable": "true", "beacon.service": "crashy"},
+            command=["sh", "-c", "sleep 0.5; exit 3"], restart_policy={"Name": "always"},
+            ports={"80/tcp": ("127.0.0.1", None)},
+        )  # fmt: skip
+        url = f"http://{app.api.address}/v1/services/crashy"
+        seen: list[tuple[str, str] | None] = []  # (state, reason) or None while absent
+
+        async def restarting() -> dict[str, Any] | None:
+            async with session.get(url) as resp:
+                body = await resp.json() if resp.status == 200 else None
+            eps = body["endpoints"] if body else []
+            seen.append((eps[0]["state"], eps[0].get("reason", "")) if eps else None)
+            ep = eps[0] if eps else None
+            return ep if ep and ep.get("reason", "").startswith("restarting: exit code 3") else None
+
+        ep = await eventually_async(restarting, timeout=20)
+        assert ep["state"] == "critical" and re.search(r"restart count [1-9]", ep["reason"]), ep
+        # While Docker restarts it, DNS has the name (no answers: NODATA) and the proxy 503s.
+        dns_address = app.dns.addresses[0]
+        reply = await dns.asyncquery.udp(
+            dns.message.make_query("crashy.service.beacon", "A"), dns_address.host, port=dns_address.port, timeout=5
+        )
+        states_then = seen[-1]
+        if states_then is not None and states_then[0] == "critical":
+            assert reply.rcode() == dns.rcode.NOERROR and reply.answer == [], reply
+        # From its first appearance on, it never left the catalog.
+        first = next(i for i, s in enumerate(seen) if s is not None)
+        assert None not in seen[first:], seen
+        await asyncio.to_thread(crashing.remove, force=True)
+
+        async def gone() -> bool:
+            async with session.get(url) as resp:
+                return resp.status == 404
+
+        await eventually_async(gone, timeout=10)
