@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from beacon.app import App
+from beacon.registry.manual import source_key as manual_source_key
 from beacon.registry.store import NodeNameTaken
 from tests.cluster.etcdtest import EtcdCluster, TcpRelay
 from tests.helpers import eventually, test_config
@@ -57,7 +58,7 @@ async def test_manual_endpoint_on_b_is_served_by_a_and_survives_b_restart(etcd: 
         # b stopped cleanly: its endpoint stays (its lease runs on) ...
         async with agent(etcd.url, prefix, "b") as b2:
             # ... and the restarted agent has its registration back from etcd.
-            await eventually(lambda: "db1" in b2.manual.registrations())
+            await eventually(lambda: b2.catalog.owner_of("db1") == manual_source_key("db1"))
             assert b2.catalog.snapshot.endpoints["db1"].address == "10.1.2.3"
             await b2.cluster.store.flush(5)  # type: ignore[union-attr]
             async with http.delete(f"{api(b2)}/v1/endpoints/db1") as resp:
@@ -65,7 +66,7 @@ async def test_manual_endpoint_on_b_is_served_by_a_and_survives_b_restart(etcd: 
             await eventually(lambda: "db1" not in a.catalog.snapshot.endpoints)
         assert len(removed) == 1  # gone once, when deregistered: never flapped over the restart
         async with agent(etcd.url, prefix, "b") as b3:
-            assert "db1" not in b3.manual.registrations()  # deregistration is durable too
+            assert b3.catalog.owner_of("db1") is None  # deregistration is durable too
 
 
 async def test_same_node_name_twice_is_refused(etcd: EtcdCluster, prefix: str) -> None:

@@ -243,3 +243,18 @@ async def test_filter_narrows_answers_and_a_bad_one_is_consuls_400(app: App, htt
         assert resp.status == 400
         assert (await resp.text()).startswith("Failed to create boolean expression evaluator: ")
     assert time.monotonic() - started < 1.0  # refused at once, not after the wait
+
+
+async def test_parked_queries_are_capped(app: App, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("beacon.api.consul.MAX_PARKED", 2)
+    async with http.get("/v1/catalog/services") as resp:
+        index = resp.headers["X-Consul-Index"]
+    parked = [asyncio.create_task(http.get("/v1/catalog/services", params={"index": index, "wait": "20s"}))
+              for _ in range(2)]
+    await eventually(lambda: app.consul.parked == 2)
+    async with http.get("/v1/catalog/services", params={"index": index, "wait": "20s"}) as resp:
+        assert resp.status == 429 and "Too many blocking queries" in await resp.text()
+    put(app.catalog, container_endpoint("aaa", "web"))
+    for response in await asyncio.gather(*parked):
+        assert response.status == 200
+        response.release()
