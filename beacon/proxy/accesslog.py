@@ -103,6 +103,7 @@ class AccessLog:
         self._lines: list[str] = []
         self._pending = b""  # whole lines the sink has not taken yet
         self._waiting = False  # a writer callback is registered for the fd
+        self._pollable = False  # a pipe, terminal or socket (epoll refuses regular files)
         self._failed = False  # the last write failed (logged once until one succeeds)
         self._stamp_second = -1
         self._stamp = ""
@@ -129,6 +130,7 @@ class AccessLog:
                 # A new open file description of the same pipe or terminal: its
                 # O_NONBLOCK is ours alone (print() and friends keep a blocking stdout).
                 self._fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self._pollable = True
                 if stat.S_ISFIFO(mode):
                     self._chunk = select.PIPE_BUF  # written whole, never mixed with another worker's
                 return
@@ -137,6 +139,7 @@ class AccessLog:
         elif stat.S_ISSOCK(mode):
             self._sock = socket.socket(fileno=os.dup(fd))
             self._fd = self._sock.fileno()
+            self._pollable = True
             return
         self._fd = os.dup(fd)  # a regular file (or /proc is missing): written as a file is
 
@@ -173,7 +176,7 @@ class AccessLog:
         lines = self._lines
         data = self._pending
         if lines:
-            data += "".join(lines).encode("ascii")
+            data += "".join(lines).encode("ascii", "backslashreplace")  # (outside fields are ASCII already)
             lines.clear()
         if not data or self._fd < 0:
             return
@@ -199,7 +202,9 @@ class AccessLog:
                             self.target, exc.strerror)  # fmt: skip
             self.dropped += data.count(b"\n")
             data = b""
-        self._pending = data
+        self._pending = data  # a file that took part of a write (disk full): retried next turn
+        if not self._pollable:
+            return
         if data and not self._waiting:
             self._waiting = True
             self.loop.add_writer(self._fd, self._flush)  # a pipe or socket: tell us when it has room

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from beacon.config import Config
-from beacon.proxy.accesslog import AccessLog
+from beacon.proxy.accesslog import AccessLog, escape
 from beacon.proxy.balancer import (
     Balancer,
     Ejection,
@@ -111,6 +111,7 @@ class ProxyCore:
         self.intercept: Callable[[Exchange, bytes, bytes], None] | None = None
         # --access-log; None when off, and then the data path's only cost is checking that.
         self.access_log = access_log
+        self._access_log_failed = False
 
     # ------------------------------------------------------------- lifecycle
     def start_timers(self) -> None:
@@ -534,7 +535,12 @@ class ProxyCore:
         client = ex.client
         sent = client.sent_bytes - client.logged_bytes  # responses are sent in order: the rest is this one's
         client.logged_bytes = client.sent_bytes
-        self.access_log.record(ex, status, sent)
+        try:
+            self.access_log.record(ex, status, sent)
+        except Exception:  # a logging bug must not fail the request; said once, not per request
+            if not self._access_log_failed:
+                self._access_log_failed = True
+                log.exception("failed: access log line of request %s", escape(ex.reqid, 256))
 
     def connect_failed(self, ex: Exchange, state: EndpointState, exc: BaseException) -> None:
         timeout = isinstance(exc, TimeoutError)
