@@ -211,10 +211,11 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None and (ex is self.active or ex in self.queue):
             # The request was being served when its body broke (too large, bad chunking).
             if ex is self.active and not ex.response_started and not ex.done:
+                self.buffer(error_response(rejected.status, rejected.message, ex.reqid or b"-", True))
+                self.flush()  # before abandon, which logs it (with these bytes)
                 core.abandon(ex, rejected.status)
                 if ex.stats is not None:
                     ex.stats.observe(rejected.status, time.perf_counter() - ex.t0)
-                self.buffer(error_response(rejected.status, rejected.message, ex.reqid or b"-", True))
                 self.close()
             else:
                 self.abort()
@@ -522,8 +523,9 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # idle keep-alive
             return
         if not ex.response_started and ex.error is None:
-            self.core.abandon(ex, 408)
             self.buffer(error_response(408, "request body timeout", ex.reqid or b"-", True))
+            self.flush()  # before abandon, which logs it (with these bytes)
+            self.core.abandon(ex, 408)
             self.close()
             return
         self.abort()

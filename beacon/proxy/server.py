@@ -74,7 +74,11 @@ class LocalProxy:
             self.access_log.start()
         self.core = core = ProxyCore(config, loop, clock=self.clock, access_log=self.access_log)
         core.apply(snapshot)
-        sock = listen_socket(address, reuse_port, listen)
+        try:
+            sock = listen_socket(address, reuse_port, listen)
+        except BaseException:
+            self._stop_access_log()
+            raise
         if not listen:
             self._held = sock
             host, port = sock.getsockname()[:2]

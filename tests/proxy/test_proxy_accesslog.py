@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -284,3 +286,24 @@ async def test_a_file_that_cannot_be_opened_fails_the_start_naming_it(tmp_path: 
     with pytest.raises(OSError, match=f"^access log {tmp_path}/no/such.log: No such file or directory$"):
         async with proxy_server(Catalog(), access_log=str(tmp_path / "no" / "such.log")):
             pass
+
+
+async def test_a_client_that_leaves_before_the_answer_is_logged_as_499(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    cat = Catalog()
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, access_log=str(log_file)) as proxy:
+            assert proxy.address is not None
+            _, writer = await asyncio.open_connection(proxy.address.host, proxy.address.port)
+            writer.write(get("/slow?s=3", "web.localhost"))
+            await writer.drain()
+            core = proxy.core
+            assert core is not None
+            await eventually(lambda: core.balancer.in_flight().get("web"))
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()  # a reset: the client is gone, not just done sending
+            (line,) = await at_least(log_file, 1)
+    m = COMBINED.match(line)
+    assert m is not None and m["status"] == "499" and m["endpoint"] == "web1" and m["bytes"] == "0", line
