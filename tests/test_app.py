@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import aiohttp
 
 from beacon.registry import Endpoint, Source
@@ -28,3 +36,46 @@ async def test_api_shows_proxy_routes_and_conflicts() -> None:
         assert conflict["path_prefix"] == "/"
         assert {conflict["winner"], *conflict["losers"]} == {"shop", "shop2"}
         assert {"shop.example.test", "shop.localhost", "shop2.localhost"} <= {r["host"] for r in body["routes"]}
+
+
+def test_sigterm_with_a_hung_docker_engine_exits_within_the_shutdown_timeout(tmp_path: Path) -> None:
+    """An engine that accepts and never answers: every Docker call hangs in a thread.
+    SIGTERM must still end the process within --shutdown-timeout."""
+    sock_path = tmp_path / "hung.sock"
+    engine = socket.socket(socket.AF_UNIX)
+    engine.bind(str(sock_path))
+    engine.listen(64)  # accepted by the kernel, never read or answered
+    api_port = _free_port()
+    cmd = [
+        sys.executable, "-m", "beacon", "run", "--docker-host", f"unix://{sock_path}",
+        "--api-listen", f"127.0.0.1:{api_port}", "--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
+        "--dns-recursors", "none", "--shutdown-timeout", "2s", "--log-level", "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # serving (the Docker watcher keeps hanging in the background)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", api_port), timeout=0.5):
+                break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        else:
+            raise AssertionError("beacon did not start listening")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        took = time.monotonic() - started
+        assert took < 2 + 1.5, f"exit took {took:.1f}s with --shutdown-timeout 2s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        engine.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,6 +1,6 @@
 """The REST API server: catalog reads with blocking queries, the watch stream,
 manual registrations, Beacon's own health and metrics, and the route sets
-other modules mount (`route_sets`).
+other modules mount (`extensions`).
 
 Reads render the current immutable snapshot, so no response sees a
 half-updated catalog. Every read carries the snapshot index in

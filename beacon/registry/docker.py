@@ -19,6 +19,10 @@ runs in a small thread pool. Container data is turned into endpoints by the pure
 Races between an event and an in-flight inspect are settled with a per-container
 generation number: every event bumps it, and an inspect result is applied only
 if no event for that container arrived while it was in flight.
+
+(About 600 lines on purpose: the watch loop, event handling, drains and the
+per-container record share one state and read best together; the pure parts
+live in labels.py, the thread pool in daemon_executor.py.)
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import random
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -40,6 +43,7 @@ import docker.errors
 from beacon.clock import SYSTEM_CLOCK, Clock
 from beacon.config import Config
 from beacon.registry.catalog import Catalog, EndpointConflict
+from beacon.registry.daemon_executor import DaemonExecutor
 from beacon.registry.labels import ContainerEndpoints, LabelOptions, container_endpoints
 from beacon.registry.model import Endpoint, State
 
@@ -184,7 +188,7 @@ class DockerSource:
         self._start_timeout = start_timeout
         self._drain_margin = drain_margin
         self._clock = clock  # drain timers, resync interval, reconnect backoff
-        self._pool = ThreadPoolExecutor(max_workers=inspect_workers, thread_name_prefix="beacon-docker")
+        self._pool = DaemonExecutor(inspect_workers, "beacon-docker")
         self._options = LabelOptions()
         self._client: docker.DockerClient | None = None
         self._stream: Any = None

@@ -266,6 +266,10 @@ class ManualRegistry:
     def node(self) -> str:
         return self._node
 
+    def registrations(self) -> Mapping[str, Endpoint]:
+        """The registrations held now (the cluster tests read it after a restart)."""
+        return MappingProxyType({eid: e.endpoint for eid, e in self._entries.items()})
+
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         if self._task is None:
