@@ -20,6 +20,7 @@ from beacon.api.promsd import PrometheusSd
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
+from beacon.metrics import DOCKER_CONNECTION
 from beacon.proxy import ProxyServer
 from beacon.registry import Catalog, ClusterSource, DockerSource, HealthChecker, ManualRegistry
 from beacon.registry.store import EtcdStore, GatewaySettings
@@ -68,6 +69,8 @@ class App:
             store=self.cluster.store if self.cluster is not None else None,
         )
         self._started: list[Component] = []
+        docker = self.docker
+        DOCKER_CONNECTION.attach(lambda: docker is not None and docker.connected)
 
     @property
     def components(self) -> list[Component]:
