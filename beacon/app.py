@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from typing import Protocol
@@ -17,6 +18,7 @@ from typing import Protocol
 from beacon.api import ApiServer
 from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
+from beacon.api.status import StatusView
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
@@ -32,6 +34,10 @@ class Component(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class ListenerError(OSError):
+    """A listener could not be opened; the message names which one and why."""
 
 
 class App:
@@ -64,7 +70,8 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
-            extensions=[self.consul, PrometheusSd(self.catalog), Dashboard(self.catalog)],
+            extensions=[self.consul, PrometheusSd(self.catalog), Dashboard(self.catalog),
+                        StatusView(self.catalog, self.status_json)],
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
         )
@@ -80,12 +87,53 @@ class App:
         cluster: list[Component] = [self.cluster] if self.cluster is not None else []
         return [*sources, self.manual, self.health, *cluster, self.api, self.dns, self.proxy]
 
+    def status_json(self) -> dict[str, object]:
+        """Listeners as bound, connections and node: what `beacon status` shows first."""
+        def bound(address: object) -> str | None:
+            return None if address is None else str(address)
+
+        tls = self.proxy.tls
+        docker = "disabled" if self.docker is None else (
+            "connected" if self.docker.connected else "disconnected")
+        store: dict[str, object] = {"kind": "memory", "connected": True}
+        if self.cluster is not None:
+            store = {"kind": "etcd", "connected": bool(getattr(self.cluster.store, "connected", False))}
+        return {
+            "node": self.node,
+            "listeners": {
+                "api": bound(self.api.address),
+                "dns": [str(a) for a in self.dns.addresses],
+                "proxy": bound(self.proxy.address),
+                "proxy_tls": bound(getattr(tls, "address", None)),
+            },
+            "docker": docker,
+            "store": store,
+        }
+
+    def _listeners_of(self, component: Component) -> str | None:
+        """What a component listens on, for an error message that names it."""
+        c = self.config
+        if component is self.api:
+            return f"API listener {c.api_listen}"
+        if component is self.dns:
+            return "DNS listener " + ", ".join(str(hp) for hp in c.dns_listen)
+        if component is self.proxy:
+            tls = getattr(c, "proxy_tls_listen", None)
+            return f"proxy listener {c.proxy_listen}" + (f" (TLS {tls})" if tls else "")
+        return None
+
     async def start(self) -> None:
         for component in self.components:
             try:
                 await component.start()
-            except BaseException:
+            except BaseException as exc:
                 await self.stop()
+                where = self._listeners_of(component)
+                if isinstance(exc, OSError) and where is not None:
+                    # "[Errno 98] error while attempting to bind on address (...)" names
+                    # neither the face nor the flag: say which listener failed and why.
+                    reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+                    raise ListenerError(f"{where}: {reason}") from exc
                 raise
             self._started.append(component)
         log.info("started: beacon node=%s", self.node)

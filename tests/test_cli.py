@@ -25,6 +25,7 @@ from beacon import __version__
 from beacon.api import ApiServer
 from beacon.registry import Catalog, Endpoint, Source, State
 from beacon.registry.manual import ManualRegistry
+from tests.helpers import running_app
 from tests.helpers import test_config as make_config
 
 BEACON = str(Path(sys.executable).with_name("beacon"))
@@ -185,6 +186,22 @@ async def test_usage_errors_exit_2() -> None:
     assert code == 2 and "unrecognized arguments: --no-such-flag" in err
     code, _, err = await cli("run", env={"BEACON_API_LISTEN": "localhost"})
     assert code == 2 and "BEACON_API_LISTEN" in err
+    # Numbers name the option and what was expected, not Python's int() message.
+    code, _, err = await cli("run", env={"BEACON_DNS_TTL": "abc"})
+    assert (code, err.strip()) == (2, "beacon: BEACON_DNS_TTL: expected seconds, got 'abc'")
+    code, _, err = await cli("run", "--proxy-workers", "x")
+    assert (code, err.strip()) == (2, "beacon: --proxy-workers: expected a whole number, got 'x'")
+
+
+async def test_run_help_shows_defaults_units_and_choices() -> None:
+    code, out, _ = await cli("run", "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps lines
+    assert "--lb {round_robin,least_conn,random}" in text
+    assert "(default round_robin) [env BEACON_LB]" in text
+    assert "--proxy-try-timeout DURATION" in text
+    assert "(default 30s; a duration: 250ms, 30s, 5m, 1h) [env BEACON_PROXY_TRY_TIMEOUT]" in text
+    assert "(default 127.0.0.1:8700) [env BEACON_API_LISTEN]" in text
 
 
 # ---------------------------------------------------------------- beacon run
@@ -256,7 +273,20 @@ def test_run_reports_a_taken_port(run_beacon: Any) -> None:
         assert proc.wait(20) == 1
     text = log.read_text()
     assert "Traceback" not in text
-    assert re.search(r"beacon: .*address already in use", text, re.IGNORECASE), text
+    # The message names the listener and its address, not aiohttp's bind tuple.
+    assert f"beacon: API listener 127.0.0.1:{port}: address already in use" in text, text
+
+
+def test_run_names_a_taken_proxy_port(run_beacon: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, log = run_beacon("--docker", "false", "--proxy-listen", f"127.0.0.1:{port}")
+        assert proc.wait(20) == 1
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert f"beacon: proxy listener 127.0.0.1:{port}: address already in use" in text, text
 
 
 @pytest.mark.docker
@@ -269,3 +299,48 @@ def test_run_with_docker_reports_the_connection(run_beacon: Any, docker_client: 
     assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok", "docker": "connected"})
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+# ------------------------------------------------------ beacon status / watch
+async def test_status_shows_listeners_and_problems_first() -> None:
+    async with running_app(docker=False) as app:
+        url = f"http://{app.api.address}"
+        app.manual.register(Endpoint(id="db1", service="db", address="10.0.0.5", port=5432, source=Source("manual")))
+        # A TTL check never heartbeaten: critical, with the check's output as the reason.
+        code, _, err = await cli("register", "cache1", "--service", "cache", "--address", "10.0.0.6",
+                                 "--port", "6379", "--ttl", "30s", "--api", url)
+        assert code == 0, err
+        app.catalog.publish()  # what status reads is published, not pending
+        code, out, err = await cli("status", "--api", url)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert f"api       {app.api.address}" in lines
+        assert f"proxy     {app.proxy.address}" in lines
+        assert any(line.startswith("dns       ") and str(app.dns.addresses[0]) in line for line in lines)
+        assert "docker    disabled" in lines and "store     memory (connected)" in lines
+        problems = lines.index("problems:")
+        assert lines[problems + 1].split()[:3] == ["critical", "cache", "cache1"]
+        table = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("SERVICE"))) + 1:]]
+        assert table == [["cache", "0/1", "DOWN"], ["db", "1/1"]]  # the down service first
+        code, out, _ = await cli("status", "--json", "--api", url)
+        data = json.loads(out)
+        assert data["status"]["listeners"]["api"] == str(app.api.address) and len(data["problems"]) == 1
+
+
+async def test_watch_prints_each_change_and_stops_after_count() -> None:
+    async with running_app(docker=False) as app:
+        url = f"http://{app.api.address}"
+        proc = await asyncio.create_subprocess_exec(
+            BEACON, "watch", "--count", "2", "--api", url, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=CLEAN_ENV,
+        )
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert re.fullmatch(rb"index \d+: 0 services\n", first), first
+        app.manual.register(Endpoint(id="w1", service="web", address="10.0.0.7", port=80, source=Source("manual")))
+        second = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert re.fullmatch(rb"index \d+: web 1/1 passing\n", second), second
+        app.manual.deregister("w1")
+        third = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert re.fullmatch(rb"index \d+: web removed\n", third), third
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
