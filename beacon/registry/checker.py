@@ -33,6 +33,7 @@ the API come from `wall_clock`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
 import itertools
 import logging
@@ -73,6 +74,25 @@ CHECKS_IN_FLIGHT = Gauge("beacon_registry_checks_in_flight", "Active health chec
 TCP_SETTLE = 0.1
 _DOCKER_POLL_RANGE = (0.5, 30.0)  # seconds between inspects of an unhealthy container
 _USER_AGENT = "beacon-health/1"
+# Errors that are Beacon's own lack of resources, not the endpoint's fault: a
+# probe failing with one proves nothing about the endpoint, so it is not judged.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LOCAL_WARN_EVERY = 60.0  # seconds between two "skipped" warnings
+
+
+class LocalResourceError(Exception):
+    """A probe could not run because Beacon itself ran out of a resource (fds)."""
+
+
+def _raise_if_local(exc: BaseException) -> None:
+    """Re-raise as LocalResourceError when `exc` (or what it wraps) is ours, not the endpoint's."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # aiohttp wraps the OSError (ClientConnectorError.os_error, __cause__)
+        if seen is None:
+            return
+        if isinstance(seen, OSError) and seen.errno in _LOCAL_ERRNOS:
+            raise LocalResourceError(describe(seen)) from exc
+        seen = getattr(seen, "os_error", None) or seen.__cause__ or seen.__context__
 
 
 # ------------------------------------------------------------------ pure core
@@ -180,6 +200,7 @@ class HealthChecker:
         self._catalog = catalog
         self._docker = docker
         self._rng = rng or random.Random()
+        self._last_local_warning = float("-inf")
         self._clock = clock  # the heap's due times, intervals, autoheal windows
         self._wall_clock = wall_clock
         self._slots = asyncio.Semaphore(config.check_concurrency)
@@ -429,10 +450,21 @@ class HealthChecker:
         spec = target.spec
         loop = asyncio.get_running_loop()
         started = loop.time()
-        if spec.kind == "http":
-            result, output = await self._probe_http(target.address, target.port, spec)
-        else:
-            result, output = await self._probe_tcp(target.address, target.port, spec)
+        try:
+            if spec.kind == "http":
+                result, output = await self._probe_http(target.address, target.port, spec)
+            else:
+                result, output = await self._probe_tcp(target.address, target.port, spec)
+        except LocalResourceError as exc:
+            # Beacon is out of file descriptors: the endpoint keeps its state and
+            # is probed again at its next interval.
+            CHECKS_RUN.labels(spec.kind, "skipped").inc()
+            now = loop.time()
+            if now - self._last_local_warning >= _LOCAL_WARN_EVERY:
+                self._last_local_warning = now
+                log.warning("skipped: health checks while Beacon itself is out of resources (%s); "
+                            "endpoints keep their state (raise the open-file limit)", exc)
+            return
         CHECK_LATENCY.labels(spec.kind).observe(loop.time() - started)
         CHECKS_RUN.labels(spec.kind, result.value).inc()
         if target.alive and target.spec == spec:
@@ -458,6 +490,7 @@ class HealthChecker:
         except TimeoutError:
             return State.CRITICAL, f"{what}: timed out after {spec.timeout:g}s"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
+            _raise_if_local(exc)
             return State.CRITICAL, f"{what}: {describe(exc)}"
 
     async def _probe_tcp(self, address: str, port: int, spec: CheckSpec) -> tuple[State, str]:
@@ -468,6 +501,7 @@ class HealthChecker:
         except TimeoutError:
             return State.CRITICAL, f"{what}: timed out after {spec.timeout:g}s"
         except (OSError, ValueError) as exc:
+            _raise_if_local(exc)
             return State.CRITICAL, f"{what}: {describe(exc)}"
         try:
             try:
