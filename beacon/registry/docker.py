@@ -577,6 +577,16 @@ class DockerSource:
             log.info("removed: %s %s", cid[:12], name)
         else:
             log.info("updated: %s %s %s", cid[:12], name, _describe(endpoints))
+            for ep in endpoints:
+                prev = before.get(ep.id)
+                if prev is not None and prev.address != ep.address:
+                    # Usually a network attached or detached: clients that cached the
+                    # old address (DNS TTL) will miss; the choice can be pinned.
+                    log.warning(
+                        "moved: %s %s endpoint %s address %s -> %s (network attached or detached? "
+                        "pin it with label beacon.network, --network or beacon.address)",
+                        cid[:12], name, ep.id, prev.address, ep.address,
+                    )
         return 1
 
     def _parse(self, cid: str, attrs: Mapping[str, Any]) -> ContainerEndpoints:

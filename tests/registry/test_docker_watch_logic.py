@@ -375,3 +375,24 @@ async def test_a_container_that_survives_sigterm_stops_draining_after_its_stop_t
     # A later SIGTERM drains it again.
     engine.streams[-1].push(event(A, "kill", signal="15"))
     await eventually(lambda: state_of(cat, ea) is State.DRAINING)
+
+
+async def test_a_network_attach_that_changes_the_address_is_warned(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = FakeEngine()
+    engine.running[A] = attrs(A, "web")
+    cat, _ = await start(engine, address_mode="internal")
+    eid = f"{A[:12]}-80"
+    await eventually(lambda: (ep := cat.snapshot.endpoints.get(eid)) is not None and ep.address == "172.17.0.9")
+    # `docker network connect app web`: the first network by name is now "app".
+    moved = attrs(A, "web")
+    moved["NetworkSettings"]["Networks"] = {"bridge": {"IPAddress": "172.17.0.9"}, "app": {"IPAddress": "10.9.0.5"}}
+    engine.running[A] = moved
+    with caplog.at_level(logging.WARNING, logger="beacon.registry.docker"):
+        engine.streams[-1].push({"Type": "network", "Action": "connect", "Actor": {"ID": "n" * 64,
+                                 "Attributes": {"container": A, "name": "app"}}})
+        await eventually(lambda: cat.snapshot.endpoints[eid].address == "10.9.0.5")
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("moved:")]
+    assert warnings == [f"moved: {A[:12]} web endpoint {eid} address 172.17.0.9 -> 10.9.0.5 (network attached "
+                        "or detached? pin it with label beacon.network, --network or beacon.address)"]
