@@ -259,6 +259,8 @@ def decide(host: bytes, prefix: bytes, claimants: Iterable[Route]) -> tuple[Rout
     """Who gets one (host, prefix): a label route beats the implicit name, then
     the first service by name; the others are reported as conflicts."""
     claimants = list(claimants)
+    if len(claimants) == 1:  # the usual case: one service claims a key
+        return claimants[0], ()
     explicit = sorted((r for r in claimants if r.explicit), key=lambda r: r.service)
     implicit = sorted((r for r in claimants if not r.explicit), key=lambda r: r.service)
     winner = explicit[0] if explicit else implicit[0]
