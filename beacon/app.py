@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from typing import Protocol
@@ -20,6 +21,7 @@ from beacon.api.promsd import PrometheusSd
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
+from beacon.metrics import DOCKER_CONNECTION
 from beacon.proxy import ProxyServer
 from beacon.registry import Catalog, ClusterSource, DockerSource, HealthChecker, ManualRegistry
 from beacon.registry.store import EtcdStore, GatewaySettings
@@ -31,6 +33,10 @@ class Component(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class ListenerError(OSError):
+    """A listener could not be opened; the message names which one and why."""
 
 
 class App:
@@ -68,6 +74,8 @@ class App:
             store=self.cluster.store if self.cluster is not None else None,
         )
         self._started: list[Component] = []
+        docker = self.docker
+        DOCKER_CONNECTION.attach(lambda: docker is not None and docker.connected)
 
     @property
     def components(self) -> list[Component]:
@@ -77,12 +85,30 @@ class App:
         cluster: list[Component] = [self.cluster] if self.cluster is not None else []
         return [*sources, self.manual, self.health, *cluster, self.api, self.dns, self.proxy]
 
+    def _listeners_of(self, component: Component) -> str | None:
+        """What a component listens on, for an error message that names it."""
+        c = self.config
+        if component is self.api:
+            return f"API listener {c.api_listen}"
+        if component is self.dns:
+            return "DNS listener " + ", ".join(str(hp) for hp in c.dns_listen)
+        if component is self.proxy:
+            tls = getattr(c, "proxy_tls_listen", None)
+            return f"proxy listener {c.proxy_listen}" + (f" (TLS {tls})" if tls else "")
+        return None
+
     async def start(self) -> None:
         for component in self.components:
             try:
                 await component.start()
-            except BaseException:
+            except BaseException as exc:
                 await self.stop()
+                where = self._listeners_of(component)
+                if isinstance(exc, OSError) and where is not None:
+                    # "[Errno 98] error while attempting to bind on address (...)" names
+                    # neither the face nor the flag: say which listener failed and why.
+                    reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+                    raise ListenerError(f"{where}: {reason}") from exc
                 raise
             self._started.append(component)
         log.info("started: beacon node=%s", self.node)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from beacon import __version__
-from beacon.config import OPTIONS, Config, ConfigError, build_config
+from beacon.config import DURATION_PARSERS, OPTIONS, Config, ConfigError, Option, build_config
 from beacon.logs import (
     setup_logging as setup_logging,  # re-exported until proxy/worker.py imports beacon.logs
 )
@@ -24,7 +24,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         if opt.is_switch:
             run.add_argument(
                 opt.flag, dest=opt.name, default=None, nargs="?", const="true",
-                metavar="BOOL", help=f"{opt.help} [env {opt.env}]",
+                metavar="BOOL", help=option_help(opt),
             )
             continue
         run.add_argument(
@@ -32,9 +32,44 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             dest=opt.name,
             default=None,
             action="append" if opt.repeated else "store",
-            metavar=opt.metavar,
-            help=f"{opt.help} [env {opt.env}]",
+            metavar=opt.metavar or _metavar(opt),
+            help=option_help(opt),
         )
+
+
+def _metavar(opt: Option) -> str | None:
+    choices: tuple[str, ...] | None = getattr(opt.parse, "choices", None)
+    if choices:
+        return "{" + ",".join(choices) + "}"
+    return "DURATION" if opt.parse in DURATION_PARSERS else None
+
+
+def _show_default(opt: Option) -> str:
+    value = opt.default
+    if value is None or value == "" or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if opt.parse in DURATION_PARSERS and isinstance(value, int | float):
+        seconds = float(value)
+        if seconds >= 60 and seconds % 60 == 0:
+            return f"{seconds / 60:g}m"
+        return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def option_help(opt: Option) -> str:
+    """The flag's help with its default, unit or choices and its environment variable."""
+    # Some helps name a computed default themselves ("default: hostname").
+    extra = [] if "(default" in opt.help else [f"default {_show_default(opt)}"]
+    if opt.parse in DURATION_PARSERS:
+        extra.append("a duration: 250ms, 30s, 5m, 1h")
+    if opt.repeated:
+        extra.append("repeatable; env comma-separated")
+    shown = f" ({'; '.join(extra)})" if extra else ""
+    return f"{opt.help}{shown} [env {opt.env}]"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,15 +43,24 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _whole_number(text: str, what: str = "a whole number") -> int:
+    """ASCII digits only (int() also takes '²'-like digits and '1_000'), with a message
+    that says what was expected."""
+    t = text.strip()
+    if not (t.isascii() and t.lstrip("-").isdigit()) or len(t) > 19:
+        raise ValueError(f"expected {what}, got {text!r}")
+    return int(t)
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 1:
         raise ValueError(f"expected a positive integer, got {text!r}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 0:
         raise ValueError(f"expected an integer >= 0, got {text!r}")
     return value
@@ -59,14 +68,19 @@ def _non_negative_int(text: str) -> int:
 
 def _dns_ttl(text: str) -> int:
     """TTL in seconds: 0 .. 2^31-1 (RFC 2181, section 8)."""
-    value = _non_negative_int(text)
+    value = _whole_number(text, "seconds")
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0 (seconds), got {text!r}")
     if value > 2**31 - 1:
         raise ValueError(f"TTL must be at most 2147483647 seconds, got {text!r}")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a fraction between 0 and 1, got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"expected a fraction between 0 and 1, got {text!r}")
     return value
@@ -78,6 +92,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
             raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
         return text
 
+    parse.choices = allowed  # type: ignore[attr-defined]  # shown by `beacon run --help`
     return parse
 
 
@@ -164,6 +179,11 @@ class Option:
     def is_switch(self) -> bool:
         """A boolean: `--explicit` alone means true; `--explicit false` is allowed too."""
         return self.parse is parse_bool
+
+
+# Parsers whose values are durations: `beacon run --help` says so and prints
+# their defaults as durations (10s, not 10.0).
+DURATION_PARSERS: frozenset[Callable[[str], Any]] = frozenset({parse_duration, _positive_duration, _lease_ttl})
 
 
 _LOOPBACK_NETS = ("127.0.0.0/8", "::1/128")

@@ -9,17 +9,49 @@ over every metric the package defines.
 
 from __future__ import annotations
 
+import platform
 import re
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, disable_created_metrics, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Info, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from beacon import __version__
 from beacon.registry.model import Snapshot, State
+
+BUILD_INFO = Info("beacon_build", "Beacon's version and the Python running it (always 1)")
+BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
+
+
+class DockerConnectionCollector(Collector):
+    """`beacon_docker_connected`: 1 while the Docker source holds a live events
+    stream, else 0 (also when Docker watching is off). Read at scrape time from
+    the Beacon that started last."""
+
+    def __init__(self) -> None:
+        self._connected: Callable[[], bool] = lambda: False
+
+    def attach(self, connected: Callable[[], bool]) -> None:
+        self._connected = connected
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("beacon_docker_connected", "1 while connected to the Docker engine's events stream")
+        gauge.add_metric([], 1.0 if self._connected() else 0.0)
+        yield gauge
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("beacon_docker_connected", "1 while connected to the Docker engine's events stream")
+
+
+DOCKER_CONNECTION = DockerConnectionCollector()
+REGISTRY.register(DOCKER_CONNECTION)
 
 COMPONENTS = ("registry", "dns", "proxy", "health", "store", "tls")
 _NAME = re.compile(rf"beacon_({'|'.join(COMPONENTS)})_[a-z][a-z0-9_]*[a-z0-9]")
+# Names issue 12 spells out (a user contract) outside that scheme: the usual
+# <app>_build_info (family "beacon_build"), and the Docker connection alerts watch.
+CONTRACT_NAMES = frozenset({"beacon_build", "beacon_docker_connected"})
 # A name that measures time must end in the base unit (seconds, not ms).
 _TIME_WORDS = frozenset({"duration", "latency", "delay", "timeout", "age", "time", "seconds", "ms"})
 
@@ -36,7 +68,7 @@ def metric_name_problems(registry: CollectorRegistry = REGISTRY) -> list[str]:
         name = family.name
         if not name.startswith("beacon_"):
             continue  # process_*, python_* from prometheus_client itself
-        if not _NAME.fullmatch(name):
+        if not _NAME.fullmatch(name) and name not in CONTRACT_NAMES:
             problems.append(f"{name}: expected beacon_<{'|'.join(COMPONENTS)}>_<name>[_<unit>]")
         if not family.documentation.strip():
             problems.append(f"{name}: no help text")

@@ -185,6 +185,22 @@ async def test_usage_errors_exit_2() -> None:
     assert code == 2 and "unrecognized arguments: --no-such-flag" in err
     code, _, err = await cli("run", env={"BEACON_API_LISTEN": "localhost"})
     assert code == 2 and "BEACON_API_LISTEN" in err
+    # Numbers name the option and what was expected, not Python's int() message.
+    code, _, err = await cli("run", env={"BEACON_DNS_TTL": "abc"})
+    assert (code, err.strip()) == (2, "beacon: BEACON_DNS_TTL: expected seconds, got 'abc'")
+    code, _, err = await cli("run", "--proxy-workers", "x")
+    assert (code, err.strip()) == (2, "beacon: --proxy-workers: expected a whole number, got 'x'")
+
+
+async def test_run_help_shows_defaults_units_and_choices() -> None:
+    code, out, _ = await cli("run", "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps lines
+    assert "--lb {round_robin,least_conn,random}" in text
+    assert "(default round_robin) [env BEACON_LB]" in text
+    assert "--proxy-try-timeout DURATION" in text
+    assert "(default 30s; a duration: 250ms, 30s, 5m, 1h) [env BEACON_PROXY_TRY_TIMEOUT]" in text
+    assert "(default 127.0.0.1:8700) [env BEACON_API_LISTEN]" in text
 
 
 # ---------------------------------------------------------------- beacon run
@@ -256,7 +272,20 @@ def test_run_reports_a_taken_port(run_beacon: Any) -> None:
         assert proc.wait(20) == 1
     text = log.read_text()
     assert "Traceback" not in text
-    assert re.search(r"beacon: .*address already in use", text, re.IGNORECASE), text
+    # The message names the listener and its address, not aiohttp's bind tuple.
+    assert f"beacon: API listener 127.0.0.1:{port}: address already in use" in text, text
+
+
+def test_run_names_a_taken_proxy_port(run_beacon: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, log = run_beacon("--docker", "false", "--proxy-listen", f"127.0.0.1:{port}")
+        assert proc.wait(20) == 1
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert f"beacon: proxy listener 127.0.0.1:{port}: address already in use" in text, text
 
 
 @pytest.mark.docker

@@ -1,5 +1,5 @@
 """Beacon's HTTP APIs: the REST API (`ApiServer`) and the views mounted on it
-as extensions (Consul-compatible `consul.py`, Prometheus SD `promsd.py`).
+as extensions (Consul-compatible `consul/`, Prometheus SD `promsd.py`).
 
 The REST API reads the catalog's snapshots, like DNS and the proxy.
 """

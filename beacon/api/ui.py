@@ -52,9 +52,8 @@ SECURITY_HEADERS = {
 
 def endpoint_reason(ep: Endpoint) -> str:
     """Why an endpoint is in its state, in a few words (empty when passing for no special reason)."""
-    reason = str(getattr(ep, "reason", "") or "")  # set by sources that know more (e.g. Docker)
-    if reason:
-        return reason[:MAX_REASON]
+    if ep.reason:  # set by sources that know more (Docker: paused, HEALTHCHECK output)
+        return ep.reason[:MAX_REASON]
     if ep.check_status is not None and ep.check_status.state is not State.PASSING:
         return ep.check_status.output[:MAX_REASON] or f"check {ep.check_status.state.value}"
     if ep.state is State.DRAINING:

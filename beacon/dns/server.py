@@ -1,5 +1,8 @@
 """The DNS transports: UDP and TCP listeners, the answer cache, forwarding.
 
+The cache's entries and bounds live in cache.py, TCP connection handling in tcp.py;
+this module owns them and the paths between them.
+
 The hot path is a cache of packed answers keyed on the query bytes minus the
 2-byte ID. On each new snapshot the catalog listener (in the loop thread, so
 no query sees a half-updated table) drops every entry that may differ under
@@ -21,26 +24,26 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from dnslib import DNSRecord
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 from beacon.config import Config, HostPort
+from beacon.dns import cache as answer_cache
 from beacon.dns import metrics as dns_metrics
 from beacon.dns import wire
 from beacon.dns.allow import AllowList, list_docker_subnets
+from beacon.dns.cache import AnswerCache, CachedAnswer, Forward, ViewCaches
 from beacon.dns.forward import Forwarder, system_upstreams, without_self
 from beacon.dns.logs import Throttle, escape
 from beacon.dns.metrics import INVALID_QTYPE, DnsMetrics
 from beacon.dns.resolver import (
-    Answer,
     View,
     Zone,
     ZoneSettings,
@@ -51,139 +54,18 @@ from beacon.dns.resolver import (
     size_at_least,
     truncated,
 )
+from beacon.dns.tcp import TcpConnection, TcpConnections
 from beacon.registry.catalog import Catalog
 from beacon.registry.model import Snapshot
 
 log = logging.getLogger("beacon.dns")
 
 MAX_ROTATIONS = 16  # pre-packed orders per answer: every endpoint of a small pool comes first in turn
-MAX_CACHE_ENTRIES = 20000  # bound against random names; cleared (not evicted) when reached
-MAX_CACHE_BYTES = 64 << 20  # and by size (packed answers over TCP reach 64 KB per rotation)
-_ENTRY_OVERHEAD = 300  # bytes of key, entry object and index slot, roughly
 UDP_READ_BATCH = 256  # datagrams per readiness event before yielding to the loop
 TCP_MAX_INFLIGHT = 64  # forwarded queries pipelined on one connection
-TCP_MAX_WRITE_BUFFER = 1 << 20
 _RECV_SIZE = wire.MAX_QUERY_LEN + 1  # one more: a datagram this long is oversized
 
-
-class _Entry:
-    """A cached answer: its packed forms (minus the ID), handed out in turn.
-
-    Rotations are packed one at a time as they are first handed out, so a
-    miss packs exactly the one reply it sends (a big answer packs 16 times
-    only over 16 queries, and never when it is sent truncated). Once every
-    rotation is packed, `next` is a C-level cycle and the answer is dropped.
-    """
-
-    __slots__ = ("_answer", "_count", "_given", "_limit", "_packed", "hits", "next", "qtype", "rcode", "size")
-
-    def __init__(self, answer: Answer | None, first: bytes, count: int, limit: int, qtype: int, rcode: int) -> None:
-        self.hits = 0
-        self.qtype = qtype
-        self.rcode = rcode
-        self._packed = [first]
-        self._count = count
-        self._given = 0
-        self._limit = limit
-        # What the cache accounts for: every rotation is as long as the first.
-        self.size = len(first) * count + _ENTRY_OVERHEAD
-        self._answer: Answer | None = None
-        if count <= 1 or answer is None:
-            self.next: Callable[[], bytes] = itertools.repeat(first).__next__
-        else:
-            self._answer = answer
-            self.next = self._pack_next
-
-    def _pack_next(self) -> bytes:
-        i = self._given
-        self._given = i + 1
-        packed = self._packed
-        answer = self._answer
-        if i < len(packed) or answer is None:
-            out = packed[i % len(packed)]
-        else:
-            out = pack(rotation(answer, i, self._count))[2:]
-            if len(out) + 2 > self._limit:  # an order that compresses worse: send it truncated
-                out = pack(truncated(answer))[2:]
-            packed.append(out)
-        if self._given >= self._count:
-            self._answer = None
-            self.next = itertools.cycle(packed).__next__  # the next turn is rotation 0 again
-        return out
-
-
-class _Forward:
-    """A cached decision: this query is not ours, send it upstream."""
-
-    __slots__ = ("qend", "qtype")
-
-    def __init__(self, qend: int, qtype: int) -> None:
-        self.qend = qend
-        self.qtype = qtype
-
-
-_Miss = _Forward | bytes | None  # forward it, send these bytes, or drop it
-
-
-class _Cache:
-    """Packed answers by query key (minus the ID, name lowercased), bounded in
-    entries and bytes, with the index of which service each one depends on."""
-
-    __slots__ = ("bytes", "deps", "entries")
-
-    def __init__(self) -> None:
-        self.entries: dict[bytes, _Entry] = {}
-        # Keys by the one service their answer depends on; None: on anything.
-        self.deps: dict[str | None, list[bytes]] = {}
-        self.bytes = 0
-
-    def full(self, entry: _Entry) -> bool:
-        return len(self.entries) >= MAX_CACHE_ENTRIES or self.bytes + entry.size > MAX_CACHE_BYTES
-
-    def add(self, key: bytes, entry: _Entry, service: str | None) -> None:
-        self.entries[key] = entry
-        self.bytes += entry.size
-        keys = self.deps.get(service)
-        if keys is None:
-            self.deps[service] = [key]
-        else:
-            keys.append(key)
-
-    def prune(self, changed: set[str], count: Callable[[int, int, int], None]) -> None:
-        """Drop the entries of `changed` services and every unattributed one."""
-        for name in (None, *changed):
-            # Each cached key is listed under exactly one name (a key is
-            # cached only on a miss, and the index is cleared with the cache).
-            for key in self.deps.pop(name, ()):
-                e = self.entries.pop(key, None)
-                if e is not None:
-                    self.bytes -= e.size
-                    if e.hits:
-                        count(e.qtype, e.rcode, e.hits)
-
-    def fold(self, count: Callable[[int, int, int], None]) -> None:
-        for e in self.entries.values():
-            if e.hits:
-                count(e.qtype, e.rcode, e.hits)
-                e.hits = 0
-
-    def clear(self) -> None:
-        # In place: the UDP read loop holds a reference to `entries`.
-        self.entries.clear()
-        self.deps.clear()
-        self.bytes = 0
-
-
-class _ViewCaches:
-    """The UDP and TCP caches of one view: answers differ by what the querier can reach."""
-
-    __slots__ = ("tcp", "udp", "view")
-
-    def __init__(self, view: View) -> None:
-        self.view = view
-        self.udp = _Cache()
-        self.tcp = _Cache()
-
+_Miss = Forward | bytes | None  # forward it, send these bytes, or drop it
 
 MAX_VIEWS = 64  # distinct (loopback, subnets) combinations; a host has a few networks
 MAX_SOURCES = 4096  # source address -> view map; cleared when full (spoofed sources)
@@ -209,18 +91,20 @@ class DnsServer:
         self._snapshot: Snapshot = catalog.snapshot
         self._zone: Zone | None = None
         self._settings = ZoneSettings()
-        self._views: dict[View, _ViewCaches] = {}
+        self._views: dict[View, ViewCaches] = {}
         # Source address -> its view's caches (the UDP hot path reads the
         # first, one dict lookup). Rebuilt lazily after each snapshot, since
         # the subnets that tell views apart may change.
-        self._udp_by_source: dict[str, dict[bytes, _Entry]] = {}
-        self._source_caches: dict[str, _ViewCaches] = {}
-        self._fwd: dict[bytes, _Forward] = {}
+        self._udp_by_source: dict[str, dict[bytes, CachedAnswer]] = {}
+        self._source_caches: dict[str, ViewCaches] = {}
+        self._fwd: dict[bytes, Forward] = {}
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.Server] = []
-        self._tcp_conns: set[_TcpConnection] = set()
-        self._tcp_sweeper: asyncio.TimerHandle | None = None
         self._throttle = Throttle(log, clock=clock)
+        self._tcp = TcpConnections(
+            max_connections=config.dns_tcp_max_connections, idle_timeout=config.dns_tcp_idle_timeout,
+            clock=clock, metrics=self.metrics, throttle=self._throttle,
+        )  # fmt: skip
         self._refused_sources = Throttle(log, interval=float("inf"), clock=clock)  # once per source
         self._tasks: set[asyncio.Task[None]] = set()
         self._forwarder = Forwarder((), config.dns_recursor_timeout, self.metrics)
@@ -289,11 +173,7 @@ class DnsServer:
         self._udp.clear()
         for server in self._tcp_servers:
             server.close()
-        for conn in list(self._tcp_conns):
-            conn.abort()
-        if self._tcp_sweeper is not None:
-            self._tcp_sweeper.cancel()
-            self._tcp_sweeper = None
+        self._tcp.close_all()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -344,7 +224,7 @@ class DnsServer:
             except BaseException:
                 udp.close()
                 raise
-            server = await self._loop.create_server(lambda: _TcpConnection(self), sock=tcp)
+            server = await self._loop.create_server(lambda: TcpConnection(self._tcp, self._tcp_query), sock=tcp)
             return udp, server, HostPort(bound_host, port)
         raise OSError(errno.EADDRINUSE, f"no free port pair for DNS on {hp.host}")
 
@@ -368,10 +248,10 @@ class DnsServer:
             for e in list(cache.entries.values()):
                 yield e.qtype, e.rcode, e.hits
 
-    def _all_caches(self) -> list[_Cache]:
+    def _all_caches(self) -> list[AnswerCache]:
         return [c for vc in list(self._views.values()) for c in (vc.udp, vc.tcp)]
 
-    def _caches_of(self, source: str) -> _ViewCaches:
+    def _caches_of(self, source: str) -> ViewCaches:
         """The caches of the view of a querier at `source` (computed once per snapshot)."""
         found = self._source_caches.get(source)
         if found is not None:
@@ -385,7 +265,7 @@ class DnsServer:
                 self._views.clear()
                 self._udp_by_source.clear()
                 self._source_caches.clear()
-            found = self._views[view] = _ViewCaches(view)
+            found = self._views[view] = ViewCaches(view)
         if len(self._source_caches) >= MAX_SOURCES:
             self._udp_by_source.clear()
             self._source_caches.clear()
@@ -394,12 +274,12 @@ class DnsServer:
         return found
 
     @property
-    def _cache(self) -> _Cache:
+    def _cache(self) -> AnswerCache:
         """The UDP cache of the host's own view (what loopback clients use)."""
         return self._caches_of("127.0.0.1").udp
 
     @property
-    def _tcp_cache(self) -> _Cache:
+    def _tcp_cache(self) -> AnswerCache:
         return self._caches_of("127.0.0.1").tcp
 
     @property
@@ -453,7 +333,7 @@ class DnsServer:
         found = self._miss(data, addr[0], tcp=False)
         if found is None:
             return False
-        if isinstance(found, _Forward):
+        if isinstance(found, Forward):
             self._forward_udp(sock, data, addr, found)
             return False
         try:
@@ -462,7 +342,7 @@ class DnsServer:
             self.metrics.drop("send_error")
         return True
 
-    def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, fwd: _Forward) -> None:
+    def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, fwd: Forward) -> None:
         def done(reply: bytes) -> None:
             self.metrics.count(fwd.qtype, wire.rcode_of(reply))
             if len(reply) > wire.MIN_UDP_PAYLOAD:
@@ -487,7 +367,7 @@ class DnsServer:
             done(wire.question_reply(data, fwd.qend, wire.REFUSED, ra=True))
 
     async def _forward_after_refresh(
-        self, data: bytes, host: str, fwd: _Forward, done: Callable[[bytes], None]
+        self, data: bytes, host: str, fwd: Forward, done: Callable[[bytes], None]
     ) -> None:
         await self._allow.refresh()
         if self._allow.allows(host):
@@ -535,7 +415,7 @@ class DnsServer:
             if fwd is not None:
                 return fwd
             found = self._resolve(data, key, cache, caches.view, tcp=tcp)
-            if not isinstance(found, _Entry):
+            if not isinstance(found, CachedAnswer):
                 return found
             entry = found
         entry.hits += 1
@@ -546,7 +426,7 @@ class DnsServer:
             reply = reply[:12] + data[12:nend] + reply[nend:]
         return reply
 
-    def _resolve(self, data: bytes, key: bytes, cache: _Cache, view: View, *, tcp: bool) -> _Entry | _Miss:
+    def _resolve(self, data: bytes, key: bytes, cache: AnswerCache, view: View, *, tcp: bool) -> CachedAnswer | _Miss:
         """Parse, resolve and pack one query (its case-folded form); cache what can be cached."""
         try:
             request = DNSRecord.parse(data[:2] + key)
@@ -558,8 +438,9 @@ class DnsServer:
                 qend = wire.question_end(data)
                 if qend is None:
                     return self._invalid(data)
-                fwd = _Forward(qend, wire.qtype_at(data, qend))
-                if len(self._fwd) >= MAX_CACHE_ENTRIES:
+                fwd = Forward(qend, wire.qtype_at(data, qend))
+                # Read through the module: the answer cache's one bound covers these decisions too.
+                if len(self._fwd) >= answer_cache.MAX_CACHE_ENTRIES:
                     self._fwd.clear()  # random names cannot grow it without bound
                 self._fwd[key] = fwd
                 return fwd
@@ -585,7 +466,7 @@ class DnsServer:
             self.metrics.count(INVALID_QTYPE, wire.SERVFAIL)
             return reply
         qtype = request.questions[0].qtype if request.questions else INVALID_QTYPE
-        entry = _Entry(answer, first, count, limit, qtype, answer.reply.header.rcode)
+        entry = CachedAnswer(answer, first, count, limit, qtype, answer.reply.header.rcode)
         if cache.full(entry):
             cache.fold(self.metrics.count)
             cache.clear()
@@ -602,7 +483,7 @@ class DnsServer:
         return reply
 
     # --------------------------------------------------------------------- TCP
-    def _tcp_query(self, conn: _TcpConnection, msg: bytes) -> None:
+    def _tcp_query(self, conn: TcpConnection, msg: bytes) -> None:
         entry = self._caches_of(conn.host).tcp.entries.get(msg[2:])
         if entry is not None:
             entry.hits += 1
@@ -611,46 +492,12 @@ class DnsServer:
         found = self._miss(msg, conn.host, tcp=True)
         if found is None:
             conn.abort()  # not a query on a stream: nothing sensible to answer
-        elif isinstance(found, _Forward):
+        elif isinstance(found, Forward):
             self._forward_tcp(conn, msg, found)
         else:
             conn.send(found)
 
-    def _tcp_accept(self, conn: _TcpConnection) -> bool:
-        """Admit a new connection, or refuse it (False) at --dns-tcp-max-connections."""
-        cap = self.config.dns_tcp_max_connections
-        if len(self._tcp_conns) >= cap:
-            self.metrics.drop("tcp_limit")
-            self._throttle.log(
-                logging.WARNING, "tcp_limit",
-                "refused: DNS/TCP connection from %s: %d connections open (--dns-tcp-max-connections)",
-                escape(conn.host), cap,
-            )  # fmt: skip
-            return False
-        self._tcp_conns.add(conn)
-        if self._tcp_sweeper is None and self._loop is not None:
-            self._tcp_sweeper = self._loop.call_later(self._tcp_tick(), self._sweep_tcp)
-        return True
-
-    def _tcp_tick(self) -> float:
-        return max(0.05, min(1.0, self.config.dns_tcp_idle_timeout / 4))
-
-    def _sweep_tcp(self) -> None:
-        """Close connections that completed no query for --dns-tcp-idle-timeout.
-
-        Progress is a whole query or a reply sent, not a byte: a client that
-        dribbles one byte every few seconds is idle. One sweep for all
-        connections (not a timer each), driven by the server's clock.
-        """
-        self._tcp_sweeper = None
-        deadline = self.clock() - self.config.dns_tcp_idle_timeout
-        for conn in list(self._tcp_conns):
-            if not conn.tasks and conn.last_progress <= deadline:
-                conn.abort()
-        if self._tcp_conns and self._loop is not None:
-            self._tcp_sweeper = self._loop.call_later(self._tcp_tick(), self._sweep_tcp)
-
-    def _forward_tcp(self, conn: _TcpConnection, msg: bytes, fwd: _Forward) -> None:
+    def _forward_tcp(self, conn: TcpConnection, msg: bytes, fwd: Forward) -> None:
         if not self._forwarder.enabled:
             self.metrics.count(fwd.qtype, wire.REFUSED)
             conn.send(wire.question_reply(msg, fwd.qend, wire.REFUSED, ra=False))
@@ -678,69 +525,6 @@ class DnsServer:
 
 def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host == "::1"
-
-
-class _TcpConnection(asyncio.Protocol):
-    """One DNS-over-TCP client: 2-byte length-prefixed messages, pipelined."""
-
-    def __init__(self, server: DnsServer) -> None:
-        self.server = server
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.host = ""
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.last_progress = server.clock()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport (uvloop's does not subclass asyncio.Transport).
-        self.transport = cast(asyncio.Transport, transport)
-        peer = self.transport.get_extra_info("peername")
-        self.host = str(peer[0]) if peer else ""
-        self.last_progress = self.server.clock()
-        if not self.server._tcp_accept(self):
-            self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        buf = self.buf
-        while len(buf) >= 2:
-            size = int.from_bytes(buf[:2], "big")
-            if len(buf) < 2 + size:
-                break
-            msg = bytes(buf[2 : 2 + size])
-            del buf[: 2 + size]
-            self.last_progress = self.server.clock()
-            try:
-                self.server._tcp_query(self, msg)
-            except Exception as exc:
-                self.server._throttle.log(
-                    logging.ERROR, f"tcp:{type(exc).__name__}", "failed: answering a DNS query over TCP: %s",
-                    escape(exc), exc_info=True,
-                )  # fmt: skip
-                self.abort()
-                return
-            if self.transport is None or self.transport.is_closing():
-                return
-
-    def send(self, reply: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        if t.get_write_buffer_size() > TCP_MAX_WRITE_BUFFER:
-            self.abort()  # the client does not read its answers
-            return
-        self.last_progress = self.server.clock()
-        t.write(len(reply).to_bytes(2, "big") + reply)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        for task in self.tasks:
-            task.cancel()
-        self.server._tcp_conns.discard(self)
-        self.transport = None
 
 
 __all__ = ["DnsServer"]

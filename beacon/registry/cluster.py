@@ -113,6 +113,7 @@ class ClusterSource:
         self._queue: collections.deque[Change] = collections.deque()
         self._drain_handle: asyncio.Handle | None = None
         self._manual_task: asyncio.Task[None] | None = None
+        self._manual_failed = False
         self.remote_changes = 0
 
     # ----------------------------------------------------------------- reads
@@ -176,8 +177,11 @@ class ClusterSource:
         try:
             records = await self._store.read_prefix(f"manual/{self._node}/")
         except StoreError as exc:
-            log.warning("failed: loading manual registrations (%s); retrying", exc)
+            if not self._manual_failed:  # one line per outage, not per retry
+                self._manual_failed = True
+                log.warning("failed: loading manual registrations (%s); retrying", exc)
             return False
+        self._manual_failed = False
         for key, raw in records.items():
             self._durable[key.rsplit("/", 1)[-1]] = raw
             try:

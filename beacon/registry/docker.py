@@ -44,7 +44,7 @@ from beacon.clock import SYSTEM_CLOCK, Clock
 from beacon.config import Config
 from beacon.registry.catalog import Catalog, EndpointConflict
 from beacon.registry.daemon_executor import DaemonExecutor
-from beacon.registry.labels import ContainerEndpoints, LabelOptions, container_endpoints
+from beacon.registry.labels import ContainerEndpoints, LabelOptions, container_endpoints, container_reason
 from beacon.registry.model import Endpoint, State
 
 log = logging.getLogger("beacon.registry.docker")
@@ -469,7 +469,13 @@ class DockerSource:
             return
         record = self._record(cid)
         record.generation = next(self._generation)
-        if action in REMOVE_ACTIONS:
+        if action == "die":
+            # Look before removing: a container its restart policy brings back
+            # (`--restart=always` crash loop) stays, critical with its exit code and
+            # restart count (DNS NODATA, proxy 503), instead of leaving and coming back.
+            record.drain = None
+            self._spawn_refresh(cid, record.generation)
+        elif action in REMOVE_ACTIONS:
             record.drain = None
             self._apply(cid, None)
         elif action in REFRESH_ACTIONS or kind == "network":
@@ -526,6 +532,13 @@ class DockerSource:
         """Set the container's endpoints in the catalog; return 1 if anything changed."""
         key = SOURCE_PREFIX + cid
         result = ContainerEndpoints() if attrs is None else self._parse(cid, attrs)
+        if attrs is not None and not result.endpoints and (attrs.get("State") or {}).get("Restarting"):
+            # Between two runs of a restart loop its published ports are gone:
+            # keep what it offered, critical, with the exit code and restart count.
+            kept = self._catalog.source_endpoints(key).values()
+            result = ContainerEndpoints(
+                tuple(replace(e, state=State.CRITICAL, reason=container_reason(attrs)) for e in kept)
+            )
         record = self._containers.get(cid) if attrs is None else self._record(cid)
         if attrs is not None and record is not None:
             record.name = str(attrs.get("Name") or "").lstrip("/")

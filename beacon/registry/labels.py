@@ -280,6 +280,29 @@ def _container_state(attrs: Mapping[str, Any]) -> State | None:
     return State.PASSING
 
 
+MAX_REASON = 500  # characters of Docker's health output kept
+
+
+def container_reason(attrs: Mapping[str, Any]) -> str:
+    """Why Docker's view keeps a running container from passing (empty when it does not)."""
+    st = attrs.get("State") or {}
+    if st.get("Paused"):
+        return "paused"
+    if st.get("Restarting"):
+        return f"restarting: exit code {st.get('ExitCode')}, restart count {attrs.get('RestartCount', 0)}"
+    health = st.get("Health") or {}
+    status = health.get("Status")
+    if status == "starting":
+        return "HEALTHCHECK starting: no traffic before it passes"
+    if status == "unhealthy":
+        log = health.get("Log") or []
+        last = log[-1] if isinstance(log, list) and log and isinstance(log[-1], Mapping) else {}
+        output = " ".join(str(last.get("Output") or "").split())[:MAX_REASON]
+        head = f"HEALTHCHECK unhealthy (exit code {last.get('ExitCode')})"
+        return f"{head}: {output}" if output else head
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class _Settings:
     """Container-wide endpoint settings from beacon.* labels."""
@@ -441,6 +464,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     state = _container_state(attrs)
     if state is None:
         return verdict(None)
+    reason = container_reason(attrs)
 
     # registrator variables: environment first, a label of the same name wins.
     reg = _bounded(_env_map(config.get("Env")), problems)
@@ -570,6 +594,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
                     node=options.node,
                     protocol=port.protocol,
                     state=state,
+                    reason=reason,
                     weight=settings.weight,
                     tags=tuple(sorted(set(tags))),
                     meta=settings.meta,

@@ -134,6 +134,7 @@ class Endpoint:
     node: str = ""
     protocol: str = "tcp"
     state: State = State.PASSING
+    reason: str = ""  # why the source set `state` (Docker: "paused", the HEALTHCHECK's output...)
     weight: int = 1
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
@@ -164,6 +165,7 @@ class Endpoint:
             "protocol": self.protocol,
             "node": self.node,
             "state": self.state.value,
+            **({"reason": self.reason} if self.reason else {}),
             "weight": self.weight,
             "tags": list(self.tags),
             "meta": dict(self.meta),

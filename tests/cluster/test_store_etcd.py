@@ -210,6 +210,24 @@ async def test_silent_watch_is_noticed_and_resumed_without_relist(
         assert a.sessions == sessions + 1 and a.relists == 1  # a new session resumed the watch
 
 
+async def test_a_key_set_while_the_writer_is_busy_is_not_forgotten(
+    etcd: EtcdCluster, prefix: str, relay: TcpRelay
+) -> None:
+    async with running(make_store([relay.endpoint], prefix, "a")) as a:
+        relay.slow(0.3)  # every round trip is slow: the writer is inside its cleanup for a while
+        a.own_complete()  # starts the cleanup of an earlier session's keys (a range read)
+        await asyncio.sleep(0.1)
+        a.set_own("nodes/a/ep/late", b"1")  # arrives while the writer awaits etcd
+        relay.slow(0.0)
+        truth: dict[str, bytes] = {}
+        for _ in range(40):
+            truth = await etcd_truth(etcd.endpoints, prefix)
+            if "nodes/a/ep/late" in truth:
+                break
+            await asyncio.sleep(0.1)
+        assert truth.get("nodes/a/ep/late") == b"1"
+
+
 async def test_slow_etcd_still_converges(etcd: EtcdCluster, prefix: str, relay: TcpRelay) -> None:
     relay.slow(0.05)
     async with running(make_store([relay.endpoint], prefix, "a")) as a, running(

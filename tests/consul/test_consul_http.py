@@ -246,7 +246,7 @@ async def test_filter_narrows_answers_and_a_bad_one_is_consuls_400(app: App, htt
 
 
 async def test_parked_queries_are_capped(app: App, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("beacon.api.consul.MAX_PARKED", 2)
+    monkeypatch.setattr("beacon.api.consul.routes.MAX_PARKED", 2)
     async with http.get("/v1/catalog/services") as resp:
         index = resp.headers["X-Consul-Index"]
     parked = [asyncio.create_task(http.get("/v1/catalog/services", params={"index": index, "wait": "20s"}))

@@ -6,18 +6,17 @@ from __future__ import annotations
 import pytest
 from multidict import MultiDict
 
-from beacon.api.consul import (
+from beacon.api.consul.errors import ConsulError
+from beacon.api.consul.filters import FilterError, parse_filter
+from beacon.api.consul.indexes import IndexTracker
+from beacon.api.consul.query import (
     DEFAULT_WAIT,
     MAX_WAIT,
-    ConsulError,
-    FilterError,
-    IndexTracker,
     blocking_timeout,
-    parse_filter,
     parse_go_duration,
     parse_query_options,
-    registration_from_consul,
 )
+from beacon.api.consul.registration import registration_from_consul
 from beacon.registry import Catalog, State
 from beacon.registry.manual import parse_registration
 from tests.consul.consultest import container_endpoint, drop, put

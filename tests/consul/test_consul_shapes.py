@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from beacon.api.consul import (
-    IndexTracker,
+from beacon.api.consul.indexes import IndexTracker
+from beacon.api.consul.views import (
     ViewContext,
     agent_health_view,
     agent_self_view,

@@ -138,6 +138,8 @@ async def test_beacon_in_a_container_discovers_and_serves_a_labelled_container(
 
         # The image's HEALTHCHECK command reaches /healthz.
         assert await eventually_async(lambda: asyncio.to_thread(docker_health), timeout=15) == "healthy"
+        async with session.get(f"{api}/metrics") as resp:
+            assert "\nbeacon_docker_connected 1.0\n" in await resp.text()
         # The dashboard's files are in the installed package (pyproject package-data).
         async with session.get(f"{api}/ui/app.js") as resp:
             assert resp.status == 200 and "EventSource" in await resp.text()

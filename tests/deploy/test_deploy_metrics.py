@@ -5,6 +5,7 @@ proxy, DNS and the API have all served something."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 
@@ -12,6 +13,7 @@ import aiohttp
 import dns.asyncquery
 import dns.message
 
+from beacon import __version__
 from beacon.registry import Endpoint, Source
 from tests.helpers import running_app
 
@@ -35,6 +37,8 @@ async def test_metrics_pass_promtool_check() -> None:
             assert resp.status == 200
             text = await resp.text()
     assert "beacon_proxy_requests_total" in text and "beacon_dns_" in text
+    assert re.search(rf'^beacon_build_info\{{.*version="{re.escape(__version__)}".*\}} 1\.0$', text, re.M), text
+    assert re.search(r"^beacon_docker_connected 0\.0$", text, re.M)  # --docker false
     result = await asyncio.to_thread(
         subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )

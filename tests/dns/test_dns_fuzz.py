@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beacon.dns import DnsServer
-from beacon.dns.server import _Forward
+from beacon.dns.cache import Forward
 from beacon.registry import Catalog, State
 from tests.dns.dnstest import ep, put
 from tests.helpers import test_config as make_config
@@ -102,7 +102,7 @@ def test_packet_handler_never_raises(data: bytes, tcp: bool, errors: _Errors) ->
     server = DnsServer(make_config(dns_recursors=()), catalog(), metrics_registry=None)
     for _ in range(2):  # a miss, then the case-folded entry it cached
         result = server._miss(data, "127.0.0.1", tcp=tcp)
-        assert result is None or isinstance(result, bytes | _Forward)
+        assert result is None or isinstance(result, bytes | Forward)
         if isinstance(result, bytes):
             assert len(result) >= 12 and result[:2] == data[:2] and result[2] & 0x80
             if not tcp:

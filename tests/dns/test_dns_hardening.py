@@ -46,7 +46,8 @@ def pack_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         return real(record)
 
-    monkeypatch.setattr("beacon.dns.server.pack", counting)
+    monkeypatch.setattr("beacon.dns.server.pack", counting)  # the first order, on a miss
+    monkeypatch.setattr("beacon.dns.cache.pack", counting)  # the others, as they are first handed out
     return calls
 
 
@@ -87,7 +88,7 @@ async def test_a_big_answer_is_packed_only_as_it_is_sent(pack_calls: list[int]) 
 
 
 async def test_the_cache_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("beacon.dns.server.MAX_CACHE_BYTES", 400_000)
+    monkeypatch.setattr("beacon.dns.cache.MAX_CACHE_BYTES", 400_000)
     cat = Catalog()
     put(cat, "big", *big_service())
     async with dns_server(cat) as srv:
@@ -135,17 +136,17 @@ async def test_a_tcp_client_dribbling_bytes_is_closed_after_the_idle_timeout() -
         size = int.from_bytes(await reader.readexactly(2), "big")
         assert dns.message.from_wire(await reader.readexactly(size)).answer  # a query is progress
         clock.now += 9.0
-        srv._sweep_tcp()
-        assert not writer.is_closing() and len(srv._tcp_conns) == 1
+        srv._tcp.sweep()
+        assert not writer.is_closing() and len(srv._tcp.open) == 1
         # the next query, one byte every 5 s: bytes are not progress
         for byte in (len(query).to_bytes(2, "big") + query)[:3]:
             writer.write(bytes([byte]))
             await writer.drain()
             clock.now += 5.0
-            srv._sweep_tcp()
+            srv._tcp.sweep()
         assert await closed_by_server(reader)
         writer.close()
-        await eventually(lambda: not srv._tcp_conns)
+        await eventually(lambda: not srv._tcp.open)
 
 
 async def test_tcp_connections_are_capped_and_the_cap_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -154,7 +155,7 @@ async def test_tcp_connections_are_capped_and_the_cap_is_logged_once(caplog: pyt
     async with dns_server(cat, dns_tcp_max_connections=2) as srv:
         addr = srv.addresses[0]
         held = [await asyncio.open_connection(addr.host, addr.port) for _ in range(2)]
-        await eventually(lambda: len(srv._tcp_conns) == 2)
+        await eventually(lambda: len(srv._tcp.open) == 2)
         with caplog.at_level(logging.WARNING, logger="beacon.dns"):
             for _ in range(4):
                 reader, writer = await asyncio.open_connection(addr.host, addr.port)
@@ -164,7 +165,7 @@ async def test_tcp_connections_are_capped_and_the_cap_is_logged_once(caplog: pyt
         assert len(refused) == 1 and "--dns-tcp-max-connections" in refused[0], refused
         assert addresses(await udp(srv, "web.service.beacon")) == ["10.0.0.1"]  # UDP unaffected
         held[0][1].close()
-        await eventually(lambda: len(srv._tcp_conns) == 1)
+        await eventually(lambda: len(srv._tcp.open) == 1)
         assert addresses(await tcp(srv, "web.service.beacon")) == ["10.0.0.1"]
         for _, w in held[1:]:
             w.close()

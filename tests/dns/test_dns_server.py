@@ -354,7 +354,7 @@ async def test_the_app_wires_the_dns_server_to_its_catalog() -> None:
 
 
 async def test_the_answer_cache_is_bounded_and_keeps_counting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("beacon.dns.server.MAX_CACHE_ENTRIES", 10)
+    monkeypatch.setattr("beacon.dns.cache.MAX_CACHE_ENTRIES", 10)
     registry = CollectorRegistry()
     server = DnsServer(make_config(), Catalog(), metrics_registry=registry)
     await server.start()

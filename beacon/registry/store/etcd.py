@@ -124,6 +124,7 @@ class EtcdStore:
         self._head_revision = 0  # latest revision seen in any answer
         self._listeners: list[ChangeListener] = []
         self._connected = False
+        self._down_logged = False  # one "disconnected" line per outage, also before the first connect
         self._refused: str | None = None
         self._last_sync: float | None = None
         self._last_watch_message = 0.0
@@ -309,8 +310,12 @@ class EtcdStore:
 
     def _set_connected(self, up: bool, why: str = "") -> None:
         if up == self._connected:
+            if not up and not self._down_logged:  # never connected yet: say so once
+                self._down_logged = True
+                log.warning("disconnected: etcd unreachable (%s); serving local endpoints, retrying", why)
             return
         self._connected = up
+        self._down_logged = not up
         if self._metrics:
             metrics.CONNECTED.set(1 if up else 0)
         if up:
@@ -535,6 +540,9 @@ class EtcdStore:
     # ---------------------------------------------------------------- writer
     async def _writer_loop(self) -> None:
         while True:
+            # Clear before looking, never after: a key set while a batch or the
+            # cleanup awaits etcd sets the event again, and is picked up next turn.
+            self._wake.clear()
             for leased in (True, False):
                 while self._dirty[leased]:
                     keys = [self._dirty[leased].pop() for _ in range(min(TXN_OPS, len(self._dirty[leased])))]
@@ -549,7 +557,6 @@ class EtcdStore:
                 await self._cleanup()
             if not self.pending_writes():
                 self._flushed.set()
-            self._wake.clear()
             await self._wake.wait()
 
     async def _write_batch(self, leased: bool, batch: Mapping[str, bytes | None]) -> None:
