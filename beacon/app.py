@@ -18,6 +18,7 @@ from typing import Protocol
 from beacon.api import ApiServer
 from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
+from beacon.api.status import StatusView
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
@@ -69,7 +70,8 @@ class App:
             docker=self.docker,
             health=self.health,
             routes=self.proxy.routes_json,
-            extensions=[self.consul, PrometheusSd(self.catalog), Dashboard(self.catalog)],
+            extensions=[self.consul, PrometheusSd(self.catalog), Dashboard(self.catalog),
+                        StatusView(self.catalog, self.status_json)],
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
         )
@@ -84,6 +86,29 @@ class App:
         # then the whole local state: a restart resyncs as a diff, no flapping).
         cluster: list[Component] = [self.cluster] if self.cluster is not None else []
         return [*sources, self.manual, self.health, *cluster, self.api, self.dns, self.proxy]
+
+    def status_json(self) -> dict[str, object]:
+        """Listeners as bound, connections and node: what `beacon status` shows first."""
+        def bound(address: object) -> str | None:
+            return None if address is None else str(address)
+
+        tls = self.proxy.tls
+        docker = "disabled" if self.docker is None else (
+            "connected" if self.docker.connected else "disconnected")
+        store: dict[str, object] = {"kind": "memory", "connected": True}
+        if self.cluster is not None:
+            store = {"kind": "etcd", "connected": bool(getattr(self.cluster.store, "connected", False))}
+        return {
+            "node": self.node,
+            "listeners": {
+                "api": bound(self.api.address),
+                "dns": [str(a) for a in self.dns.addresses],
+                "proxy": bound(self.proxy.address),
+                "proxy_tls": bound(getattr(tls, "address", None)),
+            },
+            "docker": docker,
+            "store": store,
+        }
 
     def _listeners_of(self, component: Component) -> str | None:
         """What a component listens on, for an error message that names it."""

@@ -87,7 +87,7 @@ def run_server(config: Config) -> int:
     from beacon.app import App
     from beacon.registry.store import StoreError
 
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     import uvloop
 
     try:

@@ -1,4 +1,5 @@
-"""API client commands: `beacon services`, `endpoints`, `register`, `deregister`, `heartbeat`.
+"""API client commands: `beacon status`, `watch`, `services`, `endpoints`, `nodes`, `register`,
+`deregister`, `heartbeat`.
 
 Standard library only (urllib), so the CLI starts fast. Each command prints a
 readable, aligned table, or the API's JSON answer with `--json`. Any failure
@@ -17,7 +18,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from beacon.config import ClientConfig, ConfigError, build_client_config
@@ -61,6 +62,37 @@ class ApiClient:
             return json.loads(raw) if raw else None
         except ValueError:
             raise ClientError(f"the Beacon API at {self.config.api} did not answer JSON") from None
+
+
+    def stream_events(self, path: str) -> Iterator[tuple[str, Any]]:
+        """Server-sent events of `path` as (event, data), until the server closes.
+
+        Beacon sends a keep-alive comment every 15 s, so a read that waits
+        four times that long means the stream is dead, not quiet.
+        """
+        req = urllib.request.Request(self.config.api + path, headers={"Accept": "text/event-stream"})
+        try:
+            resp = self._opener.open(req, timeout=max(self.config.timeout, 60.0))
+        except urllib.error.HTTPError as exc:
+            raise ClientError(_describe_error(exc)) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            raise ClientError(f"cannot reach the Beacon API at {self.config.api}: {reason}") from None
+        event, data = "message", ""
+        with resp:
+            try:
+                for raw in resp:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if not line:  # a blank line ends one event
+                        if data:
+                            yield event, json.loads(data)
+                        event, data = "message", ""
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+            except (OSError, ValueError) as exc:
+                raise ClientError(f"the watch stream from {self.config.api} broke: {exc}") from None
 
 
 def _describe_error(exc: urllib.error.HTTPError) -> str:
@@ -111,6 +143,79 @@ def _emit(args: argparse.Namespace, data: object, text: Callable[[], str]) -> in
 
 
 # ---------------------------------------------------------------- commands
+def _problems(services: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per endpoint that is not passing, worst services first."""
+    lines = []
+    for svc in services:
+        for e in svc["endpoints"]:
+            if e["state"] != "passing":
+                reason = e.get("reason") or (e.get("check_status") or {}).get("output") or ""
+                reason = " ".join(str(reason).split())[:120]
+                lines.append(f"{e['state']:<9} {svc['name']} {e['id']} {e['address']}:{e['port']}"
+                             + (f" ({reason})" if reason else ""))
+    return lines
+
+
+def cmd_status(args: argparse.Namespace, api: ApiClient) -> int:
+    status = api.request("GET", "/v1/status")
+    summaries = api.request("GET", "/v1/services")
+    # Problems first: services with fewer passing than total, then the healthy ones.
+    summaries = sorted(summaries, key=lambda s: (s["passing"] == s["total"], s["passing"] > 0, s["name"]))
+    details = [api.request("GET", f"/v1/services/{_seg(s['name'])}") for s in summaries if s["passing"] < s["total"]]
+    data = {"status": status, "services": summaries, "problems": _problems(details)}
+
+    def text() -> str:
+        ls = status["listeners"]
+        store = status["store"]
+        head = [
+            f"node      {status['node']}   (catalog index {status['index']})",
+            f"api       {ls['api']}",
+            f"dns       {', '.join(ls['dns']) or '-'}",
+            f"proxy     {ls['proxy'] or '-'}" + (f"   tls {ls['proxy_tls']}" if ls.get("proxy_tls") else ""),
+            f"docker    {status['docker']}",
+            f"store     {store['kind']} ({'connected' if store['connected'] else 'DISCONNECTED'})",
+            "",
+        ]
+        problems = data["problems"]
+        head += ["problems:", *(f"  {p}" for p in problems), ""] if problems else ["problems: none", ""]
+        rows = [(s["name"], f"{s['passing']}/{s['total']}", "" if s["passing"] == s["total"] else
+                 ("DOWN" if s["passing"] == 0 else "degraded")) for s in summaries]
+        table = format_table(("SERVICE", "PASSING", ""), rows) if rows else "no services"
+        return "\n".join(head) + table
+
+    return _emit(args, data, text)
+
+
+def _change_line(event: str, data: dict[str, Any]) -> str:
+    services = data.get("services", [])
+    if event == "snapshot":
+        return f"index {data.get('index')}: {len(services)} services"
+    parts = []
+    for svc in services:
+        counts = [e["state"] for e in svc.get("endpoints", [])]
+        parts.append(f"{svc['name']} {counts.count('passing')}/{len(counts)} passing")
+    parts += [f"{name} removed" for name in data.get("removed", [])]
+    return f"index {data.get('index')}: " + ("; ".join(parts) or "no visible change")
+
+
+def cmd_watch(args: argparse.Namespace, api: ApiClient) -> int:
+    path = "/v1/watch" + (f"?service={urllib.parse.quote(args.service)}" if args.service else "")
+    changes = 0
+    try:
+        for event, data in api.stream_events(path):
+            if event not in ("snapshot", "change") or not isinstance(data, dict):
+                continue
+            print(json.dumps({"event": event, **data}) if args.json else _change_line(event, data), flush=True)
+            if event == "change":
+                changes += 1
+                if args.count and changes >= args.count:
+                    return 0
+    except KeyboardInterrupt:  # Ctrl-C is how a watch ends
+        return 130
+    print("beacon: the watch stream ended (Beacon stopped?)", file=sys.stderr)
+    return 1
+
+
 def cmd_services(args: argparse.Namespace, api: ApiClient) -> int:
     services = api.request("GET", "/v1/services")
     return _emit(
@@ -230,6 +335,14 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     common.add_argument("--token", default=None, help="bearer token for writes [env BEACON_API_TOKEN]")
     common.add_argument("--json", action="store_true", help="print the API's JSON answer (for scripts)")
+
+    p = sub.add_parser("status", parents=[common], help="one screen: listeners, Docker/store, problems first")
+    p.set_defaults(handler=_runner(cmd_status))
+
+    p = sub.add_parser("watch", parents=[common], help="print catalog changes as they happen (the SSE stream)")
+    p.add_argument("--service", default=None, help="only this service")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N changes (0: until interrupted)")
+    p.set_defaults(handler=_runner(cmd_watch))
 
     p = sub.add_parser("services", parents=[common], help="list services with passing/total endpoints")
     p.set_defaults(handler=_runner(cmd_services))

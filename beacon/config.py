@@ -191,6 +191,7 @@ _LOOPBACK_NETS = ("127.0.0.0/8", "::1/128")
 OPTIONS: tuple[Option, ...] = (
     # --- general
     Option("log_level", "--log-level", _choice("debug", "info", "warning", "error"), "info", "log verbosity"),
+    Option("log_format", "--log-format", _choice("text", "json"), "text", "Beacon's own log lines on stderr: text, or JSON (one object a line)"),
     Option("shutdown_timeout", "--shutdown-timeout", _positive_duration, 10.0, "bound on graceful shutdown"),
     Option("node", "--node", str, "", "node name reported with endpoints (default: hostname)"),
     # --- registry
@@ -242,6 +243,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_max_header_size", "--proxy-max-header-size", _positive_int, 65536, "largest request header, bytes"),
     Option("proxy_max_connections", "--proxy-max-connections", _non_negative_int, 0, "most client connections per proxy process (0: from the open-file limit, at most 10000)"),
     Option("proxy_max_body_size", "--proxy-max-body-size", _non_negative_int, 0, "largest request body, bytes (0: no limit)"),
+    Option("access_log", "--access-log", str, "", "proxy access log, one line per request: '-' or 'stdout', or a file appended to (empty: off)", metavar="FILE"),
+    Option("access_log_format", "--access-log-format", _choice("common", "combined", "json"), "", "access log lines: common, combined (nginx's, plus Beacon's fields) or json (default: combined; json with --log-format json)"),
     Option("eject_consecutive_failures", "--eject-consecutive-failures", _positive_int, 5, "gateway errors in a row that eject an endpoint"),
     Option("eject_base_time", "--eject-base-time", _positive_duration, 30.0, "first ejection time, grows with each ejection"),
     Option("eject_max_percent", "--eject-max-percent", _fraction, 0.5, "most of a pool that may be ejected at once (at least one endpoint stays)"),
@@ -261,6 +264,7 @@ OPTIONS: tuple[Option, ...] = (
 @dataclass(frozen=True, slots=True)
 class Config:
     log_level: str = "info"
+    log_format: str = "text"
     shutdown_timeout: float = 10.0
     node: str = ""
     api_listen: HostPort = HostPort("127.0.0.1", 8700)
@@ -311,6 +315,8 @@ class Config:
     proxy_max_header_size: int = 65536
     proxy_max_body_size: int = 0
     proxy_max_connections: int = 0
+    access_log: str = ""
+    access_log_format: str = ""  # "": combined, or json with --log-format json
     eject_consecutive_failures: int = 5
     eject_base_time: float = 30.0
     eject_max_percent: float = 0.5
@@ -332,6 +338,8 @@ class Config:
             raise ConfigError("--advertise-ip must be a routable address, not a wildcard")
         if self.proxy_try_timeout < self.proxy_connect_timeout:
             raise ConfigError("--proxy-try-timeout must be at least --proxy-connect-timeout")
+        if self.access_log_format and not self.access_log:
+            raise ConfigError("--access-log-format needs --access-log")
         if self.resync_interval < 1:
             raise ConfigError("--resync-interval must be at least 1s")
         if self.store == "memory" and (self.etcd_cacert or self.etcd_cert or self.etcd_key or self.etcd_user):

@@ -25,6 +25,7 @@ from beacon import __version__
 from beacon.api import ApiServer
 from beacon.registry import Catalog, Endpoint, Source, State
 from beacon.registry.manual import ManualRegistry
+from tests.helpers import running_app
 from tests.helpers import test_config as make_config
 
 BEACON = str(Path(sys.executable).with_name("beacon"))
@@ -298,3 +299,48 @@ def test_run_with_docker_reports_the_connection(run_beacon: Any, docker_client: 
     assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok", "docker": "connected"})
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+# ------------------------------------------------------ beacon status / watch
+async def test_status_shows_listeners_and_problems_first() -> None:
+    async with running_app(docker=False) as app:
+        url = f"http://{app.api.address}"
+        app.manual.register(Endpoint(id="db1", service="db", address="10.0.0.5", port=5432, source=Source("manual")))
+        # A TTL check never heartbeaten: critical, with the check's output as the reason.
+        code, _, err = await cli("register", "cache1", "--service", "cache", "--address", "10.0.0.6",
+                                 "--port", "6379", "--ttl", "30s", "--api", url)
+        assert code == 0, err
+        app.catalog.publish()  # what status reads is published, not pending
+        code, out, err = await cli("status", "--api", url)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert f"api       {app.api.address}" in lines
+        assert f"proxy     {app.proxy.address}" in lines
+        assert any(line.startswith("dns       ") and str(app.dns.addresses[0]) in line for line in lines)
+        assert "docker    disabled" in lines and "store     memory (connected)" in lines
+        problems = lines.index("problems:")
+        assert lines[problems + 1].split()[:3] == ["critical", "cache", "cache1"]
+        table = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("SERVICE"))) + 1:]]
+        assert table == [["cache", "0/1", "DOWN"], ["db", "1/1"]]  # the down service first
+        code, out, _ = await cli("status", "--json", "--api", url)
+        data = json.loads(out)
+        assert data["status"]["listeners"]["api"] == str(app.api.address) and len(data["problems"]) == 1
+
+
+async def test_watch_prints_each_change_and_stops_after_count() -> None:
+    async with running_app(docker=False) as app:
+        url = f"http://{app.api.address}"
+        proc = await asyncio.create_subprocess_exec(
+            BEACON, "watch", "--count", "2", "--api", url, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=CLEAN_ENV,
+        )
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert re.fullmatch(rb"index \d+: 0 services\n", first), first
+        app.manual.register(Endpoint(id="w1", service="web", address="10.0.0.7", port=80, source=Source("manual")))
+        second = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert re.fullmatch(rb"index \d+: web 1/1 passing\n", second), second
+        app.manual.deregister("w1")
+        third = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert re.fullmatch(rb"index \d+: web removed\n", third), third
+        assert await asyncio.wait_for(proc.wait(), 20) == 0

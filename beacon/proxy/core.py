@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from beacon.config import Config
+from beacon.proxy.accesslog import AccessLog, escape
 from beacon.proxy.balancer import (
     Balancer,
     Ejection,
@@ -66,6 +67,7 @@ class ProxyCore:
         loop: asyncio.AbstractEventLoop,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self._local_node = config.node or socket.gethostname()  # as App names this node
@@ -107,6 +109,9 @@ class ProxyCore:
         self._last_log: dict[str, float] = {}
         # Set by the TLS frontend: may answer a request before routing (ex.error / ex.extra).
         self.intercept: Callable[[Exchange, bytes, bytes], None] | None = None
+        # --access-log; None when off, and then the data path's only cost is checking that.
+        self.access_log = access_log
+        self._access_log_failed = False
 
     # ------------------------------------------------------------- lifecycle
     def start_timers(self) -> None:
@@ -136,8 +141,10 @@ class ProxyCore:
 
     def report(self) -> dict[str, Any]:
         """This process's metrics as plain data (`ProxyMetrics.to_json`)."""
-        return self.metrics.to_json(len(self.clients), len(self.pool), self.table.conflict_count,
-                                    self.balancer.in_flight())  # fmt: skip
+        report = self.metrics.to_json(len(self.clients), len(self.pool), self.table.conflict_count,
+                                      self.balancer.in_flight())  # fmt: skip
+        report["access_log_dropped"] = self.access_log.dropped if self.access_log is not None else 0
+        return report
 
     def client_opened(self, client: ClientConnection) -> str | None:
         """A client connected: None to serve it, else why it must be closed at once."""
@@ -157,6 +164,8 @@ class ProxyCore:
                 return "too many connections"
             idle.close()
         self.clients.add(client)
+        if self.access_log is not None:
+            client.count_sent_bytes()
         return None
 
     def client_closed(self, client: ClientConnection) -> None:
@@ -211,6 +220,7 @@ class ProxyCore:
         if ex.response_started and not self._unstart(ex):
             log.warning("timeout: upstream %s:%d stalled mid-response", up.state.address, up.state.port)
             self.endpoint_done(ex, FailureKind.STALLED)
+            self.abandon(ex, ex.status)  # (logs it with the status the client got a part of)
             ex.client.abort()
             return
         ex.last_failure = (FailureKind.TIMEOUT, "timeout")
@@ -474,6 +484,8 @@ class ProxyCore:
         ex.done = True
         if ex.stats is not None:
             ex.stats.observe(101, time.perf_counter() - ex.t0)
+        if self.access_log is not None:
+            self.log_access(ex, 101)
         if ex.endpoint is not None:
             self.balancer.success(ex.endpoint)
 
@@ -503,7 +515,24 @@ class ProxyCore:
         client = ex.client
         if client.active is ex:
             client.flush()
+            if self.access_log is not None:
+                self.log_access(ex, ex.status)
             client.exchange_finished(ex)
+        elif self.access_log is not None:
+            self.log_access(ex, ex.status)
+
+    def log_access(self, ex: Exchange, status: int) -> None:
+        """Write the access log line of a finished exchange (only with --access-log)."""
+        assert self.access_log is not None
+        client = ex.client
+        sent = client.sent_bytes - client.logged_bytes  # responses are sent in order: the rest is this one's
+        client.logged_bytes = client.sent_bytes
+        try:
+            self.access_log.record(ex, status, sent)
+        except Exception:  # a logging bug must not fail the request; said once, not per request
+            if not self._access_log_failed:
+                self._access_log_failed = True
+                log.exception("failed: access log line of request %s", escape(ex.reqid, 256))
 
     def connect_failed(self, ex: Exchange, state: EndpointState, exc: BaseException) -> None:
         timeout = isinstance(exc, TimeoutError)
@@ -533,6 +562,8 @@ class ProxyCore:
             ex.done = True
             if ex.stats is not None:
                 ex.stats.observe(502, time.perf_counter() - ex.t0)
+            if self.access_log is not None:
+                self.log_access(ex, ex.status or 502)  # the upstream's status, truncated
             ex.client.abort()
             return
         ex.last_failure = (kind, detail)
@@ -567,11 +598,14 @@ class ProxyCore:
             client.buffer(error_response(status, message, ex.reqid or b"-", close, ex.is_head))
         self.finish(ex)
 
-    def abandon(self, ex: Exchange) -> None:
-        """The client is gone: stop the exchange and free what it holds."""
+    def abandon(self, ex: Exchange, status: int = 499) -> None:
+        """The client is gone (or is answered `status` and closed): stop the
+        exchange and free what it holds. 499 is nginx's "client closed request"."""
         if ex.done:
             return
         ex.done = True
+        if self.access_log is not None:
+            self.log_access(ex, status)
         up = ex.upstream
         ex.upstream = None
         if up is not None:

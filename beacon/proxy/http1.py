@@ -83,6 +83,9 @@ def status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
+RETRY_AFTER = b"Retry-After: 5\r\n"
+
+
 def error_response(status: int, message: str, request_id: bytes, close: bool, head_only: bool = False,
                    extra: bytes = b"") -> bytes:
     """A complete proxy error response: one text/plain line, framed by Content-Length."""
@@ -91,6 +94,10 @@ def error_response(status: int, message: str, request_id: bytes, close: bool, he
         status_line(status, REASONS.get(status, b"Error")),
         b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
         b"X-Request-Id: " + request_id + extra + CRLF,  # extra: b"\r\nName: value" lines (TLS hooks)
+        # A 503 is "none healthy right now" (a container restarting, every
+        # endpoint draining, the connection cap): say when to try again, so
+        # clients retry instead of treating it as an answer (RFC 9110 §10.2.3).
+        RETRY_AFTER if status == 503 else b"",
         b"Connection: close\r\n" if close else b"",
         CRLF,
         b"" if head_only else body,

@@ -135,13 +135,14 @@ class ProxyCollector(Collector):
         merged: dict[str, dict[str, Any]] = {}
         in_flight: dict[str, int] = {}
         clients = upstreams = conflicts = 0
-        restarts = refused = 0
+        restarts = refused = dropped = 0
         for report in reports:
             clients += report["client_connections"]
             upstreams += report["upstream_connections"]
             conflicts = max(conflicts, report["conflicts"])  # every process has the same table
             restarts += report.get("worker_restarts", 0)  # only the parent's report has it
             refused += report.get("refused_connections", 0)
+            dropped += report.get("access_log_dropped", 0)
             fold_counters(merged, report["services"])
             for name, n in report.get("in_flight", {}).items():
                 in_flight[name] = in_flight.get(name, 0) + n
@@ -206,6 +207,11 @@ class ProxyCollector(Collector):
         )
         refused_counter.add_metric([], refused)
         yield refused_counter
+        dropped_counter = CounterMetricFamily(
+            "beacon_proxy_access_log_dropped", "Access log lines dropped because the sink could not keep up"
+        )
+        dropped_counter.add_metric([], dropped)
+        yield dropped_counter
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "code_class"])
@@ -218,6 +224,7 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("beacon_proxy_route_conflicts", "")
         yield CounterMetricFamily("beacon_proxy_worker_restarts", "")
         yield CounterMetricFamily("beacon_proxy_refused_connections", "")
+        yield CounterMetricFamily("beacon_proxy_access_log_dropped", "")
 
 
 COLLECTOR = ProxyCollector()

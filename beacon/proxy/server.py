@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import pickle
 import socket
 import sys
@@ -16,7 +17,9 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from beacon.config import Config, HostPort
+from beacon.config import Config
+from beacon.grammar import HostPort
+from beacon.proxy.accesslog import STDOUT_TARGETS, AccessLog, access_log_format
 from beacon.proxy.core import ProxyCore, client_factory
 from beacon.proxy.metrics import COLLECTOR, UNROUTED, fold_counters
 from beacon.proxy.router import RoutingTable
@@ -52,9 +55,11 @@ def listen_socket(address: HostPort, reuse_port: bool, listen: bool = True) -> s
 class LocalProxy:
     """Run one ProxyCore on a socket in the current loop (the parent or a worker)."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] | None = None, stdout_fd: int = 1) -> None:
         self.config = config
         self.clock = clock
+        self.stdout_fd = stdout_fd  # where --access-log - writes (a worker's fd 1 is its pipe to the parent)
+        self.access_log: AccessLog | None = None
         self.core: ProxyCore | None = None
         self.server: asyncio.Server | None = None
         self.address: HostPort | None = None
@@ -63,9 +68,17 @@ class LocalProxy:
     async def start(self, address: HostPort, reuse_port: bool, snapshot: Snapshot, listen: bool = True) -> HostPort:
         """Serve `address`; without `listen` only route (for the API) and hold the port."""
         loop = asyncio.get_running_loop()
-        self.core = core = ProxyCore(self.config, loop, clock=self.clock)
+        config = self.config
+        if config.access_log and listen:
+            self.access_log = AccessLog(config.access_log, access_log_format(config), loop, stdout_fd=self.stdout_fd)
+            self.access_log.start()
+        self.core = core = ProxyCore(config, loop, clock=self.clock, access_log=self.access_log)
         core.apply(snapshot)
-        sock = listen_socket(address, reuse_port, listen)
+        try:
+            sock = listen_socket(address, reuse_port, listen)
+        except BaseException:
+            self._stop_access_log()
+            raise
         if not listen:
             self._held = sock
             host, port = sock.getsockname()[:2]
@@ -76,6 +89,7 @@ class LocalProxy:
             self.server = await loop.create_server(client_factory(core), sock=sock, backlog=BACKLOG)
         except BaseException:
             sock.close()
+            self._stop_access_log()
             raise
         core.start_timers()
         host, port = sock.getsockname()[:2]
@@ -100,6 +114,12 @@ class LocalProxy:
         core.close_all()
         self.core = None
         self.server = None
+        self._stop_access_log()
+
+    def _stop_access_log(self) -> None:
+        if self.access_log is not None:
+            self.access_log.stop()
+            self.access_log = None
 
 
 class ProxyServer:
@@ -269,17 +289,24 @@ class _Worker:
 
     async def _spawn(self) -> None:
         self.ready.clear()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "beacon.proxy.worker", str(self.number),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        # The worker's stdout is its pipe to us: `--access-log -` gets our stdout as another fd.
+        stdout_fd = os.dup(1) if self.config.access_log in STDOUT_TARGETS else -1
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "beacon.proxy.worker", str(self.number),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                pass_fds=(stdout_fd,) if stdout_fd >= 0 else (),
+            )  # fmt: skip
+        finally:
+            if stdout_fd >= 0:
+                os.close(stdout_fd)
         assert self.proc.stdin is not None
         # Snapshots published while the process was being created were not sent
         # to it (they went to the previous, dead process or to none), yet the
         # shared encoder counts them as sent: so send the whole current
         # snapshot, with no await between here and the write - every later
         # delta then starts from what this worker holds.
-        setup = {"config": self.config, "address": self.address}
+        setup = {"config": self.config, "address": self.address, "stdout_fd": stdout_fd}
         self.proc.stdin.write(frame(b"C", pickle.dumps(setup)) + frame(b"S", snapshot_to_wire(self.current())))
         self._reader = asyncio.get_running_loop().create_task(self._read(self.proc))
 

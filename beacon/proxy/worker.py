@@ -16,20 +16,15 @@ import pickle
 import signal
 import sys
 
-from beacon.config import Config, HostPort
+from beacon.config import Config
+from beacon.grammar import HostPort
+from beacon.logs import setup_logging
 from beacon.proxy.server import LocalProxy
 from beacon.proxy.wire import HEADER, SnapshotDecoder, frame
 
 log = logging.getLogger("beacon.proxy")
 
 
-def setup_logging(level: str) -> None:
-    """The parent's log format on stderr (the worker's stderr is the parent's)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -51,11 +46,11 @@ async def run(number: int) -> None:
     setup = pickle.loads(payload)
     config: Config = setup["config"]
     address: HostPort = setup["address"]
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     kind, payload = await _read_frame(reader)
     assert kind == b"S", kind
     decoder = SnapshotDecoder()
-    local = LocalProxy(config)
+    local = LocalProxy(config, stdout_fd=setup.get("stdout_fd", -1))
     bound = await local.start(address, True, decoder.decode(payload))
     log.info("listening: proxy worker %d on %s (pid %d)", number, bound, os.getpid())
     send(b"R", b"")

@@ -333,6 +333,22 @@ def _parse_tags(label: str, value: str, problems: _Problems) -> list[str]:
     return tags
 
 
+def _address_label(labels: Mapping[str, str], problems: _Problems) -> str | None:
+    """beacon.address: the IP to advertise instead of the detected one, or None."""
+    raw = labels.get("beacon.address")
+    if raw is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(raw.strip())
+    except ValueError:
+        problems.add("beacon.address", raw, "not an IP address", "using the detected address")
+        return None
+    if ip.is_unspecified or ip.is_multicast:
+        problems.add("beacon.address", raw, "not an address a client can connect to", "using the detected address")
+        return None
+    return str(ip)
+
+
 def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings:
     weight = 1
     if (raw := labels.get("beacon.weight")) is not None:
@@ -556,6 +572,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     problems.items.extend(f"container {who}: {_one_line(p)}" for p in check_problems)
 
     source = Source("container", container_id=cid, container_name=cname)
+    address_override = _address_label(labels, problems)
     on_networks = [] if host_network else _network_addresses(attrs)
     several = len({p.number for p in candidates}) > 1
     endpoints: list[Endpoint] = []
@@ -581,6 +598,11 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
             addresses = _host_addresses(port, options.host_ip)
         else:
             addresses = sorted(((a, port.number) for a in network_addrs), key=_address_order)
+
+        if address_override is not None:
+            # beacon.address replaces the detected IP (an app on the host network
+            # bound to one address); the ports stay what Docker says.
+            addresses = [(address_override, n) for n in dict.fromkeys(n for _, n in addresses)]
 
         base_id = f"{cid[:12]}-{port.number}" + ("" if port.protocol == "tcp" else f"-{port.protocol}")
         for i, (address, number) in enumerate(addresses):

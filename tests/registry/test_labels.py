@@ -220,6 +220,30 @@ CASES = [
         container(network_mode="host", published={}, labels={"beacon.port": "7000"}, networks={"host": ("", "")}),
         [(f"{SHORT}-7000", "web", "192.0.2.10", 7000, "passing")],
     ),
+    Case(
+        "address-label-overrides-host-network-ip",
+        container(network_mode="host", published={}, exposed=["9000/tcp"], networks={"host": ("", "")},
+                  labels={"beacon.address": "192.0.2.77"}),
+        [(f"{SHORT}-9000", "web", "192.0.2.77", 9000, "passing")],
+        options=INTERNAL,
+    ),
+    Case(
+        "address-label-overrides-published-ip-keeps-port",
+        container(labels={"beacon.address": "2001:db8::7"}),
+        [(f"{SHORT}-80", "web", "2001:db8::7", 32768, "passing")],
+    ),
+    Case(
+        "address-label-not-an-ip-is-reported",
+        container(labels={"beacon.address": "web.example"}),
+        [(f"{SHORT}-80", "web", "127.0.0.1", 32768, "passing")],
+        problems=["beacon.address"],
+    ),
+    Case(
+        "address-label-wildcard-is-reported",
+        container(labels={"beacon.address": "0.0.0.0"}),
+        [(f"{SHORT}-80", "web", "127.0.0.1", 32768, "passing")],
+        problems=["not an address a client can connect to"],
+    ),
     # --- naming
     Case(
         "beacon-service-label",
