@@ -41,7 +41,7 @@ from beacon.proxy.http1 import (
 )  # fmt: skip
 from beacon.proxy.metrics import UNROUTED, ProxyMetrics
 from beacon.proxy.pool import UpstreamPool
-from beacon.proxy.router import Route, RoutingTable, build_table, strip_prefix
+from beacon.proxy.router import RouteIndex, RoutingTable, strip_prefix
 from beacon.proxy.upstream import UpstreamConnection
 from beacon.registry.model import Service, Snapshot, parse_lb
 
@@ -74,7 +74,9 @@ class ProxyCore:
         self.loop = loop
         self.clock = clock or loop.time
         self.metrics = ProxyMetrics()
-        self.table: RoutingTable = build_table({}, config.proxy_domain, expose_by_default=config.proxy_expose_by_default)
+        # The index owns the table and updates it in place: `self.table` stays the same object.
+        self._routes = RouteIndex(config.proxy_domain, config.proxy_expose_by_default)
+        self.table: RoutingTable = self._routes.table
         self.balancer = Balancer(
             Ejection(
                 threshold=config.eject_consecutive_failures,
@@ -98,10 +100,8 @@ class ProxyCore:
         self._at_cap = False
         self._trusted = config.trusted_proxies
         self._trust_cache: dict[str, bool] = {}
-        self._route_cache: dict[str, tuple[Service, list[Route]]] = {}
         self._pool_sources: dict[str, Service] = {}
         self._snapshot: Snapshot | None = None  # the last one applied
-        self._conflicts: set[str] = set()
         self._rid_prefix = os.urandom(5).hex().encode() + b"-"
         self._rid = itertools.count(1)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -141,7 +141,7 @@ class ProxyCore:
 
     def report(self) -> dict[str, Any]:
         """This process's metrics as plain data (`ProxyMetrics.to_json`)."""
-        report = self.metrics.to_json(len(self.clients), len(self.pool), len(self.table.conflicts),
+        report = self.metrics.to_json(len(self.clients), len(self.pool), self.table.conflict_count,
                                       self.balancer.in_flight())  # fmt: skip
         report["access_log_dropped"] = self.access_log.dropped if self.access_log is not None else 0
         return report
@@ -234,19 +234,14 @@ class ProxyCore:
         """Swap in routes and pools for a new snapshot (established connections stay).
 
         Called inside the catalog's publish, so it is incremental: only the
-        services `snapshot.changed_since` the last one names are rebuilt, and
-        the routing table is reused when no route changed.
+        services `snapshot.changed_since` the last one names are looked at: the
+        route index touches only their routes, the balancer only their pools.
         """
         now = self.now = self.clock()
         previous, self._snapshot = self._snapshot, snapshot
         delta = snapshot.changed_since(previous) if previous is not None else None
-        table = build_table(snapshot, self.config.proxy_domain, self._route_cache, self.table,
-                            self.config.proxy_expose_by_default, delta)  # fmt: skip
-        if table is not self.table:
-            conflicts = {c.describe() for c in table.conflicts}
-            for text in sorted(conflicts - self._conflicts):
-                log.warning("conflict: route %s", text)
-            self._conflicts = conflicts
+        for conflict in self._routes.update(snapshot, delta) or ():
+            log.warning("conflict: route %s", conflict.describe())
         services = snapshot.services
         old_sources = self._pool_sources
         if delta is None:
@@ -256,9 +251,8 @@ class ProxyCore:
             changed = [name for name in delta.services_changed if old_sources.get(name) is not services.get(name)]
             removed = [name for name in delta.services_removed if name in old_sources]
         if not changed and not removed:
-            self.table = table
             return
-        sources = dict(old_sources)
+        sources = old_sources  # updated in place: a copy would cost O(services) per snapshot
         balancer, pool = self.balancer, self.pool
         endpoints = snapshot.endpoints
         retired: list[EndpointState] = []
@@ -281,8 +275,6 @@ class ProxyCore:
             retired += balancer.update_service(svc, policy, sticky, now, prefer_node=prefer)
             if old is not None:
                 retired += balancer.forget(old, endpoints)
-        self._pool_sources = sources
-        self.table = table
         for st in retired:
             pool.retire(st)
             if balancer.states.get(st.id) is not st:

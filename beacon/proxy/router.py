@@ -8,6 +8,7 @@ described once, in README.md "Routing".
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -138,13 +139,31 @@ def normalise_host(host: bytes) -> bytes:
 
 @dataclass(slots=True)
 class RoutingTable:
+    """The lookup structures of the data path. A `RouteIndex` keeps one table
+    up to date in place (its dicts and levels are never replaced wholesale), so
+    `resolve` reads the same objects however the table was made."""
+
     exact: dict[bytes, HostRoutes]
     wildcard: dict[bytes, HostRoutes]  # key: suffix with its leading dot, b".example.com"
     any_host: HostRoutes | None
-    routes: tuple[Route, ...]
-    conflicts: tuple[RouteConflict, ...]
+    # Every claimed (host, prefix) → its winning route, and → its conflicts.
+    winners: dict[tuple[bytes, bytes], Route] = field(default_factory=dict)
+    conflicts_by_key: dict[tuple[bytes, bytes], tuple[RouteConflict, ...]] = field(default_factory=dict)
     # Lookups by raw Host header value: repeated hosts skip normalisation.
     _cache: dict[bytes, tuple[HostRoutes, ...]] = field(default_factory=dict)
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """Every winning route, by (host, prefix): for the API and tests, not the data path."""
+        return tuple(self.winners[key] for key in sorted(self.winners))
+
+    @property
+    def conflicts(self) -> tuple[RouteConflict, ...]:
+        return tuple(c for key in sorted(self.conflicts_by_key) for c in self.conflicts_by_key[key])
+
+    @property
+    def conflict_count(self) -> int:
+        return sum(len(c) for c in self.conflicts_by_key.values())
 
     def host_levels(self, raw_host: bytes) -> tuple[HostRoutes, ...]:
         """Every host level matching a raw Host header, most specific first."""
@@ -219,87 +238,193 @@ def service_routes(service: Service, domain: bytes, expose_by_default: bool = Tr
     return routes
 
 
-def build_table(
-    snapshot: Snapshot | Mapping[str, Service],
-    domain: str,
-    cache: dict[str, tuple[Service, list[Route]]] | None = None,
-    previous: RoutingTable | None = None,
-    expose_by_default: bool = True,
-    delta: SnapshotDelta | None = None,
-) -> RoutingTable:
-    """Build the routing table for a snapshot.
+def build_table(snapshot: Snapshot | Mapping[str, Service], domain: str, expose_by_default: bool = True) -> RoutingTable:
+    """The routing table of a snapshot, built from scratch (tests, tools).
 
     `domain` is the proxy domain as configured (a trailing dot is allowed).
-    `cache` maps service name → (Service, its routes) from the previous build;
-    unchanged Service objects (the catalog reuses them) skip route derivation.
-    It is updated in place. With `previous` (the table built with that cache),
-    a snapshot whose services' routes are all unchanged - endpoints came,
-    went or changed state, no label changed - returns `previous` itself.
-    With `delta` (the snapshot's `changed_since` the one `cache` was built
-    from) only the services it names are looked at: O(what changed).
+    The proxy itself keeps a `RouteIndex`, which updates its table from each
+    snapshot's delta instead.
     """
     services = snapshot.services if isinstance(snapshot, Snapshot) else snapshot
-    domain_b = domain.strip().rstrip(".").lower().encode("ascii")
-    memo = cache if cache is not None else {}
-    changed = previous is None
-    if delta is not None and cache is not None and previous is not None:
-        gone_names: Iterable[str] = [name for name in delta.services_removed if name in memo]
-        candidates: Iterable[str] = [name for name in delta.services_changed if name in services]
-    else:
-        gone_names = [name for name in memo if name not in services]
-        candidates = services.keys()
-    for gone in gone_names:
-        del memo[gone]
-        changed = True
-    for name in candidates:
-        svc = services[name]
-        hit = memo.get(name)
-        if hit is not None and hit[0] is svc:
-            continue
-        routes = service_routes(svc, domain_b, expose_by_default)
-        if hit is None or hit[1] != routes:
-            changed = True
-        memo[name] = (svc, routes)
-    if not changed and previous is not None:
-        return previous
-    all_routes = [r for name in sorted(memo) for r in memo[name][1]]
-    return table_from_routes(all_routes)
+    domain_b = encode_domain(domain)
+    return table_from_routes(r for name in sorted(services) for r in service_routes(services[name], domain_b,
+                                                                                    expose_by_default))
+
+
+def encode_domain(domain: str) -> bytes:
+    return domain.strip().rstrip(".").lower().encode("ascii")
+
+
+def decide(host: bytes, prefix: bytes, claimants: Iterable[Route]) -> tuple[Route, tuple[RouteConflict, ...]]:
+    """Who gets one (host, prefix): a label route beats the implicit name, then
+    the first service by name; the others are reported as conflicts."""
+    claimants = list(claimants)
+    if len(claimants) == 1:  # the usual case: one service claims a key
+        return claimants[0], ()
+    explicit = sorted((r for r in claimants if r.explicit), key=lambda r: r.service)
+    implicit = sorted((r for r in claimants if not r.explicit), key=lambda r: r.service)
+    winner = explicit[0] if explicit else implicit[0]
+    losers_explicit = sorted({r.service for r in explicit[1:]} - {winner.service})
+    losers_implicit = sorted({r.service for r in implicit} - {winner.service} - set(losers_explicit))
+    conflicts: list[RouteConflict] = []
+    if losers_explicit:
+        conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_explicit), "conflict"))
+    if losers_implicit:
+        conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_implicit), "shadowed"))
+    return winner, tuple(conflicts)
 
 
 def table_from_routes(routes: Iterable[Route]) -> RoutingTable:
+    """A whole table from a list of claims (what `RouteIndex` must always equal)."""
     claims: dict[tuple[bytes, bytes], list[Route]] = {}
     for route in routes:
         claims.setdefault((route.host, route.prefix), []).append(route)
-    winners: list[Route] = []
-    conflicts: list[RouteConflict] = []
-    for (host, prefix), claimants in sorted(claims.items()):
-        explicit = sorted((r for r in claimants if r.explicit), key=lambda r: r.service)
-        implicit = sorted((r for r in claimants if not r.explicit), key=lambda r: r.service)
-        winner = explicit[0] if explicit else implicit[0]
-        winners.append(winner)
-        losers_explicit = sorted({r.service for r in explicit[1:]} - {winner.service})
-        losers_implicit = sorted({r.service for r in implicit} - {winner.service} - set(losers_explicit))
-        if losers_explicit:
-            conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_explicit), "conflict"))
-        if losers_implicit:
-            conflicts.append(RouteConflict(host, prefix, winner.service, tuple(losers_implicit), "shadowed"))
-    exact: dict[bytes, HostRoutes] = {}
-    wildcard: dict[bytes, HostRoutes] = {}
-    any_host: HostRoutes | None = None
-    for route in winners:
-        if route.host == ANY_HOST:
-            any_host = any_host or HostRoutes()
-            any_host.routes.append(route)
-        elif route.host.startswith(b"*."):
-            wildcard.setdefault(route.host[1:], HostRoutes()).routes.append(route)
+    table = RoutingTable(exact={}, wildcard={}, any_host=None)
+    for (host, prefix), claimants in claims.items():
+        winner, conflicts = decide(host, prefix, claimants)
+        table.winners[host, prefix] = winner
+        if conflicts:
+            table.conflicts_by_key[host, prefix] = conflicts
+        if host == ANY_HOST:
+            table.any_host = table.any_host or HostRoutes()
+            table.any_host.routes.append(winner)
+        elif host.startswith(b"*."):
+            table.wildcard.setdefault(host[1:], HostRoutes()).routes.append(winner)
         else:
-            exact.setdefault(route.host, HostRoutes()).routes.append(route)
-    for level in (*exact.values(), *wildcard.values(), *([any_host] if any_host else [])):
+            table.exact.setdefault(host, HostRoutes()).routes.append(winner)
+    for level in (*table.exact.values(), *table.wildcard.values(), *([table.any_host] if table.any_host else [])):
         level.finish()
-    return RoutingTable(
-        exact=exact,
-        wildcard=wildcard,
-        any_host=any_host,
-        routes=tuple(winners),
-        conflicts=tuple(conflicts),
-    )
+    return table
+
+
+def _order(route: Route) -> tuple[int, bytes]:
+    return -len(route.prefix), route.prefix  # HostRoutes.routes order: longest prefix first
+
+
+class RouteIndex:
+    """The proxy's routing table, kept up to date snapshot by snapshot.
+
+    `update` looks only at the services a snapshot's delta names, and touches
+    only the (host, prefix) claims whose routes changed: O(routes changed),
+    not O(services). The table's lookup structures are updated in place - a
+    level's sorted route list gets one insert or delete - so `resolve` on the
+    data path costs what it did with a table built from scratch.
+    """
+
+    def __init__(self, domain: str, expose_by_default: bool = True) -> None:
+        self.domain = encode_domain(domain)
+        self.expose_by_default = expose_by_default
+        self.table = RoutingTable(exact={}, wildcard={}, any_host=None)
+        self._services: dict[str, tuple[Service, list[Route]]] = {}  # name → (Service, its routes)
+        self._claims: dict[tuple[bytes, bytes], list[Route]] = {}  # every service's claim on a key
+
+    def routes_of(self, name: str) -> list[Route] | None:
+        hit = self._services.get(name)
+        return hit[1] if hit is not None else None
+
+    def update(self, snapshot: Snapshot, delta: SnapshotDelta | None = None) -> list[RouteConflict] | None:
+        """Apply `snapshot`; `delta` is its `changed_since` the one applied last
+        (None: compare every service, O(services)).
+
+        Returns None when no route changed, else the conflicts that are new.
+        """
+        services = snapshot.services
+        memo = self._services
+        if delta is not None:
+            gone: Iterable[str] = [name for name in delta.services_removed if name in memo]
+            candidates: Iterable[str] = [name for name in delta.services_changed if name in services]
+        else:
+            gone = [name for name in memo if name not in services]
+            candidates = list(services)
+        touched: set[tuple[bytes, bytes]] = set()
+        for name in gone:
+            self._unclaim(memo.pop(name)[1], touched)
+        for name in candidates:
+            svc = services[name]
+            hit = memo.get(name)
+            if hit is not None and hit[0] is svc:
+                continue
+            routes = service_routes(svc, self.domain, self.expose_by_default)
+            if hit is not None and hit[1] == routes:
+                memo[name] = (svc, hit[1])  # endpoints came, went or changed state: no route did
+                continue
+            if hit is not None:
+                self._unclaim(hit[1], touched)
+            for route in routes:
+                key = (route.host, route.prefix)
+                self._claims.setdefault(key, []).append(route)
+                touched.add(key)
+            memo[name] = (svc, routes)
+        if not touched:
+            return None
+        return self._settle(touched)
+
+    def _unclaim(self, routes: list[Route], touched: set[tuple[bytes, bytes]]) -> None:
+        for route in routes:
+            key = (route.host, route.prefix)
+            claimants = self._claims[key]
+            claimants.remove(route)
+            if not claimants:
+                del self._claims[key]
+            touched.add(key)
+
+    def _settle(self, touched: set[tuple[bytes, bytes]]) -> list[RouteConflict]:
+        """Decide each touched key again and move its winner into the lookup levels."""
+        table = self.table
+        new_conflicts: list[RouteConflict] = []
+        for key in sorted(touched):
+            host, prefix = key
+            old_winner = table.winners.get(key)
+            old_conflicts = table.conflicts_by_key.pop(key, ())
+            claimants = self._claims.get(key)
+            winner: Route | None = None
+            if claimants:
+                winner, conflicts = decide(host, prefix, claimants)
+                table.winners[key] = winner
+                if conflicts:
+                    table.conflicts_by_key[key] = conflicts
+                    new_conflicts += [c for c in conflicts if c not in old_conflicts]
+            else:
+                del table.winners[key]
+            if winner != old_winner:
+                self._place(host, prefix, winner)
+        return new_conflicts
+
+    def _place(self, host: bytes, prefix: bytes, winner: Route | None) -> None:
+        """Put `winner` (None: nothing) at `prefix` of the level of `host`."""
+        table = self.table
+        levels: dict[bytes, HostRoutes] | None
+        if host == ANY_HOST:
+            levels, level_key, level = None, b"", table.any_host
+        elif host.startswith(b"*."):
+            levels, level_key = table.wildcard, host[1:]
+            level = levels.get(level_key)
+        else:
+            levels, level_key = table.exact, host
+            level = levels.get(level_key)
+        if level is None:
+            if winner is None:
+                return
+            level = HostRoutes()
+            if levels is None:
+                table.any_host = level
+            else:
+                levels[level_key] = level
+            table._cache.clear()  # cached lookups lack the new level
+        routes = level.routes
+        order = _order(winner) if winner is not None else (-len(prefix), prefix)
+        at = bisect.bisect_left(routes, order, key=_order)
+        if at < len(routes) and routes[at].prefix == prefix:
+            if winner is None:
+                del routes[at]
+            else:
+                routes[at] = winner
+        elif winner is not None:
+            routes.insert(at, winner)
+        if not routes:
+            if levels is None:
+                table.any_host = None
+            else:
+                del levels[level_key]
+            table._cache.clear()  # cached lookups hold the empty level
+        level.only_root = routes[0] if len(routes) == 1 and routes[0].prefix == b"/" else None

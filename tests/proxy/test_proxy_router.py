@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from beacon.proxy.router import build_table, normalise_host, strip_prefix
-from beacon.registry import Catalog, Endpoint, Snapshot
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from beacon.proxy.router import RouteIndex, RoutingTable, build_table, normalise_host, strip_prefix
+from beacon.registry import Catalog, Endpoint, Snapshot, State
 from tests.proxy.proxytest import ep
 
 
@@ -118,18 +122,19 @@ def test_unchanged_services_reuse_their_routes_across_snapshots() -> None:
     cat = Catalog()
     cat.set_source("manual:a", [ep("a", 1, "alpha", http_hosts=("a.test",))])
     cat.set_source("manual:b", [ep("b", 2, "beta")])
+    index = RouteIndex("localhost.")
     first = cat.publish()
-    cache: dict[str, object] = {}
-    build_table(first, "localhost.", cache)  # type: ignore[arg-type]
-    alpha_routes = cache["alpha"][1]  # type: ignore[index]
+    index.update(first)
+    alpha_routes = index.routes_of("alpha")
     cat.set_source("manual:b", [ep("b", 3, "beta")])
     second = cat.publish()
-    table = build_table(second, "localhost.", cache)  # type: ignore[arg-type]
-    assert cache["alpha"][1] is alpha_routes  # type: ignore[index]
-    assert table.match("a.test").service == "alpha"  # type: ignore[union-attr]
+    index.update(second, second.changed_since(first))
+    assert index.routes_of("alpha") is alpha_routes
+    assert index.table.match("a.test").service == "alpha"  # type: ignore[union-attr]
     cat.remove_source("manual:a")
-    table = build_table(cat.publish(), "localhost.", cache)  # type: ignore[arg-type]
-    assert "alpha" not in cache and table.match("a.test") is None
+    third = cat.publish()
+    index.update(third, third.changed_since(second))
+    assert index.routes_of("alpha") is None and index.table.match("a.test") is None
 
 
 def test_invalid_host_labels_are_ignored_not_fatal() -> None:
@@ -138,26 +143,28 @@ def test_invalid_host_labels_are_ignored_not_fatal() -> None:
     assert table.match("api.localhost").service == "api"  # type: ignore[union-attr]
 
 
-def test_the_previous_table_is_reused_when_no_route_changed() -> None:
+def test_a_snapshot_that_changes_no_route_leaves_the_table_alone() -> None:
     from beacon.registry import State
 
     cat = Catalog()
     cat.set_source("manual:a", [ep("a", 1, "api", http_hosts=("a.test",))])
-    cache: dict[str, object] = {}
-    first = build_table(cat.publish(), "localhost.", cache)  # type: ignore[arg-type]
-    # State, port and new endpoints change no route: the same table object.
+    index = RouteIndex("localhost.")
+    assert index.update(cat.publish()) == []  # routes changed, no conflict
+    # State, port and new endpoints change no route.
     cat.set_source("manual:a", [ep("a", 2, "api", http_hosts=("a.test",), state=State.DRAINING)])
     cat.set_source("manual:b", [ep("b", 3, "api", http_hosts=("a.test",))])
-    second = build_table(cat.publish(), "localhost.", cache, first)  # type: ignore[arg-type]
-    assert second is first
+    assert index.update(cat.publish()) is None
     # A label change does.
     cat.set_source("manual:b", [ep("b", 3, "api", http_hosts=("b.test",))])
-    third = build_table(cat.publish(), "localhost.", cache, second)  # type: ignore[arg-type]
-    assert third is not second and third.match("b.test").service == "api"  # type: ignore[union-attr]
-    # So does a new service (its implicit name).
-    cat.set_source("manual:c", [ep("c", 4, "cache")])
-    fourth = build_table(cat.publish(), "localhost.", cache, third)  # type: ignore[arg-type]
-    assert fourth is not third and fourth.match("cache.localhost") is not None
+    assert index.update(cat.publish()) == []
+    assert index.table.match("b.test").service == "api"  # type: ignore[union-attr]
+    # So does a new service (its implicit name); a clash is reported once, when it appears.
+    cat.set_source("manual:c", [ep("c", 4, "cache", http_hosts=("b.test",))])
+    (conflict,) = index.update(cat.publish()) or ()
+    assert (conflict.host, conflict.winner, conflict.losers) == (b"b.test", "api", ("cache",))
+    assert index.table.match("cache.localhost") is not None
+    cat.set_source("manual:d", [ep("d", 5, "dummy")])
+    assert index.update(cat.publish()) == []  # the standing conflict is not new
 
 
 def test_services_without_an_http_endpoint_get_no_route() -> None:
@@ -177,3 +184,83 @@ def test_with_expose_by_default_off_only_labelled_services_are_routed() -> None:
     assert table.match("api.localhost") is None  # its label routes it, not its implicit name
     assert table.match("api.example.com").service == "api"  # type: ignore[union-attr]
     assert table.match("any.host", "/files/x").service == "files"  # type: ignore[union-attr]
+
+
+# ------------------------------------------------ incremental == from scratch
+# A small world, so random changes keep colliding: shared hosts, wildcards,
+# nested prefixes, implicit names shadowed by labels, udp endpoints.
+HOSTS = ("a.test", "b.test", "*.w.test", "*.x.w.test", "s0.localhost", "s1.localhost")
+PREFIXES = (None, "/", "/api", "/api/v1", "/files/")
+PROBES = [(h, p) for h in ("a.test", "b.test", "q.w.test", "q.x.w.test", "s0.localhost", "s1.localhost",
+                           "s2.localhost", "other.test", "A.TEST:8080")
+          for p in ("/", "/api", "/api/v1/x", "/files/y", "/z")]  # fmt: skip
+
+
+def random_endpoint(rng: random.Random, eid: str) -> Endpoint:
+    hosts = tuple(rng.sample(HOSTS, rng.choice((0, 0, 1, 2))))
+    return ep(eid, rng.randrange(1, 4), f"s{rng.randrange(5)}", http_hosts=hosts,
+              http_path_prefix=rng.choice(PREFIXES), http_strip_prefix=rng.random() < 0.3,
+              protocol=rng.choice(("tcp", "tcp", "tcp", "udp")),
+              state=rng.choice((State.PASSING, State.PASSING, State.CRITICAL)))  # fmt: skip
+
+
+def levels_of(table: RoutingTable) -> dict[str, object]:
+    def level(routes: object) -> object:
+        return None if routes is None else (list(routes.routes), routes.only_root)  # type: ignore[attr-defined]
+
+    return {
+        "exact": {k: level(v) for k, v in table.exact.items()},
+        "wildcard": {k: level(v) for k, v in table.wildcard.items()},
+        "any": level(table.any_host),
+    }
+
+
+def assert_same_table(index: RouteIndex, snap: Snapshot, expose: bool) -> None:
+    fresh = build_table(snap, "localhost.", expose_by_default=expose)
+    table = index.table
+    assert table.routes == fresh.routes
+    assert table.conflicts == fresh.conflicts
+    assert levels_of(table) == levels_of(fresh)
+    for host, path in PROBES:  # through the (warm) Host cache of the long-lived table
+        assert table.match(host, path) == fresh.match(host, path), (host, path)
+
+
+def run_changes(seed: int, steps: int, expose: bool, batch: int) -> None:
+    rng = random.Random(seed)
+    cat = Catalog()
+    index = RouteIndex("localhost.", expose)
+    previous: Snapshot | None = None
+    reported: set[str] = set()
+    live: list[str] = []
+    for step in range(steps):
+        for _ in range(rng.randrange(1, batch + 1)):
+            roll = rng.random()
+            if live and roll < 0.35:
+                cat.remove_source(f"manual:{live.pop(rng.randrange(len(live)))}")
+            elif live and roll < 0.6:  # change an endpoint: labels, service, protocol or state
+                eid = rng.choice(live)
+                cat.set_source(f"manual:{eid}", [random_endpoint(rng, eid)])
+            else:
+                eid = f"e{step}-{len(live)}"
+                live.append(eid)
+                cat.set_source(f"manual:{eid}", [random_endpoint(rng, eid)])
+        snap = cat.publish()
+        # Now and then a reader that skipped snapshots: no recorded delta.
+        delta = snap.changed_since(previous) if previous is not None and rng.random() < 0.9 else None
+        new = index.update(snap, delta)
+        assert_same_table(index, snap, expose)
+        now = {c.describe() for c in index.table.conflicts}
+        assert set(c.describe() for c in new or ()) == now - reported  # each conflict logged once, when new
+        reported = now
+        previous = snap
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_incremental_table_equals_one_built_from_scratch(seed: int) -> None:
+    run_changes(seed, steps=120, expose=seed % 2 == 0, batch=1 + seed % 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32), st.booleans())
+def test_the_incremental_table_equals_one_built_from_scratch_for_any_seed(seed: int, expose: bool) -> None:
+    run_changes(seed, steps=40, expose=expose, batch=3)
