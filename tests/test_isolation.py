@@ -10,6 +10,12 @@ turn; p99 of each must stay under 50 ms. Each test also asserts the flood
 really happened (gauges, counters, log lines), so a flood that silently did
 nothing cannot pass. Everything goes to loopback and every loop is bounded in
 count and time.
+
+The floods: watchers (silent and reading `/v1/watch` streams, parked blocking
+queries, catalog churn); hostile container labels, through a scripted engine
+at the source's `client_factory` seam (45 containers, JSON-decoded like the
+SDK does) and through the real engine (3 containers, `@pytest.mark.docker`);
+and proxy connections (800 idle keep-alive, one pipelining client).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from beacon.app import App
 from beacon.config import HostPort
 from beacon.registry import Endpoint, Source
 from beacon.registry.docker import DockerSource
+from tests.conftest import ContainerFactory
 from tests.dns.dnstest import ep, put
 from tests.dns.test_dns_isolation import _stop_after, backend, measure, p99
 from tests.helpers import eventually
@@ -406,3 +413,49 @@ def _still_open(s: socket.socket) -> bool:
         return True  # nothing to read and not closed
     except ConnectionError:
         return False
+
+
+@pytest.mark.docker
+async def test_hostile_labels_on_real_containers_do_not_stall_the_proxy_api_or_dns(
+    run_container: ContainerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same hostility through the real engine: Docker stores the labels,
+    the SDK decodes the inspect reply, the real DockerSource applies it."""
+    caplog.set_level(logging.INFO, logger="beacon.registry.docker")
+    label_sets = [hostile_attrs("x", kind)["Config"]["Labels"] for kind in range(3)]
+    started: list[str] = []
+
+    def start_all(stop: threading.Event) -> None:
+        for labels in label_sets:
+            if stop.is_set():
+                break
+            # Published on loopback: a container with no port is ignored before its meta labels are read.
+            started.append(run_container(labels=labels, ports={"80/tcp": ("127.0.0.1", None)}).id)
+
+    with backend() as port:
+        async with beacon_with_site(port) as app:
+            source = DockerSource(app.config, app.catalog, node=app.node)
+            await source.start()
+            try:
+                assert source.connected
+                stop = threading.Event()
+                starting = asyncio.ensure_future(asyncio.to_thread(start_all, stop))
+                try:
+                    during = await measured(app)
+                finally:
+                    stop.set()
+                    await starting
+                figures = figures_of(during, "hostile labels, real engine")
+                await eventually(lambda: all(any(m.startswith("invalid:") and cid[:12] in m for m in _messages(caplog)) for cid in started))
+            finally:
+                await source.stop()
+    invalid = [m for m in _messages(caplog) if m.startswith("invalid:")]
+    print(f"\nhostile labels, real engine: containers {len(started)}, invalid: lines {len(invalid)}")
+    assert len(started) == len(label_sets), started
+    assert any("beacon.http.host" in m and "longer than" in m for m in invalid), invalid[:5]
+    assert any("beacon.meta." in m and "at most 64" in m for m in invalid), [m[:300] for m in _messages(caplog) if "longer than" not in m][-5:]
+    check(during, ("proxy", "healthz", "dns"), figures)
+
+
+def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
