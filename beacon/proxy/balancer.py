@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from beacon.proxy.router import HTTP_PROTOCOLS
-from beacon.registry.model import POLICIES, Endpoint, Service, State
+from beacon.registry.model import POLICIES, Endpoint, Service, SnapshotDelta, State
 
 P2C_THRESHOLD = 8
 INF = float("inf")
@@ -122,9 +122,14 @@ class Pool:
 
     __slots__ = (
         "_cum",
+        "_cum_stale",
         "_current",
+        "_ejected",
+        "_eligible_at",
+        "_member_at",
         "_rr",
         "_total",
+        "_weight_counts",
         "_weighted",
         "ejection",
         "eligible",
@@ -160,12 +165,17 @@ class Pool:
             for m in self.members:
                 m.token = m.token or sticky_token(m.id)
                 self.tokens[m.token] = m
+        self._member_at: dict[str, int] = {m.id: i for i, m in enumerate(self.members)}
         self.eligible: list[EndpointState] = []
+        self._eligible_at: dict[str, int] = {}
+        self._ejected: dict[str, EndpointState] = {}  # members out until their ejected_until
         self.next_return = INF
         self._rr = 0
-        self._current: list[int] = []
-        self._cum: list[int] = []
+        self._current: list[int] = []  # smooth WRR current weights, parallel to eligible
+        self._cum: list[int] = []  # weighted random: running sums of eligible weights
+        self._cum_stale = False
         self._total = 0
+        self._weight_counts: dict[int, int] = {}  # eligible weight -> how many (weighted: more than one)
         self._weighted = False
         self.refresh(now)
         # Start rotations at a random place so a burst of snapshots does not
@@ -178,35 +188,145 @@ class Pool:
 
     # ------------------------------------------------------------ eligibility
     def refresh(self, now: float) -> None:
-        """Recompute the non-ejected members (after an ejection or a return)."""
+        """Recompute the non-ejected members from scratch, O(members).
+
+        Construction uses it; updates, ejections and returns keep the same
+        fields incrementally (`add`, `remove`, `reweight`, `_return_due`)."""
         eligible: list[EndpointState] = []
+        ejected: dict[str, EndpointState] = {}
         next_return = INF
         for m in self.members:
             if m.ejected_until > now:
                 next_return = min(next_return, m.ejected_until)
+                ejected[m.id] = m
             else:
                 if m.ejected_until:
                     m.ejected_until = 0.0
                     m.returned_at = now
                 eligible.append(m)
         self.eligible = eligible
+        self._eligible_at = {m.id: i for i, m in enumerate(eligible)}
+        self._ejected = ejected
         self.next_return = next_return
-        weights = [m.weight for m in eligible]
-        self._weighted = len(set(weights)) > 1
+        counts: dict[int, int] = {}
+        for m in eligible:
+            counts[m.weight] = counts.get(m.weight, 0) + 1
+        self._weight_counts = counts
+        self._weighted = len(counts) > 1
         self._current = [0] * len(eligible)
-        self._cum = list(accumulate(weights))
+        self._cum = list(accumulate(m.weight for m in eligible))
+        self._cum_stale = False
         self._total = self._cum[-1] if self._cum else 0
         if self._rr >= len(eligible):
             self._rr = 0
 
+    # ----------------------------------------------------- incremental update
+    # Each O(1) (a dict and a swap-remove from a list), so a snapshot that
+    # changes k endpoints of a pool of n costs O(k), not O(n). Members and
+    # eligible endpoints are unordered: a removal moves the last one into the
+    # gap. Weighted random's running sums are rebuilt lazily, O(eligible), at
+    # the first weighted random pick after a change (no other policy reads them).
+    def add(self, m: EndpointState, now: float) -> None:
+        """`m` joins the pool (it must not be a member yet)."""
+        self._member_at[m.id] = len(self.members)
+        self.members.append(m)
+        if self.sticky:
+            m.token = m.token or sticky_token(m.id)
+            self.tokens[m.token] = m
+        if m.ejected_until > now:
+            self._ejected[m.id] = m
+            self.next_return = min(self.next_return, m.ejected_until)
+        else:
+            if m.ejected_until:
+                m.ejected_until = 0.0
+                m.returned_at = now
+            self._eligible_add(m)
+
+    def remove(self, endpoint_id: str) -> EndpointState | None:
+        """The member with this id leaves the pool; returns it (None: not a member)."""
+        i = self._member_at.pop(endpoint_id, None)
+        if i is None:
+            return None
+        members = self.members
+        m = members[i]
+        last = members.pop()
+        if last is not m:
+            members[i] = last
+            self._member_at[last.id] = i
+        if self.tokens.get(m.token) is m:
+            del self.tokens[m.token]
+        if self._ejected.pop(m.id, None) is None:
+            self._eligible_remove(m)
+        return m
+
+    def reweight(self, m: EndpointState, weight: int) -> None:
+        """Set a member's (or a non-member's) weight, keeping the pool's sums right."""
+        weight = max(1, weight)
+        old = m.weight
+        if old == weight:
+            return
+        if self._eligible_at.get(m.id) is not None and self.eligible[self._eligible_at[m.id]] is m:
+            self._count_weight(old, -1)
+            self._count_weight(weight, 1)
+            self._total += weight - old
+            self._cum_stale = True
+        m.weight = weight
+
+    def is_member(self, m: EndpointState) -> bool:
+        i = self._member_at.get(m.id)
+        return i is not None and self.members[i] is m
+
+    def _count_weight(self, weight: int, step: int) -> None:
+        counts = self._weight_counts
+        n = counts.get(weight, 0) + step
+        if n:
+            counts[weight] = n
+        else:
+            del counts[weight]
+        self._weighted = len(counts) > 1
+
+    def _eligible_add(self, m: EndpointState) -> None:
+        self._eligible_at[m.id] = len(self.eligible)
+        self.eligible.append(m)
+        self._current.append(0)
+        self._total += m.weight
+        self._count_weight(m.weight, 1)
+        self._cum_stale = True
+
+    def _eligible_remove(self, m: EndpointState) -> None:
+        i = self._eligible_at.pop(m.id)
+        eligible, current = self.eligible, self._current
+        last, last_current = eligible.pop(), current.pop()
+        if last is not m:
+            eligible[i], current[i] = last, last_current
+            self._eligible_at[last.id] = i
+        self._total -= m.weight
+        self._count_weight(m.weight, -1)
+        self._cum_stale = True
+        if self._rr >= len(eligible):
+            self._rr = 0
+
+    def _return_due(self, now: float) -> None:
+        """Ejected members whose time is up take requests again, O(ejected)."""
+        next_return = INF
+        for m in list(self._ejected.values()):
+            if m.ejected_until > now:
+                next_return = min(next_return, m.ejected_until)
+                continue
+            del self._ejected[m.id]
+            m.ejected_until = 0.0
+            m.returned_at = now
+            self._eligible_add(m)
+        self.next_return = next_return
+
     def ejected(self, now: float) -> list[EndpointState]:
-        return [m for m in self.members if m.ejected_until > now]
+        return [m for m in self._ejected.values() if m.ejected_until > now]
 
     # ---------------------------------------------------------------- picking
     def pick(self, now: float) -> EndpointState | None:
         """The endpoint for a new request, or None when the pool is empty."""
         if self.next_return <= now:
-            self.refresh(now)
+            self._return_due(now)
         eligible = self.eligible
         n = len(eligible)
         if n == 0:
@@ -226,13 +346,18 @@ class Pool:
             return self._least(eligible)
         # random
         if self._weighted:
+            if self._cum_stale:
+                self._cum = list(accumulate(m.weight for m in eligible))
+                self._cum_stale = False
             return eligible[bisect_right(self._cum, self.rng.random() * self._total)]
         return eligible[int(self.rng.random() * n)]
 
-    def pick_retry(self, now: float, tried: Iterable[EndpointState], last: EndpointState | None) -> EndpointState | None:
+    def pick_retry(
+        self, now: float, tried: Iterable[EndpointState], last: EndpointState | None
+    ) -> EndpointState | None:
         """An endpoint for a retry: not tried yet if possible, never `last` again."""
         if self.next_return <= now:
-            self.refresh(now)
+            self._return_due(now)
         tried_ids = {id(t) for t in tried}
         candidates = [m for m in self.eligible if id(m) not in tried_ids]
         if not candidates:
@@ -302,7 +427,7 @@ class Pool:
         m.failures += 1
         if m.failures < self.ejection.threshold or m.ejected_until > now:
             return False
-        if m not in self.members:
+        if not self.is_member(m):
             return False  # no longer passing: nothing to eject from
         n = len(self.members)
         cap = min(int(n * self.ejection.max_fraction), n - 1)
@@ -317,16 +442,58 @@ class Pool:
         m.ejections += 1
         m.ejected_until = now + self.ejection.duration(m.ejections)
         m.failures = 0
-        self.refresh(now)
+        if m.id not in self._ejected:  # (else its last ejection is over but it has not returned yet)
+            self._eligible_remove(m)
+        self._ejected[m.id] = m
+        self.next_return = min(self.next_return, m.ejected_until)
         return True
+
+
+# Per service: endpoints changed or added (new values), ids removed, ids moved to another service.
+Changes = tuple[list[Endpoint], list[str], list[str]]
+NO_CHANGES: Changes = ([], [], [])
+
+
+class _Tracked:
+    """What the balancer knows of one service's endpoints, so a snapshot that
+    changes a few of them updates its pool per endpoint."""
+
+    __slots__ = (
+        "endpoints",
+        "forced",
+        "local",
+        "node",
+        "passing",
+        "policy",
+        "prefer_count",
+        "sticky",
+        "uses_local",
+    )
+
+    def __init__(self, node: str | None, forced: bool, policy: str, sticky: bool) -> None:
+        self.node = node  # this proxy's node
+        self.forced = forced  # prefer `node` whatever the labels say (update_service's prefer_node)
+        self.policy = policy
+        self.sticky = sticky
+        self.endpoints: dict[str, Endpoint] = {}
+        self.passing: dict[str, EndpointState] = {}  # passing HTTP endpoints
+        self.local: dict[str, EndpointState] = {}  # those of them on `node`
+        self.prefer_count = 0  # endpoints labelled beacon.lb.locality=prefer-local
+        self.uses_local = False  # whether the pool holds `local` (else `passing`)
+
+    def prefers_local(self) -> bool:
+        return self.node is not None and (self.forced or self.prefer_count > 0) and bool(self.local)
+
+    def chosen(self) -> dict[str, EndpointState]:
+        return self.local if self.uses_local else self.passing
 
 
 class Balancer:
     """Every service's Pool and every endpoint's state, across snapshots.
 
     The only writer of `EndpointState`: snapshots go through `update_service`
-    / `remove_service`, requests through the hooks `take` (a try starts),
-    `drop` (it ends), `success` and `failure`.
+    / `update_endpoints` / `remove_service`, requests through the hooks `take`
+    (a try starts), `drop` (it ends), `success` and `failure`.
     """
 
     def __init__(self, ejection: Ejection, rng: random.Random) -> None:
@@ -335,45 +502,183 @@ class Balancer:
         self.pools: dict[str, Pool] = {}
         self.states: dict[str, EndpointState] = {}
         self._passing: set[str] = set()
+        self._tracked: dict[str, _Tracked] = {}
 
     # ------------------------------------------------------------- snapshots
     def update_service(
-        self, svc: Service, policy: str, sticky: bool, now: float, prefer_node: str | None = None
+        self,
+        svc: Service,
+        policy: str,
+        sticky: bool,
+        now: float,
+        prefer_node: str | None = None,
+        local_node: str | None = None,
     ) -> list[EndpointState]:
-        """Rebuild the pool of a changed service; returns the endpoint states that
-        take no new requests any more (replaced, or no longer passing).
+        """Rebuild the pool of a changed service from all its endpoints, O(endpoints);
+        returns the endpoint states that take no new requests any more (replaced,
+        or no longer passing).
 
-        `prefer_node` (beacon.lb.locality=prefer-local): while any passing endpoint
-        is on that node, the pool holds only those; else every passing endpoint."""
-        states = self.states
+        beacon.lb.locality=prefer-local: while any passing endpoint is on the
+        local node, the pool holds only those; else every passing endpoint.
+        `local_node`: this node, preferred when an endpoint carries the label;
+        `prefer_node`: a node preferred whatever the labels say."""
+        node = prefer_node if prefer_node is not None else local_node
+        tracked = _Tracked(node, prefer_node is not None, policy, sticky)
+        self._tracked[svc.name] = tracked
         retired: list[EndpointState] = []
-        members: list[EndpointState] = []
         for ep in svc.endpoints:
-            st = states.get(ep.id)
-            if st is None or st.address != ep.address or st.port != ep.port:
-                if st is not None:
-                    retired.append(st)
-                st = states[ep.id] = EndpointState(ep.id, ep.service, ep.address, ep.port, ep.weight)
-            st.weight = max(1, ep.weight)
-            st.service = ep.service
-            if ep.state is State.PASSING and ep.protocol in HTTP_PROTOCOLS:
-                if ep.id not in self._passing:
-                    # Back from critical/draining: an active check vouches for it.
-                    st.ejected_until = 0.0
-                    st.failures = 0
-                    self._passing.add(ep.id)
-                members.append(st)
-            else:
-                self._passing.discard(ep.id)
-                retired.append(st)  # draining: no new requests, let the backend go
-        if prefer_node is not None:
-            local = {ep.id for ep in svc.endpoints if ep.node == prefer_node}
-            members = [m for m in members if m.id in local] or members
-        self.pools[svc.name] = Pool(svc.name, members, policy, sticky, self.ejection, self.rng, now)
+            retired += self._track(tracked, ep, set_weight=True)
+        self._rebuild(svc.name, tracked, now)
         return retired
+
+    def update_endpoints(
+        self,
+        svc: Service,
+        changed: Iterable[Endpoint],
+        removed: Iterable[str],
+        policy: str,
+        sticky: bool,
+        now: float,
+        local_node: str | None = None,
+        moved_out: Iterable[str] = (),
+    ) -> list[EndpointState]:
+        """Update a service's pool for the endpoints `changed` (or added) in it,
+        `removed` from the catalog and `moved_out` to another service, O(those) - the pool is rebuilt, O(endpoints),
+        only when its policy or stickiness changes or prefer-local switches
+        between the local endpoints and all. Returns what `update_service` does."""
+        tracked = self._tracked.get(svc.name)
+        pool = self.pools.get(svc.name)
+        retired: list[EndpointState] = []
+        touched: list[str] = []
+        for eid in removed:
+            if tracked is not None:
+                self._untrack(tracked, eid)
+            st = self.states.pop(eid, None)
+            if st is not None:
+                retired.append(st)
+            self._passing.discard(eid)
+            touched.append(eid)
+        for eid in moved_out:  # (its new service's update may have detached it already)
+            if tracked is not None:
+                self._untrack(tracked, eid)
+            touched.append(eid)
+        if (
+            tracked is None
+            or pool is None
+            or tracked.policy != policy
+            or tracked.sticky != sticky
+            or tracked.forced
+            or tracked.node != local_node
+        ):
+            return retired + self.update_service(svc, policy, sticky, now, local_node=local_node)
+        for ep in changed:
+            self._untrack(tracked, ep.id)
+            retired += self._track(tracked, ep, set_weight=False)
+            touched.append(ep.id)
+        if tracked.prefers_local() != tracked.uses_local:
+            for eid in touched:  # the old pool goes: its sums need no care
+                st, ep_now = self.states.get(eid), tracked.endpoints.get(eid)
+                if st is not None and ep_now is not None:
+                    st.weight = max(1, ep_now.weight)
+            self._rebuild(svc.name, tracked, now)
+            return retired
+        chosen = tracked.chosen()
+        at = pool._member_at
+        for eid in touched:
+            want = chosen.get(eid)
+            i = at.get(eid)
+            have = pool.members[i] if i is not None else None
+            if have is not None and have is not want:
+                pool.remove(eid)
+            ep_now = tracked.endpoints.get(eid)
+            st = self.states.get(eid)
+            if ep_now is not None and st is not None:
+                if have is not None and have is want:
+                    pool.reweight(st, ep_now.weight)
+                else:
+                    st.weight = max(1, ep_now.weight)
+            if want is not None and have is not want:
+                pool.add(want, now)
+        return retired
+
+    def changes_by_service(
+        self, delta: SnapshotDelta, endpoints: Mapping[str, Endpoint]
+    ) -> dict[str, Changes]:
+        """`update_endpoints`' arguments from a delta, by service, O(delta): the
+        endpoints changed (new values), removed and moved out (ids)."""
+        groups: dict[str, Changes] = {}
+        for eid in delta.endpoints_changed:
+            ep = endpoints.get(eid)
+            if ep is not None:
+                groups.setdefault(ep.service, ([], [], []))[0].append(ep)
+                st = self.states.get(eid)
+                if st is not None and st.service != ep.service:
+                    groups.setdefault(st.service, ([], [], []))[2].append(eid)
+        for eid in delta.endpoints_removed:
+            st = self.states.get(eid)
+            if st is not None:
+                groups.setdefault(st.service, ([], [], []))[1].append(eid)
+        return groups
+
+    def _rebuild(self, name: str, tracked: _Tracked, now: float) -> None:
+        tracked.uses_local = tracked.prefers_local()
+        members = list(tracked.chosen().values())
+        self.pools[name] = Pool(name, members, tracked.policy, tracked.sticky, self.ejection, self.rng, now)
+
+    def _track(self, tracked: _Tracked, ep: Endpoint, set_weight: bool) -> list[EndpointState]:
+        """Record `ep` (not tracked yet) in its service; its state, created or replaced."""
+        retired: list[EndpointState] = []
+        st = self.states.get(ep.id)
+        if st is None or st.address != ep.address or st.port != ep.port:
+            if st is not None:
+                self._detach(st)
+                retired.append(st)
+            st = self.states[ep.id] = EndpointState(ep.id, ep.service, ep.address, ep.port, ep.weight)
+        else:
+            if st.service != ep.service:
+                self._detach(st)  # moved here from another service
+            if set_weight:
+                st.weight = max(1, ep.weight)
+        st.service = ep.service
+        tracked.endpoints[ep.id] = ep
+        if ep.locality == "prefer-local":
+            tracked.prefer_count += 1
+        if ep.state is State.PASSING and ep.protocol in HTTP_PROTOCOLS:
+            if ep.id not in self._passing:
+                # Back from critical/draining: an active check vouches for it.
+                st.ejected_until = 0.0
+                st.failures = 0
+                self._passing.add(ep.id)
+            tracked.passing[ep.id] = st
+            if ep.node == tracked.node:
+                tracked.local[ep.id] = st
+        else:
+            self._passing.discard(ep.id)
+            retired.append(st)  # draining: no new requests, let the backend go
+        return retired
+
+    def _untrack(self, tracked: _Tracked, eid: str) -> None:
+        ep = tracked.endpoints.pop(eid, None)
+        if ep is None:
+            return
+        if ep.locality == "prefer-local":
+            tracked.prefer_count -= 1
+        tracked.passing.pop(eid, None)
+        tracked.local.pop(eid, None)
+
+    def _detach(self, st: EndpointState) -> None:
+        """Take `st` out of the pool of the service it was in (it moved, or was
+        replaced), so no pool ever holds a state whose weight another one sets."""
+        other = self._tracked.get(st.service)
+        if other is not None and other.endpoints.get(st.id) is not None:
+            self._untrack(other, st.id)
+        pool = self.pools.get(st.service)
+        if pool is not None and pool.is_member(st):
+            pool.remove(st.id)
 
     def remove_service(self, name: str) -> None:
         self.pools.pop(name, None)
+        self._tracked.pop(name, None)
 
     def forget(self, old: Service, endpoints: Mapping[str, Endpoint]) -> list[EndpointState]:
         """Drop the state of endpoints of an old Service that left the catalog."""

@@ -19,6 +19,7 @@ from typing import Any
 from beacon.config import Config
 from beacon.proxy.accesslog import AccessLog, escape
 from beacon.proxy.balancer import (
+    NO_CHANGES,
     Balancer,
     Ejection,
     EndpointState,
@@ -43,7 +44,7 @@ from beacon.proxy.metrics import UNROUTED, ProxyMetrics
 from beacon.proxy.pool import UpstreamPool
 from beacon.proxy.router import RouteIndex, RoutingTable, strip_prefix
 from beacon.proxy.upstream import UpstreamConnection
-from beacon.registry.model import Service, Snapshot, parse_lb
+from beacon.registry.model import Service, Snapshot
 
 log = logging.getLogger("beacon.proxy")
 
@@ -256,6 +257,9 @@ class ProxyCore:
         balancer, pool = self.balancer, self.pool
         endpoints = snapshot.endpoints
         retired: list[EndpointState] = []
+        # The endpoints the delta names, by service: each pool is updated per
+        # endpoint, O(what changed), not rebuilt from every endpoint.
+        by_service = balancer.changes_by_service(delta, endpoints) if delta is not None else None
         for name in removed:
             balancer.remove_service(name)
             retired += balancer.forget(sources.pop(name), endpoints)
@@ -264,17 +268,18 @@ class ProxyCore:
             svc = services[name]
             old = sources.get(name)
             sources[name] = svc
-            lb = next((ep.lb for ep in svc.endpoints if ep.lb), None)
-            try:
-                policy, sticky = parse_lb(lb, self.config.lb)
-            except ValueError as exc:
-                log.warning("ignored: beacon.lb of service %s: %s", name, exc)
-                policy, sticky = self.config.lb, False
+            # beacon.lb, folded by the catalog (the first valid one; the label parser warned of bad ones).
+            balancing = svc.balancing
+            policy = (balancing.policy if balancing is not None else None) or self.config.lb
+            sticky = balancing.sticky if balancing is not None else False
             # Cluster hook: beacon.lb.locality=prefer-local prefers this node's endpoints.
-            prefer = self._local_node if any(ep.locality == "prefer-local" for ep in svc.endpoints) else None
-            retired += balancer.update_service(svc, policy, sticky, now, prefer_node=prefer)
-            if old is not None:
-                retired += balancer.forget(old, endpoints)
+            if by_service is None or old is None:
+                retired += balancer.update_service(svc, policy, sticky, now, local_node=self._local_node)
+                if old is not None:
+                    retired += balancer.forget(old, endpoints)
+            else:
+                eps, gone, moved = by_service.get(name, NO_CHANGES)
+                retired += balancer.update_endpoints(svc, eps, gone, policy, sticky, now, self._local_node, moved)
         for st in retired:
             pool.retire(st)
             if balancer.states.get(st.id) is not st:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
+from dataclasses import replace
+from itertools import accumulate
+from typing import Any
 
 import pytest
 
 from beacon.proxy.balancer import (
+    INF,
     P2C_THRESHOLD,
     Balancer,
     Ejection,
@@ -16,8 +21,10 @@ from beacon.proxy.balancer import (
     Pool,
     sticky_token,
 )
-from beacon.registry import Catalog, State
-from beacon.registry.model import parse_lb
+from beacon.proxy.core import ProxyCore
+from beacon.registry import Catalog, Endpoint, State
+from beacon.registry.model import Snapshot, parse_lb
+from tests.helpers import test_config
 from tests.proxy.proxytest import ep
 
 
@@ -218,3 +225,98 @@ def test_a_zero_base_time_never_divides_by_zero() -> None:
         pool.record_failure(a, now)
         assert pool.pick(now + 0.5) is not None
     assert not a.is_ejected(103.0)
+
+
+# ------------------------------------------- incremental pools (issue 10 §5)
+def _same_as_from_scratch(core: ProxyCore, snapshot: Snapshot, now: float) -> None:
+    """The pools `core.apply` updated per endpoint equal pools built from every
+    endpoint, and each pool's incremental bookkeeping equals a recompute."""
+    got = core.balancer
+    fresh = Balancer(Ejection(), random.Random(0))
+    for svc in snapshot.services.values():
+        balancing = svc.balancing
+        policy = (balancing.policy if balancing is not None else None) or core.config.lb
+        sticky = balancing.sticky if balancing is not None else False
+        fresh.update_service(svc, policy, sticky, now, local_node=core.config.node)
+    assert set(got.pools) == set(fresh.pools)
+    assert set(got.states) == set(fresh.states) == set(snapshot.endpoints)
+    assert got._passing == fresh._passing
+    for name, want in fresh.pools.items():
+        pool = got.pools[name]
+        assert (pool.policy, pool.sticky) == (want.policy, want.sticky), name
+        assert sorted((m.id, m.weight, m.address, m.port) for m in pool.members) == sorted(
+            (m.id, m.weight, m.address, m.port) for m in want.members
+        ), name
+        assert all(got.states[m.id] is m for m in pool.members)  # current states, never stale ones
+        assert {t: m.id for t, m in pool.tokens.items()} == {t: m.id for t, m in want.tokens.items()}
+        # Bookkeeping: what a recompute over the same member states gives.
+        picked = pool.pick(now)  # returns the ejected whose time is up
+        assert picked is None if not pool.eligible else picked in pool.eligible
+        members_now = list(pool.members)
+        eligible = [m for m in members_now if m.ejected_until <= now]
+        assert sorted(m.id for m in pool.eligible) == sorted(m.id for m in eligible)
+        assert {m.id for m in pool.eligible}.isdisjoint(pool._ejected)
+        assert set(pool._ejected) | {m.id for m in pool.eligible} == {m.id for m in members_now}
+        assert pool._total == sum(m.weight for m in pool.eligible)
+        assert pool._weighted == (len({m.weight for m in pool.eligible}) > 1)
+        assert len(pool._current) == len(pool.eligible)
+        assert all(pool.members[i] is m for m, i in ((m, pool._member_at[m.id]) for m in members_now))
+        assert all(pool.eligible[pool._eligible_at[m.id]] is m for m in pool.eligible)
+        assert len(pool._member_at) == len(members_now) and len(pool._eligible_at) == len(pool.eligible)
+        assert pool.next_return <= min((m.ejected_until for m in pool._ejected.values()), default=INF)
+        if not pool._cum_stale:
+            assert pool._cum == list(accumulate(m.weight for m in pool.eligible))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pools_updated_per_endpoint_equal_pools_built_from_scratch(seed: int) -> None:
+    # Random endpoint adds, changes (weight, state, address, node, locality,
+    # beacon.lb, service) and removals, plus ejections and returns, through
+    # the real ProxyCore.apply on the catalog's snapshots (with their deltas).
+    rng = random.Random(seed)
+    clock = [0.0]
+    loop = asyncio.new_event_loop()
+    try:
+        core = ProxyCore(test_config(node="n1", eject_consecutive_failures=1), loop, rng=random.Random(seed),
+                         clock=lambda: clock[0])  # fmt: skip
+        cat = Catalog()
+        ids = [f"e{i}" for i in range(14)]
+        present: dict[str, Endpoint] = {}
+        for step in range(400):
+            for _ in range(rng.choice((1, 1, 1, 2, 4))):
+                eid = rng.choice(ids)
+                if eid in present and rng.random() < 0.25:
+                    del present[eid]
+                    cat.set_source(f"m:{eid}", [])
+                    continue
+                base = present.get(eid) or ep(eid, 2000 + ids.index(eid), rng.choice(("a", "b", "c")))
+                change = rng.choice(("weight", "state", "address", "node", "locality", "lb", "service", "protocol"))
+                kw: dict[str, Any] = {}
+                if change == "weight":
+                    kw["weight"] = rng.choice((1, 1, 2, 5))
+                elif change == "state":
+                    kw["state"] = rng.choice(list(State))
+                elif change == "address":
+                    kw["port"] = rng.choice((base.port, base.port + 100))
+                elif change == "node":
+                    kw["node"] = rng.choice(("n1", "n2", ""))
+                elif change == "locality":
+                    kw["locality"] = rng.choice(("prefer-local", None, None))
+                elif change == "lb":
+                    kw["lb"] = rng.choice((None, None, "least_conn", "random", "sticky", "random+sticky"))
+                elif change == "service":
+                    kw["service"] = rng.choice(("a", "b", "c"))
+                else:
+                    kw["protocol"] = rng.choice(("http", "tcp", "http"))
+                present[eid] = replace(base, **kw)
+                cat.set_source(f"m:{eid}", [present[eid]])
+            snapshot = cat.publish()
+            clock[0] = step * 1.0
+            core.apply(snapshot)
+            # Passive health between snapshots: eject some, let time return them.
+            for pool in list(core.balancer.pools.values()):
+                if pool.eligible and rng.random() < 0.3:
+                    core.balancer.failure(rng.choice(pool.eligible), FailureKind.RESET, clock[0])
+            _same_as_from_scratch(core, snapshot, clock[0])
+    finally:
+        loop.close()

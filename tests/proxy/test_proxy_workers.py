@@ -254,3 +254,88 @@ async def test_isolated_the_process_with_the_control_plane_forwards_nothing() ->
 
         counts = await eventually(per_process)
     assert counts[-1] == 0  # the parent's own report (last): it served none of them
+
+
+def test_worker_snapshots_follow_random_changes_with_deltas_and_pools_match_the_parent() -> None:
+    # Issue 10 §5: the parent sends what changed; each worker snapshot carries
+    # its delta (so the worker's apply is O(changed)) and rebuilds exactly the
+    # routing data and pools the parent's own core gets from the catalog.
+    import random
+    from dataclasses import replace
+
+    from beacon.proxy.core import ProxyCore
+    from beacon.proxy.wire import SnapshotDecoder, SnapshotEncoder
+    from beacon.registry import Endpoint
+    from tests.helpers import test_config
+
+    def view(snapshot: Any) -> dict[str, Any]:
+        return {name: ([(e.id, e.service, e.address, e.port, e.protocol, e.state, e.weight, e.lb, e.http_hosts,
+                         e.http_path_prefix, e.http_strip_prefix, e.node, e.locality) for e in svc.endpoints],
+                       svc.settings.balancing, svc.settings.routes)
+                for name, svc in snapshot.services.items()}  # fmt: skip
+
+    def pools(core: ProxyCore) -> dict[str, Any]:
+        return {name: (pool.policy, pool.sticky, sorted((m.id, m.weight, m.port) for m in pool.members))
+                for name, pool in core.balancer.pools.items()}  # fmt: skip
+
+    rng = random.Random(7)
+    loop = asyncio.new_event_loop()
+    try:
+        parent = ProxyCore(test_config(node="n1"), loop, rng=random.Random(1))
+        worker = ProxyCore(test_config(node="n1"), loop, rng=random.Random(1))
+        cat = Catalog()
+        enc, dec = SnapshotEncoder(), SnapshotDecoder()
+        present: dict[str, Endpoint] = {}
+        previous = None
+        cat_previous = cat.snapshot
+        for step in range(300):
+            for _ in range(rng.choice((1, 1, 3))):
+                eid = f"e{rng.randrange(16)}"
+                if eid in present and rng.random() < 0.25:
+                    del present[eid]
+                    cat.set_source(f"m:{eid}", [])
+                    continue
+                base = present.get(eid) or ep(eid, 3000 + int(eid[1:]), rng.choice(("a", "b", "c")))
+                present[eid] = replace(base, **rng.choice((
+                    {"weight": rng.choice((1, 2, 5))}, {"state": rng.choice(list(State))},
+                    {"service": rng.choice(("a", "b", "c"))}, {"lb": rng.choice((None, "random+sticky"))},
+                    {"http_hosts": rng.choice(((), ("x.test",)))}, {"node": rng.choice(("n1", "n2"))},
+                    {"locality": rng.choice((None, "prefer-local"))}, {"port": base.port + 1},
+                )))  # fmt: skip
+                cat.set_source(f"m:{eid}", [present[eid]])
+            snap = cat.publish()
+            payload = enc.encode(snap, full=step == 0)
+            got = dec.decode(payload)
+            assert view(got) == view(snap)
+            assert set(got.endpoints) == set(snap.endpoints)
+            if previous is not None:
+                recorded = got.changed_since(previous)
+                assert got.delta is recorded  # carried, not a full diff
+                want = snap.changed_since(cat_previous)
+                # Everything that differs is named; nothing the catalog did not change is.
+                diffed = type(got)(got.index, got.services, got.endpoints).changed_since(previous)
+                assert diffed.services_changed <= recorded.services_changed <= want.services_changed
+                assert diffed.endpoints_changed <= recorded.endpoints_changed <= want.endpoints_changed
+                assert recorded.services_removed == want.services_removed
+                assert recorded.endpoints_removed == want.endpoints_removed
+            previous, cat_previous = got, snap
+            parent.apply(snap)
+            worker.apply(got)
+            assert pools(worker) == pools(parent)
+    finally:
+        loop.close()
+
+
+def test_a_one_endpoint_change_in_a_large_service_sends_one_row() -> None:
+    from beacon.proxy.wire import SnapshotDecoder, SnapshotEncoder
+
+    cat = Catalog()
+    cat.set_source("m:big", [ep(f"e{i:05d}", 1000 + i % 50000, "big") for i in range(3000)])
+    enc, dec = SnapshotEncoder(), SnapshotDecoder()
+    dec.decode(enc.encode(cat.publish(), full=True))
+    put(cat, "m:one", ep("e-new", 9, "big"))
+    payload = enc.encode(cat.snapshot)
+    assert len(payload) < 600, payload  # one row and the service's settings, not 3,001 rows
+    got = dec.decode(payload)
+    assert len(got.services["big"].endpoints) == 3001 and got.delta is not None
+    assert got.delta.endpoints_changed == {"e-new"}
