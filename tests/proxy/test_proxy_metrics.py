@@ -3,6 +3,10 @@ upstream counters labelled with the endpoint id (dropped when it leaves)."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import subprocess
+
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -101,6 +105,11 @@ async def test_endpoint_counters_carry_the_endpoint_id_and_go_when_it_leaves() -
         ejected = value("beacon_proxy_endpoint_ejections_total", service="pair", endpoint="dead1")
         assert ejected == value("beacon_proxy_ejections_total", service="pair")
         assert value("beacon_proxy_endpoint_ejections_total", service="pair", endpoint="live1") == 0
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool is missing (make test-deps installs Debian's prometheus)"
+        lint = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"], input=exposition()[0].decode(),
+                                       capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert lint.returncode == 0, lint.stdout + lint.stderr
 
         # The dead endpoint leaves the catalog: its series go, the live one's stay.
         put(cat, "m:pair", ep("live1", web.port, "pair"))
