@@ -613,7 +613,14 @@ class DockerSource:
         record.reported = summary
         name = record.name
         if result.ignored:
-            log.info("ignored: %s %s: %s", cid[:12], name, result.ignored)
+            if result.ignored in ("no published port", "no exposed port"):
+                # Ignored on purpose (a worker, a database kept private): not news,
+                # but say how to change it for whoever looks at debug logs.
+                hint = ("publish a port or use --address-mode internal" if result.ignored == "no published port"
+                        else "expose a port or set label beacon.port")
+                log.debug("ignored: %s %s: %s (%s)", cid[:12], name, result.ignored, hint)
+            else:
+                log.info("ignored: %s %s: %s", cid[:12], name, result.ignored)
         for problem in result.problems:
             log.warning("invalid: %s", problem)
         for note in result.notes:

@@ -396,3 +396,22 @@ async def test_a_network_attach_that_changes_the_address_is_warned(
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("moved:")]
     assert warnings == [f"moved: {A[:12]} web endpoint {eid} address 172.17.0.9 -> 10.9.0.5 (network attached "
                         "or detached? pin it with label beacon.network, --network or beacon.address)"]
+
+
+async def test_a_container_without_published_ports_is_logged_once_at_debug_with_a_hint(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = FakeEngine()
+    private = attrs(A, "worker")
+    private["NetworkSettings"]["Ports"] = {"80/tcp": None}  # exposed, not published
+    engine.running[A] = private
+    with caplog.at_level(logging.DEBUG, logger="beacon.registry.docker"):
+        cat, source = await start(engine)
+        await eventually(lambda: source.syncs >= 1)  # the first list saw it
+        for _ in range(2):  # later events about it do not repeat the line
+            engine.streams[-1].push(event(A, "start", name="worker"))
+        await eventually(lambda: source.inspections >= 2)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("ignored:")]
+    assert lines == [("DEBUG", f"ignored: {A[:12]} worker: no published port "
+                               "(publish a port or use --address-mode internal)")]
+    assert ids(cat) == set()
