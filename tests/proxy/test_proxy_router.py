@@ -1,15 +1,19 @@
-"""The pure router: snapshot → routing table; host, wildcard and path matching."""
+"""The pure router: snapshot → routing table; host, wildcard and path matching
+(and one end-to-end check of the beacon.http.expose label on real containers)."""
 
 from __future__ import annotations
 
 import random
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beacon.proxy.router import RouteIndex, RoutingTable, build_table, normalise_host, strip_prefix
 from beacon.registry import Catalog, Endpoint, Snapshot, State
+from tests.conftest import RUN_ID, ContainerFactory
+from tests.helpers import eventually, running_app
 from tests.proxy.proxytest import ep
 
 
@@ -222,6 +226,30 @@ def test_flipping_the_expose_label_updates_the_incremental_index() -> None:
         index.update(snap)
         routed = index.table.match("app.localhost") is not None
         assert routed is (label is True), label
+
+
+@pytest.mark.docker
+async def test_the_expose_label_on_real_containers(run_container: ContainerFactory) -> None:
+    port = {"80/tcp": ("127.0.0.1", None)}
+    names = {kind: f"{kind}{RUN_ID}" for kind in ("hidden", "opted", "plain")}
+    run_container(labels={"beacon.service": names["hidden"], "beacon.http.expose": "false",
+                          "beacon.http.host": f"{names['hidden']}.test"}, ports=port)  # fmt: skip
+    run_container(labels={"beacon.service": names["opted"], "beacon.http.expose": "true"}, ports=port)
+    run_container(labels={"beacon.service": names["plain"]}, ports=port)
+    async with running_app(proxy_expose_by_default=False) as app, aiohttp.ClientSession() as http:
+        await eventually(lambda: all(
+            (svc := app.catalog.snapshot.services.get(n)) is not None and svc.passing for n in names.values()
+        ), timeout=20)  # fmt: skip
+        assert app.proxy.address is not None
+
+        async def status(host: str) -> int:
+            async with http.get(f"http://{app.proxy.address}/", headers={"Host": host}) as resp:
+                return resp.status
+
+        assert await status(f"{names['opted']}.localhost") == 200  # true beats --proxy-expose-by-default=false
+        assert await status(f"{names['plain']}.localhost") == 404  # the flag decides
+        assert await status(f"{names['hidden']}.localhost") == 404  # false: no implicit route...
+        assert await status(f"{names['hidden']}.test") == 404  # ...and its host label routes nothing
 
 
 # ------------------------------------------------ incremental == from scratch
