@@ -282,6 +282,7 @@ class ProxyCore:
                 retired += balancer.update_endpoints(svc, eps, gone, policy, sticky, now, self._local_node, moved)
         for st in retired:
             pool.retire(st)
+            self.metrics.forget_endpoint(st.service, st.id, endpoints)  # its counters go when it leaves
             if balancer.states.get(st.id) is not st:
                 # The endpoint left the catalog (or moved): a try still waiting
                 # for its answer may wait forever (a connection docker-proxy
@@ -443,10 +444,7 @@ class ProxyCore:
                            f"no endpoint of service {route.service} answered ({kind.value})")  # fmt: skip
             return
         ex.attempts += 1
-        stats = ex.stats
-        stats.attempts += 1
-        if ex.attempts > 1:
-            stats.retries += 1
+        ex.stats.attempt(state.id, ex.attempts > 1)
         ex.endpoint = state
         ex.tried.append(state)
         self.balancer.take(state)
@@ -475,8 +473,9 @@ class ProxyCore:
         if failure is None:
             balancer.success(state)
             return
+        self.metrics.failed(state.service, state.id, failure.name.lower())
         if balancer.failure(state, failure, self.now):
-            self.metrics.service(state.service).ejections += 1
+            self.metrics.ejected(state.service, state.id)
             log.warning(
                 "ejected: endpoint %s (%s:%d) of service %s for %.0fs after %d failures in a row",
                 state.id, state.address, state.port, state.service,
@@ -488,7 +487,7 @@ class ProxyCore:
         ex.upstream = None
         ex.done = True
         if ex.stats is not None:
-            ex.stats.observe(101, time.perf_counter() - ex.t0)
+            ex.stats.observe(101, time.perf_counter() - ex.t0, ex.method)
         if self.access_log is not None:
             self.log_access(ex, 101)
         if ex.endpoint is not None:
@@ -516,7 +515,7 @@ class ProxyCore:
             return
         ex.done = True
         if ex.stats is not None:
-            ex.stats.observe(ex.status, time.perf_counter() - ex.t0)
+            ex.stats.observe(ex.status, time.perf_counter() - ex.t0, ex.method)
         client = ex.client
         if client.active is ex:
             client.flush()
@@ -566,7 +565,7 @@ class ProxyCore:
             self._warn(state, f"failed: upstream {state.address}:{state.port} broke mid-response: {detail}")
             ex.done = True
             if ex.stats is not None:
-                ex.stats.observe(502, time.perf_counter() - ex.t0)
+                ex.stats.observe(502, time.perf_counter() - ex.t0, ex.method)
             if self.access_log is not None:
                 self.log_access(ex, ex.status or 502)  # the upstream's status, truncated
             ex.client.abort()

@@ -215,7 +215,7 @@ class ClientConnection(asyncio.Protocol):
                 self.flush()  # before abandon, which logs it (with these bytes)
                 core.abandon(ex, rejected.status)
                 if ex.stats is not None:
-                    ex.stats.observe(rejected.status, time.perf_counter() - ex.t0)
+                    ex.stats.observe(rejected.status, time.perf_counter() - ex.t0, ex.method)
                 self.close()
             else:
                 self.abort()

@@ -17,11 +17,14 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
+
+if TYPE_CHECKING:
+    from beacon.registry.model import Endpoint
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -30,34 +33,93 @@ UNROUTED = "unrouted"
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
+# Request methods counted by name; any other (a client may send any token) is
+# "OTHER", so the method label stays bounded whatever clients send.
+METHODS = ("OTHER", "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+_METHOD_INDEX = {name.encode(): i * 1000 for i, name in enumerate(METHODS) if i}
+OTHER_CODE = "other"  # a status outside 100-599 (never sent by a conforming upstream)
+
+
+def _response_key(method: bytes, status: int) -> int:
+    """method and status in one int: index * 1000 + status (0: out of range)."""
+    return _METHOD_INDEX.get(method, 0) + (status if 100 <= status <= 599 else 0)
+
+
+def response_labels(key: int) -> tuple[str, str]:
+    """(method, code) of a `_response_key`."""
+    status = key % 1000
+    return METHODS[key // 1000], str(status) if status else OTHER_CODE
+
+
+def code_classes(codes: Mapping[int, int]) -> list[int]:
+    """Responses per status class, index status // 100 (0 unused, as before codes were kept)."""
+    classes = [0] * 6
+    for key, n in codes.items():
+        status = key % 1000
+        if status:
+            classes[status // 100] += n
+    return classes
+
+
+class EndpointStats:
+    """Counters of one endpoint (by id) within its service."""
+
+    __slots__ = ("attempts", "ejections", "failures")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.ejections = 0
+        self.failures: dict[str, int] = {}  # FailureKind name (lowercase) -> count
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "ejections": self.ejections, "failures": self.failures}
+
+
 class ServiceStats:
     """Counters of one service (plain ints: the data path only adds)."""
 
-    __slots__ = ("attempts", "buckets", "classes", "ejections", "retries", "total_seconds")
+    __slots__ = ("attempts", "buckets", "codes", "ejections", "endpoints", "retries", "total_seconds")
 
     def __init__(self) -> None:
-        self.classes = [0] * 6  # index status // 100; 0 unused
+        self.codes: dict[int, int] = {}  # _response_key(method, status) -> responses
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.total_seconds = 0.0
         self.attempts = 0
         self.retries = 0
         self.ejections = 0
+        self.endpoints: dict[str, EndpointStats] = {}  # endpoint id -> its counters
 
-    def observe(self, status: int, seconds: float) -> None:
-        cls = status // 100
-        if 1 <= cls <= 5:
-            self.classes[cls] += 1
+    def observe(self, status: int, seconds: float, method: bytes = b"") -> None:
+        key = _response_key(method, status)
+        codes = self.codes
+        codes[key] = codes.get(key, 0) + 1
         self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.total_seconds += seconds
 
+    def endpoint(self, endpoint_id: str) -> EndpointStats:
+        stats = self.endpoints.get(endpoint_id)
+        if stats is None:
+            stats = self.endpoints[endpoint_id] = EndpointStats()
+        return stats
+
+    def attempt(self, endpoint_id: str, retry: bool) -> None:
+        """A try sent to an endpoint (`retry`: not the request's first)."""
+        self.attempts += 1
+        if retry:
+            self.retries += 1
+        self.endpoint(endpoint_id).attempts += 1
+
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "classes": self.classes,
+            "codes": {str(key): n for key, n in self.codes.items()},
+            "classes": code_classes(self.codes),
             "buckets": self.buckets,
             "total_seconds": self.total_seconds,
             "attempts": self.attempts,
             "retries": self.retries,
             "ejections": self.ejections,
+            "endpoints": {eid: e.to_json() for eid, e in self.endpoints.items()},
         }
 
 
@@ -82,6 +144,36 @@ class ProxyMetrics:
         if name != UNROUTED:
             self.services.pop(name, None)
 
+    # A try's outcome can arrive after its endpoint (or service) left the catalog
+    # and its counters were dropped (a draining request): it must not bring
+    # them back, so these only count into counters that exist. Counters of an
+    # endpoint are created by `ServiceStats.attempt`, always of a live endpoint.
+    def failed(self, service: str, endpoint_id: str, kind: str) -> None:
+        """A try at an endpoint failed (`kind`: a FailureKind's name)."""
+        stats = self.services.get(service)
+        ep = stats.endpoints.get(endpoint_id) if stats is not None else None
+        if ep is not None:
+            ep.failures[kind] = ep.failures.get(kind, 0) + 1
+
+    def ejected(self, service: str, endpoint_id: str) -> None:
+        """Passive health checks ejected an endpoint."""
+        stats = self.services.get(service)
+        if stats is not None:
+            stats.ejections += 1
+            ep = stats.endpoints.get(endpoint_id)
+            if ep is not None:
+                ep.ejections += 1
+
+    def forget_endpoint(self, service: str, endpoint_id: str, endpoints: Mapping[str, Endpoint]) -> None:
+        """Drop an endpoint's counters when it left the catalog or moved to
+        another service (`endpoints`: the new snapshot's), as `forget` does for
+        services: endpoint ids come and go with containers."""
+        ep = endpoints.get(endpoint_id)
+        if ep is None or ep.service != service:
+            stats = self.services.get(service)
+            if stats is not None:
+                stats.endpoints.pop(endpoint_id, None)
+
     def to_json(
         self, client_connections: int, upstream_connections: int, conflicts: int, in_flight: dict[str, int]
     ) -> dict[str, Any]:
@@ -96,17 +188,28 @@ class ProxyMetrics:
         }
 
 
+def _add_counts(into: dict[str, int], more: Mapping[str, int]) -> None:
+    for key, n in more.items():
+        into[key] = into.get(key, 0) + n
+
+
 def fold_counters(into: dict[str, dict[str, Any]], services: dict[str, dict[str, Any]]) -> None:
     """Add per-service counters (`ServiceStats.to_json()` form) into `into`."""
     for name, s in services.items():
         m = into.setdefault(name, {
-            "classes": [0] * 6, "buckets": [0] * (len(LATENCY_BUCKETS) + 1),
-            "total_seconds": 0.0, "attempts": 0, "retries": 0, "ejections": 0,
+            "codes": {}, "classes": [0] * 6, "buckets": [0] * (len(LATENCY_BUCKETS) + 1),
+            "total_seconds": 0.0, "attempts": 0, "retries": 0, "ejections": 0, "endpoints": {},
         })  # fmt: skip
+        _add_counts(m["codes"], s["codes"])
         m["classes"] = [a + b for a, b in zip(m["classes"], s["classes"], strict=True)]
         m["buckets"] = [a + b for a, b in zip(m["buckets"], s["buckets"], strict=True)]
         for key in ("total_seconds", "attempts", "retries", "ejections"):
             m[key] += s[key]
+        for eid, e in s.get("endpoints", {}).items():
+            mine = m["endpoints"].setdefault(eid, {"attempts": 0, "ejections": 0, "failures": {}})
+            mine["attempts"] += e["attempts"]
+            mine["ejections"] += e["ejections"]
+            _add_counts(mine["failures"], e["failures"])
 
 
 class MetricsSource(Protocol):
@@ -149,6 +252,10 @@ class ProxyCollector(Collector):
         requests = CounterMetricFamily(
             "beacon_proxy_requests", "HTTP responses sent by the proxy", labels=["service", "code_class"]
         )
+        responses = CounterMetricFamily(
+            "beacon_proxy_responses", "HTTP responses sent by the proxy, by request method and status code",
+            labels=["service", "method", "code"],
+        )
         duration = HistogramMetricFamily(
             "beacon_proxy_request_duration_seconds",
             "Time from a request's header to the end of its response",
@@ -163,10 +270,27 @@ class ProxyCollector(Collector):
         ejections = CounterMetricFamily(
             "beacon_proxy_ejections", "Endpoints ejected by passive health checks", labels=["service"]
         )
+        endpoint_attempts = CounterMetricFamily(
+            "beacon_proxy_endpoint_attempts", "Tries sent to one endpoint", labels=["service", "endpoint"]
+        )
+        endpoint_failures = CounterMetricFamily(
+            "beacon_proxy_endpoint_failures", "Tries at one endpoint that failed, by why",
+            labels=["service", "endpoint", "kind"],
+        )
+        endpoint_ejections = CounterMetricFamily(
+            "beacon_proxy_endpoint_ejections", "Passive-health ejections of one endpoint", labels=["service", "endpoint"]
+        )
         for name, m in sorted(merged.items()):
             for cls, label in enumerate(CODE_CLASSES, start=1):
                 if m["classes"][cls]:
                     requests.add_metric([name, label], m["classes"][cls])
+            for key, n in sorted((int(k), n) for k, n in m["codes"].items()):
+                responses.add_metric([name, *response_labels(key)], n)
+            for eid, e in sorted(m["endpoints"].items()):
+                endpoint_attempts.add_metric([name, eid], e["attempts"])
+                endpoint_ejections.add_metric([name, eid], e["ejections"])
+                for kind, n in sorted(e["failures"].items()):
+                    endpoint_failures.add_metric([name, eid, kind], n)
             running = 0
             cumulative: list[tuple[str, float]] = []
             for bound, count in zip((*LATENCY_BUCKETS, float("inf")), m["buckets"], strict=True):
@@ -177,10 +301,14 @@ class ProxyCollector(Collector):
             retries.add_metric([name], m["retries"])
             ejections.add_metric([name], m["ejections"])
         yield requests
+        yield responses
         yield duration
         yield attempts
         yield retries
         yield ejections
+        yield endpoint_attempts
+        yield endpoint_failures
+        yield endpoint_ejections
         open_connections = GaugeMetricFamily(
             "beacon_proxy_open_connections", "Open proxy connections", labels=["side"]
         )
@@ -215,10 +343,14 @@ class ProxyCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "code_class"])
+        yield CounterMetricFamily("beacon_proxy_responses", "", labels=["service", "method", "code"])
         yield HistogramMetricFamily("beacon_proxy_request_duration_seconds", "", labels=["service"])
         yield CounterMetricFamily("beacon_proxy_upstream_attempts", "", labels=["service"])
         yield CounterMetricFamily("beacon_proxy_retries", "", labels=["service"])
         yield CounterMetricFamily("beacon_proxy_ejections", "", labels=["service"])
+        yield CounterMetricFamily("beacon_proxy_endpoint_attempts", "", labels=["service", "endpoint"])
+        yield CounterMetricFamily("beacon_proxy_endpoint_failures", "", labels=["service", "endpoint", "kind"])
+        yield CounterMetricFamily("beacon_proxy_endpoint_ejections", "", labels=["service", "endpoint"])
         yield GaugeMetricFamily("beacon_proxy_open_connections", "", labels=["side"])
         yield GaugeMetricFamily("beacon_proxy_in_flight_requests", "", labels=["service"])
         yield GaugeMetricFamily("beacon_proxy_route_conflicts", "")

@@ -211,15 +211,21 @@ class RoutingTable:
 def service_routes(service: Service, domain: bytes, expose_by_default: bool = True) -> list[Route]:
     """The routes one service asks for (implicit host first, then its labels).
 
-    Only endpoints speaking TCP count; without `expose_by_default` the
-    implicit `<service>.<domain>` route is left out, so only label routes
-    (beacon.http.host / beacon.http.path_prefix) expose a service."""
+    Only endpoints speaking TCP count. The service's beacon.http.expose
+    (folded in `service.settings.expose`) decides first: false hides it - no
+    implicit and no label route - and true gives it the implicit route;
+    unset, `expose_by_default` (--proxy-expose-by-default) decides whether
+    the implicit `<service>.<domain>` route exists. Label routes
+    (beacon.http.host / beacon.http.path_prefix) exist unless it is false."""
+    expose = service.settings.expose
+    if expose is False:
+        return []
     endpoints = [ep for ep in service.endpoints if ep.protocol in HTTP_PROTOCOLS]
     if not endpoints:
         return []
     implicit = Route(host=service.name.lower().encode("ascii", "replace") + b"." + domain, prefix=b"/",
                      service=service.name, explicit=False)  # fmt: skip
-    routes = [implicit] if expose_by_default else []
+    routes = [implicit] if expose or (expose is None and expose_by_default) else []
     seen: set[tuple[bytes, bytes]] = set()
     for ep in endpoints:
         if not ep.http_hosts and ep.http_path_prefix is None:

@@ -43,14 +43,15 @@ class EndpointConflict(ValueError):
     """An endpoint id is already owned by another source."""
 
 
-_SettingsKey = tuple[int | None, str | None, tuple[str, ...], str | None, bool]
+_SettingsKey = tuple[int | None, str | None, tuple[str, ...], str | None, bool, bool | None]
 
 
 def _settings_key(ep: Endpoint) -> _SettingsKey | None:
     """The labels an endpoint contributes to its service's settings (None: none)."""
-    if ep.dns_ttl is None and not ep.lb and not ep.http_hosts and ep.http_path_prefix is None:
+    if (ep.dns_ttl is None and not ep.lb and not ep.http_hosts and ep.http_path_prefix is None
+            and ep.http_expose is None):  # fmt: skip
         return None
-    return (ep.dns_ttl, ep.lb, ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix)
+    return (ep.dns_ttl, ep.lb, ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix, ep.http_expose)
 
 
 class _Members:

@@ -315,6 +315,7 @@ class _Settings:
     http_hosts: tuple[str, ...] = ()
     http_path_prefix: str | None = None
     http_strip_prefix: bool = False
+    http_expose: bool | None = None
     locality: str | None = None
 
 
@@ -440,6 +441,12 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
             problems.add("beacon.http.strip_prefix", raw, "needs beacon.http.path_prefix", "using false")
             strip = False
 
+    expose: bool | None = None
+    if (raw := labels.get("beacon.http.expose")) is not None:
+        expose = parse_bool(raw)
+        if expose is None:
+            problems.add("beacon.http.expose", raw, "expected true or false", "using --proxy-expose-by-default")
+
     return _Settings(
         weight=weight,
         tags=tuple(tags),
@@ -449,6 +456,7 @@ def _parse_settings(labels: Mapping[str, str], problems: _Problems) -> _Settings
         http_hosts=tuple(hosts),
         http_path_prefix=prefix,
         http_strip_prefix=strip,
+        http_expose=expose,
         locality=locality,
     )
 
@@ -625,6 +633,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
                     http_hosts=settings.http_hosts,
                     http_path_prefix=settings.http_path_prefix,
                     http_strip_prefix=settings.http_strip_prefix,
+                    http_expose=settings.http_expose,
                     locality=settings.locality,
                     check=check,
                     autoheal=autoheal,

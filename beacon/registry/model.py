@@ -145,6 +145,7 @@ class Endpoint:
     http_hosts: tuple[str, ...] = ()  # beacon.http.host
     http_path_prefix: str | None = None  # beacon.http.path_prefix
     http_strip_prefix: bool = False  # beacon.http.strip_prefix
+    http_expose: bool | None = None  # beacon.http.expose; None: --proxy-expose-by-default
     check: CheckSpec | None = None  # beacon.check.*
     autoheal: AutohealSpec | None = None  # beacon.autoheal*
     check_status: CheckStatus | None = None  # filled in by the catalog
@@ -231,13 +232,20 @@ class ServiceSettings:
     balancing: Balancing | None = None
     # Distinct route requests, in the order of the first endpoint (by id) asking for each.
     routes: tuple[RouteSpec, ...] = ()
+    # beacon.http.expose: False when any endpoint says false (hiding wins: one
+    # container cannot publish what another hides), else True when any says
+    # true, else None (--proxy-expose-by-default decides).
+    expose: bool | None = None
 
     @classmethod
     def fold(cls, endpoints: Iterable[Endpoint]) -> ServiceSettings:
         ttl: int | None = None
         balancing: Balancing | None = None
         routes: dict[RouteSpec, None] = {}
+        expose: bool | None = None
         for ep in endpoints:
+            if ep.http_expose is not None and expose is not False:
+                expose = ep.http_expose
             if ep.dns_ttl is not None:
                 ttl = max(0, ep.dns_ttl) if ttl is None else min(ttl, max(0, ep.dns_ttl))
             if balancing is None and ep.lb:
@@ -245,9 +253,9 @@ class ServiceSettings:
                     balancing = Balancing.parse(ep.lb)
             if ep.http_hosts or ep.http_path_prefix is not None:
                 routes.setdefault(RouteSpec(ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix), None)
-        if ttl is None and balancing is None and not routes:
+        if ttl is None and balancing is None and not routes and expose is None:
             return NO_SETTINGS
-        return cls(ttl, balancing, tuple(routes))
+        return cls(ttl, balancing, tuple(routes), expose)
 
 
 NO_SETTINGS = ServiceSettings()

@@ -1,15 +1,19 @@
-"""The pure router: snapshot → routing table; host, wildcard and path matching."""
+"""The pure router: snapshot → routing table; host, wildcard and path matching
+(and one end-to-end check of the beacon.http.expose label on real containers)."""
 
 from __future__ import annotations
 
 import random
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beacon.proxy.router import RouteIndex, RoutingTable, build_table, normalise_host, strip_prefix
 from beacon.registry import Catalog, Endpoint, Snapshot, State
+from tests.conftest import RUN_ID, ContainerFactory
+from tests.helpers import eventually, running_app
 from tests.proxy.proxytest import ep
 
 
@@ -186,6 +190,68 @@ def test_with_expose_by_default_off_only_labelled_services_are_routed() -> None:
     assert table.match("any.host", "/files/x").service == "files"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("by_default", [True, False])
+def test_the_expose_label_hides_or_exposes_a_service_whatever_the_default(by_default: bool) -> None:
+    snap = snapshot(ep("h1", 1, "hidden", http_expose=False, http_hosts=("hidden.test",), http_path_prefix="/h"),
+                    ep("o1", 2, "opted", http_expose=True),
+                    ep("l1", 3, "both", http_expose=True, http_hosts=("both.test",)),
+                    ep("p1", 4, "plain"))  # fmt: skip
+    table = build_table(snap, "localhost.", expose_by_default=by_default)
+    assert table.match("hidden.localhost") is None  # false: no implicit route...
+    assert table.match("hidden.test") is None  # ...and no label route
+    assert table.match("any.test", "/h/x") is None
+    assert table.match("opted.localhost").service == "opted"  # type: ignore[union-attr]
+    assert table.match("both.localhost").service == "both"  # type: ignore[union-attr]  # implicit and labels
+    assert table.match("both.test").service == "both"  # type: ignore[union-attr]
+    plain = table.match("plain.localhost")
+    assert (plain.service if plain else None) == ("plain" if by_default else None)  # the flag decides
+
+
+def test_endpoints_that_disagree_on_expose_hide_the_service() -> None:
+    snap = snapshot(ep("a1", 1, "mixed", http_expose=True), ep("a2", 2, "mixed", http_expose=False),
+                    ep("a3", 3, "mixed"))  # fmt: skip
+    assert snap.services["mixed"].settings.expose is False  # any false wins
+    assert build_table(snap, "localhost.").match("mixed.localhost") is None
+    only_true = snapshot(ep("a1", 1, "mixed", http_expose=True), ep("a3", 3, "mixed"))
+    assert only_true.services["mixed"].settings.expose is True
+    assert build_table(only_true, "localhost.", expose_by_default=False).match("mixed.localhost") is not None
+
+
+def test_flipping_the_expose_label_updates_the_incremental_index() -> None:
+    cat = Catalog()
+    index = RouteIndex("localhost.", False)
+    for label in (None, True, False, None, True):
+        cat.set_source("manual:a", [ep("a1", 1, "app", http_expose=label), ep("a2", 2, "app")])
+        snap = cat.publish()
+        index.update(snap)
+        routed = index.table.match("app.localhost") is not None
+        assert routed is (label is True), label
+
+
+@pytest.mark.docker
+async def test_the_expose_label_on_real_containers(run_container: ContainerFactory) -> None:
+    port = {"80/tcp": ("127.0.0.1", None)}
+    names = {kind: f"{kind}{RUN_ID}" for kind in ("hidden", "opted", "plain")}
+    run_container(labels={"beacon.service": names["hidden"], "beacon.http.expose": "false",
+                          "beacon.http.host": f"{names['hidden']}.test"}, ports=port)  # fmt: skip
+    run_container(labels={"beacon.service": names["opted"], "beacon.http.expose": "true"}, ports=port)
+    run_container(labels={"beacon.service": names["plain"]}, ports=port)
+    async with running_app(proxy_expose_by_default=False) as app, aiohttp.ClientSession() as http:
+        await eventually(lambda: all(
+            (svc := app.catalog.snapshot.services.get(n)) is not None and svc.passing for n in names.values()
+        ), timeout=20)  # fmt: skip
+        assert app.proxy.address is not None
+
+        async def status(host: str) -> int:
+            async with http.get(f"http://{app.proxy.address}/", headers={"Host": host}) as resp:
+                return resp.status
+
+        assert await status(f"{names['opted']}.localhost") == 200  # true beats --proxy-expose-by-default=false
+        assert await status(f"{names['plain']}.localhost") == 404  # the flag decides
+        assert await status(f"{names['hidden']}.localhost") == 404  # false: no implicit route...
+        assert await status(f"{names['hidden']}.test") == 404  # ...and its host label routes nothing
+
+
 # ------------------------------------------------ incremental == from scratch
 # A small world, so random changes keep colliding: shared hosts, wildcards,
 # nested prefixes, implicit names shadowed by labels, udp endpoints.
@@ -201,6 +267,7 @@ def random_endpoint(rng: random.Random, eid: str) -> Endpoint:
     return ep(eid, rng.randrange(1, 4), f"s{rng.randrange(5)}", http_hosts=hosts,
               http_path_prefix=rng.choice(PREFIXES), http_strip_prefix=rng.random() < 0.3,
               protocol=rng.choice(("tcp", "tcp", "tcp", "udp")),
+              http_expose=rng.choice((None, None, None, True, False)),
               state=rng.choice((State.PASSING, State.PASSING, State.CRITICAL)))  # fmt: skip
 
 

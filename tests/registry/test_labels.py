@@ -484,6 +484,17 @@ def test_defaults_when_no_settings_labels() -> None:
     (ep,) = container_endpoints(container(), HOST).endpoints
     assert (ep.weight, ep.tags, dict(ep.meta), ep.dns_ttl, ep.lb) == (1, (), {}, None, None)
     assert (ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix) == ((), None, False)
+    assert ep.http_expose is None  # --proxy-expose-by-default decides
+
+
+@pytest.mark.parametrize(
+    ("value", "expose"),
+    [("true", True), ("false", False), ("FALSE", False), (" yes ", True), ("0", False), ("1", True)],
+)
+def test_http_expose_label(value: str, expose: bool) -> None:
+    result = container_endpoints(container(labels={"beacon.http.expose": value}), HOST)
+    assert [ep.http_expose for ep in result.endpoints] == [expose]
+    assert result.problems == ()
 
 
 BAD_LABELS: list[tuple[str, str, str, object]] = [
@@ -505,6 +516,8 @@ BAD_LABELS: list[tuple[str, str, str, object]] = [
     ("beacon.http.path_prefix", "api", "http_path_prefix", None),
     ("beacon.http.path_prefix", "/a b", "http_path_prefix", None),
     ("beacon.http.strip_prefix", "perhaps", "http_strip_prefix", False),
+    ("beacon.http.expose", "maybe", "http_expose", None),
+    ("beacon.http.expose", "", "http_expose", None),
     ("beacon.tags", "ok,not ok", "tags", ("ok",)),
     ("beacon.meta.bad key", "x", "meta", {}),
 ]
