@@ -42,7 +42,7 @@ from beacon.registry.model import (
 HEADER = struct.Struct(">cI")
 
 _FIELDS = ("id", "service", "address", "port", "protocol", "state", "weight", "lb", "http_hosts",
-           "http_path_prefix", "http_strip_prefix", "node", "locality")  # fmt: skip
+           "http_path_prefix", "http_strip_prefix", "node", "locality", "http_expose")  # fmt: skip
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -51,7 +51,7 @@ def frame(kind: bytes, payload: bytes) -> bytes:
 
 def _row(ep: Endpoint) -> list[Any]:
     return [ep.id, ep.service, ep.address, ep.port, ep.protocol, ep.state.value, ep.weight, ep.lb, list(ep.http_hosts),
-            ep.http_path_prefix, ep.http_strip_prefix, ep.node, ep.locality]  # fmt: skip
+            ep.http_path_prefix, ep.http_strip_prefix, ep.node, ep.locality, ep.http_expose]  # fmt: skip
 
 
 def _endpoint(row: list[Any]) -> Endpoint:
@@ -71,6 +71,7 @@ def _endpoint(row: list[Any]) -> Endpoint:
         http_strip_prefix=bool(values["http_strip_prefix"]),
         node=str(values["node"]),  # cluster: node and locality for beacon.lb.locality
         locality=values["locality"],
+        http_expose=values["http_expose"],
     )
 
 
@@ -79,15 +80,16 @@ def _settings_row(settings: ServiceSettings) -> list[Any]:
     # fold over every endpoint of the service.
     b = settings.balancing
     return [settings.dns_ttl, None if b is None else [b.policy, b.sticky],
-            [[list(r.hosts), r.path_prefix, r.strip_prefix] for r in settings.routes]]  # fmt: skip
+            [[list(r.hosts), r.path_prefix, r.strip_prefix] for r in settings.routes], settings.expose]  # fmt: skip
 
 
 def _settings(row: list[Any]) -> ServiceSettings:
-    ttl, balancing, routes = row
+    ttl, balancing, routes, expose = row
     return ServiceSettings(
         dns_ttl=None if ttl is None else int(ttl),
         balancing=None if balancing is None else Balancing(balancing[0], bool(balancing[1])),
         routes=tuple(RouteSpec(tuple(h), p, bool(strip)) for h, p, strip in routes),
+        expose=None if expose is None else bool(expose),
     )
 
 

@@ -47,6 +47,8 @@ def endpoint_to_wire(ep: Endpoint, *, full: bool = False) -> bytes:
         out["http_hosts"] = list(ep.http_hosts)
     if ep.http_strip_prefix:
         out["http_strip_prefix"] = True
+    if ep.http_expose is not None:
+        out["http_expose"] = ep.http_expose
     if ep.check_status is not None and not full:
         cs = ep.check_status
         out["check_status"] = {"state": cs.state.value, "output": cs.output, "last_change": cs.last_change}
@@ -183,6 +185,7 @@ def endpoint_from_wire(raw: bytes, *, node: str) -> Endpoint:
         http_hosts=_strings(d, "http_hosts"),
         http_path_prefix=_str(d, "http_path_prefix", None),
         http_strip_prefix=d.get("http_strip_prefix") is True,
+        http_expose=d["http_expose"] if isinstance(d.get("http_expose"), bool) else None,
         check=check,
         check_status=status,
     )

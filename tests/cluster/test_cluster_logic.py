@@ -22,13 +22,14 @@ def ep(eid: str, node: str = "b", **kw: object) -> Endpoint:
 def test_wire_round_trip_drops_check_specs_but_keeps_the_result() -> None:
     original = ep(
         "x", state=State.WARNING, tags=("a",), lb="least_conn", http_hosts=("h.example",), dns_ttl=5,
-        check=CheckSpec("http", path="/h"), check_status=CheckStatus(State.WARNING, "slow", 1.0, 2.0, 0, 3),
+        http_expose=False, check=CheckSpec("http", path="/h"), check_status=CheckStatus(State.WARNING, "slow", 1.0, 2.0, 0, 3),
     )
     back = endpoint_from_wire(endpoint_to_wire(original), node="b")
     assert back.check is None and back.autoheal is None  # never checked or healed on another node
     assert back.check_status == CheckStatus(State.WARNING, "slow", 0.0, 2.0)  # trimmed: a steady check writes nothing
     assert (back.state, back.tags, back.lb, back.http_hosts, back.dns_ttl) == (State.WARNING, ("a",), "least_conn",
                                                                               ("h.example",), 5)
+    assert back.http_expose is False  # a hidden service stays hidden on every node
     full = endpoint_from_wire(endpoint_to_wire(original, full=True), node="b")
     assert full.check == CheckSpec("http", path="/h")  # the durable form of a manual registration
 

@@ -22,7 +22,7 @@ def test_snapshot_wire_round_trip_keeps_what_routing_needs() -> None:
     cat = Catalog()
     put(cat, "m:a", ep("a", 1, "api", weight=3, lb="least_conn", http_hosts=("api.test", "*.api.test"),
                        http_path_prefix="/v1", http_strip_prefix=True))  # fmt: skip
-    put(cat, "m:b", ep("b", 2, "api", state=State.DRAINING), ep("c", 3, "web"))
+    put(cat, "m:b", ep("b", 2, "api", state=State.DRAINING), ep("c", 3, "web", http_expose=False))
     snap = cat.snapshot
     back = snapshot_from_wire(snapshot_to_wire(snap))
     assert back.index == snap.index
@@ -32,6 +32,8 @@ def test_snapshot_wire_round_trip_keeps_what_routing_needs() -> None:
     assert (a.weight, a.lb, a.http_hosts, a.http_path_prefix, a.http_strip_prefix) == (
         3, "least_conn", ("api.test", "*.api.test"), "/v1", True)  # fmt: skip
     assert back.endpoints["b"].state is State.DRAINING
+    # beacon.http.expose reaches the workers, per endpoint and as the folded setting.
+    assert back.endpoints["c"].http_expose is False and back.services["web"].settings.expose is False
 
 
 async def test_two_workers_share_the_port_and_follow_snapshots() -> None:
