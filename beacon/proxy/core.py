@@ -1,6 +1,10 @@
 """The forwarding core: routes a parsed request, picks an endpoint, hands the
 exchange to an upstream connection, and settles every outcome (see README.md
-"Data path" for the design and its costs)."""
+"Data path" for the design and its costs).
+
+Length (~630 lines): the settling of every outcome (retry, eject, fail over, 408/502/504) is one
+state machine; split, each part would have to read the others' fields.
+"""
 
 from __future__ import annotations
 

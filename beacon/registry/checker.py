@@ -28,6 +28,8 @@ whether to restart; that module owns the limits and the restart history.
 Time: the scheduler's heap and the autoheal windows read the injected
 `clock` (the loop's monotonic time by default); wall-clock times shown in
 the API come from `wall_clock`.
+
+Length (~610 lines): the scheduler heap and the probes share one bounded-concurrency slot pool.
 """
 
 from __future__ import annotations

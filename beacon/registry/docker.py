@@ -23,6 +23,9 @@ if no event for that container arrived while it was in flight.
 (About 600 lines on purpose: the watch loop, event handling, drains and the
 per-container record share one state and read best together; the pure parts
 live in labels.py, the thread pool in daemon_executor.py.)
+
+Length (~650 lines): one owner of every container's record - session, resync, drain timers and
+restart loops all change that record, so they live together rather than pass it around.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ connection (tests/cluster):
   only every 10 minutes by default, a quiet watch is also checked against the
   revision the keepalive answers carry: if etcd moved on and the watch said
   nothing for `watch_idle`, the session restarts (resuming, not re-listing).
+
+Length (~600 lines): session, writer and watch share the lease and the last seen revision.
 """
 
 from __future__ import annotations
