@@ -108,28 +108,27 @@ class HealthHistory:
         if previous is None:
             return  # the starting point: what exists now has no history yet
         now = self._clock()
-        for name in sorted(snap.changed_since(previous).services_touched):
-            before_svc, after_svc = previous.services.get(name), snap.services.get(name)
-            before = {e.id: e for e in before_svc.endpoints} if before_svc is not None else {}
-            after = {e.id: e for e in after_svc.endpoints} if after_svc is not None else {}
-            for eid in sorted(before.keys() | after.keys()):
-                old, new = before.get(eid), after.get(eid)
-                if old is not None and new is not None and old.state is new.state:
-                    continue
-                shown = new if new is not None else old
-                assert shown is not None
-                self._log.append(
-                    Transition(
-                        at=now,
-                        index=snap.index,
-                        endpoint=eid,
-                        service=name,
-                        node=shown.node,
-                        before=old.state.value if old is not None else None,
-                        after=new.state.value if new is not None else None,
-                        reason=endpoint_reason(new) if new is not None else "",
-                    )
+        # O(endpoints changed): one change in a big service looks at one endpoint.
+        delta = snap.changed_since(previous)
+        for eid in sorted(delta.endpoints_changed | delta.endpoints_removed):
+            old, new = previous.endpoints.get(eid), snap.endpoints.get(eid)
+            if old is not None and new is not None and old.state is new.state and old.service == new.service:
+                continue
+            shown = new if new is not None else old
+            if shown is None:
+                continue
+            self._log.append(
+                Transition(
+                    at=now,
+                    index=snap.index,
+                    endpoint=eid,
+                    service=shown.service,
+                    node=shown.node,
+                    before=old.state.value if old is not None else None,
+                    after=new.state.value if new is not None else None,
+                    reason=endpoint_reason(new) if new is not None else "",
                 )
+            )
 
     def __iter__(self) -> Iterator[Transition]:
         return iter(self._log)

@@ -41,7 +41,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -216,7 +216,7 @@ class HealthChecker:
         )
         # The snapshot last followed: only the services changed since are walked.
         self._seen: Snapshot | None = None
-        self._tracked_by_service: dict[str, set[str]] = {}
+        self._tracked: set[str] = set()  # endpoint ids with a check or autoheal
         self._containers: dict[str, _Container] = {}  # autoheal containers by id
         self._container_of: dict[str, str] = {}  # endpoint id -> autoheal container id
         self._tasks: set[asyncio.Task[None]] = set()
@@ -257,7 +257,7 @@ class HealthChecker:
         self._targets.clear()
         self._watches.clear()
         self._seen = None
-        self._tracked_by_service.clear()
+        self._tracked.clear()
         self._containers.clear()
         self._container_of.clear()
         CHECKED_ENDPOINTS.set(0)
@@ -274,23 +274,28 @@ class HealthChecker:
 
     # ------------------------------------------------------ following snapshots
     def _on_snapshot(self, snap: Snapshot) -> None:
-        changed = snap.services.keys() if self._seen is None else snap.changed_since(self._seen).services_touched
+        # O(endpoints changed): a change to one endpoint of a 10,000-endpoint
+        # service looks at that endpoint only, not at the whole service.
+        if self._seen is None:
+            changed: Iterable[str] = snap.endpoints.keys()
+            removed: Iterable[str] = ()
+        else:
+            delta = snap.changed_since(self._seen)
+            changed, removed = delta.endpoints_changed, delta.endpoints_removed
         self._seen = snap
         containers: set[str] = set()
-        for name in changed:
-            old_ids = self._tracked_by_service.pop(name, set())
-            new_ids: set[str] = set()
-            svc = snap.services.get(name)
-            for ep in svc.endpoints if svc is not None else ():
-                if _relevant(ep):
-                    new_ids.add(ep.id)
-                    self._upsert(ep, containers)
-            if new_ids:
-                self._tracked_by_service[name] = new_ids
-            for eid in old_ids - new_ids:
-                now = snap.endpoints.get(eid)
-                if now is None or not _relevant(now):
-                    self._forget(eid, containers)
+        for eid in changed:
+            ep = snap.endpoints.get(eid)
+            if ep is not None and _relevant(ep):
+                self._tracked.add(eid)
+                self._upsert(ep, containers)
+            elif eid in self._tracked:
+                self._tracked.discard(eid)
+                self._forget(eid, containers)
+        for eid in removed:
+            if eid in self._tracked:
+                self._tracked.discard(eid)
+                self._forget(eid, containers)
         for cid in containers:
             self._update_watch(cid)
         self.autoheal.forget_expired(self._containers.__contains__)

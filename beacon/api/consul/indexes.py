@@ -91,20 +91,19 @@ class IndexTracker:
         idx = new.index
         self.current = idx
         keys: set[str] = set()
-        old_eps: dict[str, Endpoint] = {}
-        new_eps: dict[str, Endpoint] = {}
         names_changed = False
-        # O(what changed) when `old` is the snapshot just before (the catalog recorded the delta).
-        for name in new.changed_since(old).services_touched:
+        # O(what changed) when `old` is the snapshot just before (the catalog recorded
+        # the delta): only the endpoints it names are looked at, not whole services.
+        delta = new.changed_since(old)
+        for name in delta.services_touched:
             before, after = old.services.get(name), new.services.get(name)
             self._service[name] = idx
             keys.add("svc:" + name)
             if before is None or after is None or before.tags != after.tags:
                 names_changed = True
-            if before is not None:
-                old_eps.update((e.id, e) for e in before.endpoints)
-            if after is not None:
-                new_eps.update((e.id, e) for e in after.endpoints)
+        touched_eps = delta.endpoints_changed | delta.endpoints_removed
+        old_eps: dict[str, Endpoint] = {e: ep for e in touched_eps if (ep := old.endpoints.get(e)) is not None}
+        new_eps: dict[str, Endpoint] = {e: ep for e in delta.endpoints_changed if (ep := new.endpoints.get(e)) is not None}
         if names_changed:
             self.services_index = idx
             keys.add("services")
