@@ -84,13 +84,16 @@ def ensure_image(client: docker.DockerClient) -> None:
 
 
 @contextmanager
-def beacon_process(api_port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """`beacon run` on loopback ports; stopped with SIGTERM (then killed) afterwards."""
+def beacon_process(
+    api_port: int, dns_port: int | None = None, proxy_port: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`beacon run` on loopback ports (free ones unless given); stopped with SIGTERM
+    (then killed) afterwards. Also used by bench.soak."""
     cmd = [
         sys.executable, "-m", "beacon", "run",
         "--api-listen", f"127.0.0.1:{api_port}",
-        "--dns-listen", f"127.0.0.1:{free_port()}",
-        "--proxy-listen", f"127.0.0.1:{free_port()}",
+        "--dns-listen", f"127.0.0.1:{dns_port or free_port()}",
+        "--proxy-listen", f"127.0.0.1:{proxy_port or free_port()}",
         "--dns-recursors", "none",
         "--log-level", "warning",
     ]

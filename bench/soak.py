@@ -27,12 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +39,8 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from bench.common import percentile, print_table, stop_process
-from bench.registry import ensure_image, free_port
+from bench.common import percentile, print_table
+from bench.registry import beacon_process, ensure_image, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "beacon-test/busybox:latest"
@@ -59,23 +55,6 @@ class Ports:
     api: int = field(default_factory=free_port)
     dns: int = field(default_factory=free_port)
     proxy: int = field(default_factory=free_port)
-
-
-@contextmanager
-def beacon_process(ports: Ports) -> Iterator[subprocess.Popen[bytes]]:
-    cmd = [
-        sys.executable, "-m", "beacon", "run",
-        "--api-listen", f"127.0.0.1:{ports.api}",
-        "--dns-listen", f"127.0.0.1:{ports.dns}",
-        "--proxy-listen", f"127.0.0.1:{ports.proxy}",
-        "--dns-recursors", "none",
-        "--log-level", "warning",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    try:
-        yield proc
-    finally:
-        stop_process(proc, timeout=15)
 
 
 def process_usage(pid: int) -> tuple[float, int]:
@@ -328,7 +307,7 @@ def main() -> None:
     client.close()
     run_id = uuid.uuid4().hex[:8]
     ports = Ports()
-    with beacon_process(ports) as proc:
+    with beacon_process(ports.api, ports.dns, ports.proxy) as proc:
         soak = Soak(args, ports, proc.pid, run_id)
         try:
             asyncio.run(soak.run())

@@ -264,29 +264,18 @@ def test_run_logs_bound_ports_and_stops_on_sigterm(run_beacon: Any) -> None:
     assert "stopped: beacon" in text and "Traceback" not in text
 
 
-def test_run_reports_a_taken_port(run_beacon: Any) -> None:
+@pytest.mark.parametrize(("flag", "listener"), [("--api-listen", "API"), ("--proxy-listen", "proxy")])
+def test_run_reports_a_taken_port_naming_its_listener(run_beacon: Any, flag: str, listener: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc, log = run_beacon("--docker", "false", "--api-listen", f"127.0.0.1:{port}")
+        proc, log = run_beacon("--docker", "false", flag, f"127.0.0.1:{port}")
         assert proc.wait(20) == 1
     text = log.read_text()
     assert "Traceback" not in text
     # The message names the listener and its address, not aiohttp's bind tuple.
-    assert f"beacon: API listener 127.0.0.1:{port}: address already in use" in text, text
-
-
-def test_run_names_a_taken_proxy_port(run_beacon: Any) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        proc, log = run_beacon("--docker", "false", "--proxy-listen", f"127.0.0.1:{port}")
-        assert proc.wait(20) == 1
-    text = log.read_text()
-    assert "Traceback" not in text
-    assert f"beacon: proxy listener 127.0.0.1:{port}: address already in use" in text, text
+    assert f"beacon: {listener} listener 127.0.0.1:{port}: address already in use" in text, text
 
 
 @pytest.mark.docker
