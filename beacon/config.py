@@ -198,6 +198,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_listen", "--api-listen", parse_hostport, HostPort("127.0.0.1", 8700), "REST API listener", metavar="HOST:PORT"),
     Option("api_token", "--api-token", str, "", "bearer token required for API writes (empty: none)"),
     Option("api_max_watchers", "--api-max-watchers", _positive_int, 1024, "concurrent /v1/watch streams and blocking queries (more: 429)"),
+    Option("api_watch_write_timeout", "--api-watch-write-timeout", _positive_duration, 10.0, "drop a /v1/watch client that takes no event for this long (it stopped reading)"),
     Option("api_allowed_hosts", "--api-allowed-hosts", _allowed_host, (), "host names API writes may be addressed to besides localhost and IP addresses (DNS rebinding guard; '*': any)", repeated=True, metavar="NAME"),
     Option("docker_host", "--docker-host", str, "", "Docker engine URL (default: DOCKER_HOST or the local socket)"),
     Option("docker", "--docker", parse_bool, True, "watch the Docker engine (false: manual registrations only)"),
@@ -271,6 +272,7 @@ class Config:
     api_token: str = ""
     api_allowed_hosts: tuple[str, ...] = ()
     api_max_watchers: int = 1024
+    api_watch_write_timeout: float = 10.0
     docker_host: str = ""
     docker: bool = True
     explicit: bool = False

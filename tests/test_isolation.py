@@ -56,13 +56,9 @@ def metric(name: str, **labels: str) -> float:
 
 
 @asynccontextmanager
-async def beacon_with_site(port: int, *, watch_write_timeout: float | None = None, **overrides: Any) -> AsyncIterator[App]:
+async def beacon_with_site(port: int, **overrides: Any) -> AsyncIterator[App]:
     """A running Beacon with `big` (1,000 endpoints) and `site` (the local backend)."""
     app = App(make_config(docker=False, **overrides))
-    if watch_write_timeout is not None:
-        # The App always builds its ApiServer with the default 10 s; a 3 s test
-        # needs slow readers dropped sooner. (Test-only poke at the one knob.)
-        app.api._watch._write_timeout = watch_write_timeout
     await app.start()
     try:
         put(
@@ -196,7 +192,8 @@ async def test_a_watcher_flood_does_not_stall_the_proxy_api_or_dns() -> None:
     dropped_before = metric("beacon_registry_api_watch_dropped_total")
     refused_before = metric("beacon_registry_api_requests_total", route="/v1/watch", method="GET", status="429")
     with backend() as port:
-        async with beacon_with_site(port, watch_write_timeout=0.5, api_max_watchers=MAX_WATCHERS) as app:
+        # A 3 s flood: silent readers must be dropped well within it (the default is 10 s).
+        async with beacon_with_site(port, api_watch_write_timeout=0.5, api_max_watchers=MAX_WATCHERS) as app:
             assert app.api.address is not None
             put(app.catalog, "manual:quiet", Endpoint(id="quiet", service="quiet", address="127.0.0.3", port=80, source=Source("manual")))
             await eventually(lambda: "quiet" in app.catalog.snapshot.services)

@@ -137,7 +137,6 @@ class ApiServer:
         health: object | None,
         routes: Callable[[], Mapping[str, object]] | None = None,
         heartbeat_interval: float = 15.0,
-        watch_write_timeout: float = 10.0,
         extensions: Iterable[ApiExtension] = (),  # mounted after Beacon's own routes (Consul API, Prometheus SD)
         nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
         store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
@@ -157,7 +156,7 @@ class ApiServer:
         token = config.api_token.encode("utf-8", "surrogateescape")
         self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
         self._blocker = Blocker(catalog, WatcherSlots(config.api_max_watchers))
-        self._watch = WatchStreams(catalog, self._blocker, heartbeat_interval, write_timeout=watch_write_timeout)
+        self._watch = WatchStreams(catalog, self._blocker, heartbeat_interval, write_timeout=config.api_watch_write_timeout)
         self._runner: web.AppRunner | None = None
         self.address: HostPort | None = None
         self.app = self._build_app()

@@ -766,7 +766,7 @@ async def test_one_change_is_serialised_once_for_every_watcher(monkeypatch: pyte
 
 
 async def test_a_watcher_that_stops_reading_is_dropped() -> None:
-    async with serve(server_options={"watch_write_timeout": 0.3}) as h:
+    async with serve(api_watch_write_timeout=0.3) as h:
         assert h.server.address is not None
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -788,3 +788,13 @@ async def test_a_watcher_that_stops_reading_is_dropped() -> None:
         await eventually(lambda: REGISTRY.get_sample_value("beacon_registry_api_watch_streams") == 0, timeout=5)
         assert REGISTRY.get_sample_value("beacon_registry_api_watch_dropped_total") == dropped + 1
         writer.close()
+
+
+def test_the_watch_write_timeout_is_a_flag_and_an_env_var() -> None:
+    from beacon.config import build_config
+
+    assert build_config({}, {}).api_watch_write_timeout == 10.0
+    assert build_config({"api_watch_write_timeout": "500ms"}, {}).api_watch_write_timeout == 0.5
+    assert build_config({}, {"BEACON_API_WATCH_WRITE_TIMEOUT": "2s"}).api_watch_write_timeout == 2.0
+    with pytest.raises(ValueError, match="--api-watch-write-timeout"):
+        build_config({"api_watch_write_timeout": "0s"}, {})
