@@ -18,7 +18,7 @@ from typing import Protocol
 from beacon.api import ApiServer
 from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
-from beacon.api.status import StatusView
+from beacon.api.status import Connections, StatusView
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
@@ -93,11 +93,7 @@ class App:
             return None if address is None else str(address)
 
         tls = self.proxy.tls
-        docker = "disabled" if self.docker is None else (
-            "connected" if self.docker.connected else "disconnected")
-        store: dict[str, object] = {"kind": "memory", "connected": True}
-        if self.cluster is not None:
-            store = {"kind": "etcd", "connected": bool(getattr(self.cluster.store, "connected", False))}
+        connections = Connections.of(self.docker, self.cluster.store if self.cluster is not None else None)
         return {
             "node": self.node,
             "listeners": {
@@ -106,8 +102,7 @@ class App:
                 "proxy": bound(self.proxy.address),
                 "proxy_tls": bound(getattr(tls, "address", None)),
             },
-            "docker": docker,
-            "store": store,
+            **connections.status_json(),
         }
 
     def _listeners_of(self, component: Component) -> str | None:

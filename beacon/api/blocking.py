@@ -2,13 +2,13 @@
 
 `parse_blocking` is pure. `Blocker` follows the catalog's snapshots to know,
 per service, the index of its last change (so a query about one service
-wakes only when that service changes) and runs the waits; it ends every wait
-at once when the API shuts down.
+wakes only when that service changes) and parks the waits in `waiters.Waiters`
+(the mechanism the Consul-compatible API uses too); it ends every wait at once
+when the API shuts down.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import re
@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from beacon.api.responses import ApiError
+from beacon.api.waiters import Waiters
 from beacon.grammar import parse_duration
 from beacon.registry import Catalog, Snapshot
 
@@ -26,7 +27,12 @@ MAX_WAIT = 600.0
 
 API_BLOCKING = Gauge("beacon_registry_api_blocking_queries", "Blocking queries waiting for a change")
 
-ViewIndex = Callable[[Snapshot], int]
+ANY = "*"  # the key of a view of the whole catalog: every snapshot wakes it
+
+
+def service_key(name: str) -> str:
+    """The key of a view of one service: only snapshots that touch it wake it."""
+    return "svc:" + name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,78 +84,82 @@ class WatcherSlots:
 
 
 class Blocker:
-    """Runs blocking queries against the catalog; one per ApiServer."""
+    """Runs blocking queries and the watch streams' waits against the catalog; one per ApiServer.
+
+    It follows the snapshots and wakes, through the shared `Waiters`, the key `*`
+    (anything changed) and `svc:<name>` for each service a snapshot touched.
+    """
 
     def __init__(self, catalog: Catalog, slots: WatcherSlots | None = None) -> None:
         self._catalog = catalog
         self.slots = slots or WatcherSlots(1 << 30)
-        self.closing = asyncio.Event()  # set on shutdown: every wait ends now
+        self.waiters = Waiters()  # closed until start(): a wait returns at once
         self._unlisten: Callable[[], None] | None = None
         self._last: Snapshot = catalog.snapshot
         self._base_index = catalog.snapshot.index
         self._service_index: dict[str, int] = {}  # service name -> index of its last change
 
     def start(self) -> None:
-        self.closing.clear()
         self._last = self._catalog.snapshot
         self._base_index = self._last.index
         self._unlisten = self._catalog.add_listener(self._on_snapshot)
+        self.waiters.open()
 
     def stop(self) -> None:
-        self.closing.set()
+        """Every wait ends now (and later ones return at once)."""
+        self.waiters.close()
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
 
+    @property
+    def closing(self) -> bool:
+        return self.waiters.closed
+
     def _on_snapshot(self, snap: Snapshot) -> None:
         delta = snap.changed_since(self._last)
-        for name in delta.services_touched:
+        touched = delta.services_touched
+        for name in touched:
             self._service_index[name] = snap.index
         self._last = snap
         if delta.services_removed and len(self._service_index) > len(snap.services) + 10_000:
             # Forget removed names; an unknown name falls back to the base index.
             self._base_index = snap.index
             self._service_index = {n: i for n, i in self._service_index.items() if n in snap.services}
+        self.waiters.wake((ANY, *(service_key(name) for name in touched)))
 
     def service_modified(self, name: str) -> int:
         """The index of the last snapshot that changed service `name` (a view index)."""
         return self._service_index.get(name, self._base_index)
 
-    async def next_snapshot(self, index: int, timeout: float | None) -> Snapshot:
-        """The first snapshot after `index`, or the current one after `timeout` or on shutdown."""
-        waiter = asyncio.ensure_future(self._catalog.wait_for_index(index, timeout))
-        closing = asyncio.ensure_future(self.closing.wait())
-        try:
-            await asyncio.wait((waiter, closing), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            closing.cancel()
-        return self._catalog.snapshot
+    def view_index(self, key: str) -> int:
+        """The index of the last change of what `key` watches (`ANY` or `service_key(name)`)."""
+        if key == ANY:
+            return self._catalog.snapshot.index
+        return self.service_modified(key.removeprefix("svc:"))
 
-    async def block(self, request: web.Request, view_index: ViewIndex) -> Snapshot:
+    async def next_snapshot(self, index: int, timeout: float) -> Snapshot:
+        """The first snapshot after `index`, or the current one after `timeout` or on shutdown."""
+        catalog = self._catalog
+        await self.waiters.until(ANY, lambda: catalog.snapshot.index > index, timeout)
+        return catalog.snapshot
+
+    async def block(self, request: web.Request, key: str) -> Snapshot:
         """Run a blocking query if `?index=` asks for one; return the snapshot to render.
 
-        `view_index(snapshot)` is the index of the last change of what the read
-        shows (`lambda s: s.index` for the whole catalog).
+        `key` names what the read shows: `ANY` (the whole catalog) or `service_key(name)`.
         """
         query = parse_blocking(request.query)
         snap = self._catalog.snapshot
         # An index above ours comes from an earlier Beacon process: answer at
         # once so the client resets (Consul clients do the same).
-        if query is None or query.index > snap.index or view_index(snap) > query.index:
+        if query is None or query.index > snap.index or self.view_index(key) > query.index:
             return snap
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + query.wait
         self.slots.acquire()
         try:
             with API_BLOCKING.track_inprogress():
-                while not self.closing.is_set():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    snap = await self.next_snapshot(snap.index, remaining)
-                    if view_index(snap) > query.index:
-                        break
+                index = query.index
+                await self.waiters.until(key, lambda: self.view_index(key) > index, query.wait)
         finally:
             self.slots.release()
         return self._catalog.snapshot

@@ -26,9 +26,10 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from beacon import __version__
-from beacon.api.blocking import Blocker, ViewIndex, WatcherSlots
+from beacon.api.blocking import ANY, Blocker, WatcherSlots, service_key
 from beacon.api.openapi import openapi_document
 from beacon.api.responses import MAX_BODY, ApiError, error_response, json_response, jsonable, parse_json_body
+from beacon.api.status import Connections
 from beacon.api.watch import WatchStreams
 from beacon.config import Config
 from beacon.grammar import HostPort
@@ -211,7 +212,7 @@ class ApiServer:
 
     async def stop(self) -> None:
         # Wake blocking queries and watch streams so they end now, not at their timeout.
-        self._blocker.closing.set()
+        self._blocker.stop()
         for extension in self._extensions:
             await extension.stop()
         runner, self._runner = self._runner, None
@@ -227,11 +228,8 @@ class ApiServer:
         SNAPSHOT_COLLECTOR.detach(self._current_snapshot)
         self._blocker.stop()
 
-    def _service_modified(self, name: str) -> int:
-        return self._blocker.service_modified(name)
-
-    async def _block(self, request: web.Request, view_index: ViewIndex) -> Snapshot:
-        return await self._blocker.block(request, view_index)
+    async def _block(self, request: web.Request, key: str) -> Snapshot:
+        return await self._blocker.block(request, key)
 
     # ---------------------------------------------------------- middleware
     @web.middleware
@@ -291,7 +289,7 @@ class ApiServer:
 
     # --------------------------------------------------------------- reads
     async def _services(self, request: web.Request) -> web.Response:
-        snap = await self._block(request, lambda s: s.index)
+        snap = await self._block(request, ANY)
         body = [snap.services[name].summary_json() for name in sorted(snap.services)]
         return json_response(body, snap)
 
@@ -302,7 +300,7 @@ class ApiServer:
         except RegistrationError:  # not a DNS label, so no such service can exist
             snap = self._catalog.snapshot
             return json_response({"error": f"no service named {raw!r}", "field": "name"}, snap, status=404)
-        snap = await self._block(request, lambda s: self._service_modified(name))
+        snap = await self._block(request, service_key(name))
         svc = snap.services.get(name)
         if svc is None:
             return json_response({"error": f"no service named {name!r}", "field": "name"}, snap, status=404)
@@ -318,16 +316,12 @@ class ApiServer:
                 raise ApiError(400, str(exc), "service") from None
         tag = q.get("tag") or None
         states = parse_states(q.get("state"))
-        svc_name = service
-        view: Callable[[Snapshot], int] = (
-            (lambda s: s.index) if svc_name is None else (lambda s: self._service_modified(svc_name))
-        )
-        snap = await self._block(request, view)
+        snap = await self._block(request, ANY if service is None else service_key(service))
         return json_response([e.to_json() for e in filter_endpoints(snap, service, tag, states)], snap)
 
     async def _endpoint(self, request: web.Request) -> web.Response:
         eid = request.match_info["id"]
-        snap = await self._block(request, lambda s: s.index)
+        snap = await self._block(request, ANY)
         ep = snap.endpoints.get(eid)
         if ep is None:
             return json_response({"error": f"no endpoint {eid!r}", "field": "id"}, snap, status=404)
@@ -418,17 +412,8 @@ class ApiServer:
         return json_response(table, snap)
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        snap = self._catalog.snapshot
-        if self._store is not None and not getattr(self._store, "connected", False):
-            # Degraded, not dead: the last catalog is served and local changes still apply.
-            docker = "disabled" if self._docker is None else (
-                "connected" if getattr(self._docker, "connected", False) else "disconnected")
-            return json_response({"status": "degraded", "docker": docker, "store": "disconnected"}, snap, status=503)
-        if self._docker is None:
-            return json_response({"status": "ok", "docker": "disabled"}, snap)
-        if getattr(self._docker, "connected", False):
-            return json_response({"status": "ok", "docker": "connected"}, snap)
-        return json_response({"status": "degraded", "docker": "disconnected"}, snap, status=503)
+        status, body = Connections.of(self._docker, self._store).healthz()
+        return json_response(body, self._catalog.snapshot, status=status)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = exposition()

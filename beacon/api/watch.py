@@ -135,15 +135,15 @@ class WatchStreams:
         response.headers[INDEX_HEADER] = str(snap.index)
         await response.prepare(request)
         loop = asyncio.get_running_loop()
-        closing = self._blocker.closing
+        blocker = self._blocker
         with API_WATCHES.track_inprogress(), contextlib.suppress(ConnectionError):
             try:
                 await self._write(response, self._snapshot_event(snap, only))
                 last_write = loop.time()
-                while not closing.is_set():
+                while not blocker.closing:
                     timeout = max(0.0, last_write + self._heartbeat - loop.time())
-                    new = await self._blocker.next_snapshot(snap.index, timeout)
-                    if closing.is_set():
+                    new = await blocker.next_snapshot(snap.index, timeout)
+                    if blocker.closing:
                         break
                     data = self._change_event(snap, new, only) if new is not snap else b""
                     snap = new

@@ -798,3 +798,42 @@ def test_the_watch_write_timeout_is_a_flag_and_an_env_var() -> None:
     assert build_config({}, {"BEACON_API_WATCH_WRITE_TIMEOUT": "2s"}).api_watch_write_timeout == 2.0
     with pytest.raises(ValueError, match="--api-watch-write-timeout"):
         build_config({"api_watch_write_timeout": "0s"}, {})
+
+
+class Flag:
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+
+
+@pytest.mark.parametrize("docker", [None, True, False])
+@pytest.mark.parametrize("store", [None, True, False])
+async def test_healthz_and_status_read_one_derivation_of_the_connections(
+    docker: bool | None, store: bool | None
+) -> None:
+    from beacon.api.status import Connections
+
+    docker_obj = None if docker is None else Flag(docker)
+    store_obj = None if store is None else Flag(store)
+    connections = Connections.of(docker_obj, store_obj)
+    docker_word = {None: "disabled", True: "connected", False: "disconnected"}[docker]
+    healthy = docker is not False and store is not False
+    expected = {"status": "ok" if healthy else "degraded", "docker": docker_word}
+    if store is False:
+        expected["store"] = "disconnected"
+    async with serve(docker=docker_obj, server_options={"store": store_obj}) as h:
+        status, body, _ = await get(h, "/healthz")
+    assert (status, body) == (200 if healthy else 503, expected)
+    assert connections.status_json() == {
+        "docker": docker_word,
+        "store": {"kind": "memory" if store is None else "etcd", "connected": store is not False},
+    }
+
+
+async def test_status_and_healthz_of_a_running_app_agree() -> None:
+    async with running_app(docker=False) as app, aiohttp.ClientSession(f"http://{app.api.address}") as http:
+        async with http.get("/v1/status") as resp:
+            status = await resp.json()
+        async with http.get("/healthz") as resp:
+            health = await resp.json()
+    assert status["docker"] == health["docker"] == "disabled"
+    assert status["store"] == {"kind": "memory", "connected": True} and "store" not in health

@@ -12,8 +12,8 @@ Layout, pure parts first:
   filters.py       the ?filter language (go-bexpr) → a predicate
   registration.py  Consul registrations and checks → Beacon's manual registrations
   errors.py        ConsulError, raised by all of the above
-  waiters.py       the parked blocking queries, woken per key
-  routes.py        ConsulApi (the aiohttp routes, an API server extension) and store_leader
+  routes.py        ConsulApi (the aiohttp routes, an API server extension) and store_leader;
+                   its blocking queries park in beacon.api.waiters.Waiters, as Beacon's own do
 """
 
 from beacon.api.consul.errors import ConsulError

@@ -6,7 +6,6 @@ views (cached per snapshot) and maps Consul's writes onto manual registrations.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -35,7 +34,7 @@ from beacon.api.consul.views import (
     health_service_view,
     node_address,
 )
-from beacon.api.consul.waiters import Waiters
+from beacon.api.waiters import Waiters
 from beacon.config import Config
 from beacon.registry.catalog import Catalog
 from beacon.registry.docker import detect_host_ip
@@ -117,8 +116,7 @@ class ConsulApi:
         # The local node's Address, as the Docker source advertises host ports: --advertise-ip, else detected.
         address = local_address or config.advertise_ip or detect_host_ip() or ""
         self._ctx = ViewContext(self._tracker, datacenter, address)
-        self._waiters = Waiters()
-        self._closing: asyncio.Future[None] | None = None
+        self._waiters = Waiters()  # closed until start(): a query answers at once
         self._unlisten: Callable[[], None] | None = None
         self._cache: dict[tuple[object, ...], bytes] = {}
         self._cache_index = -1
@@ -147,7 +145,7 @@ class ConsulApi:
         app.on_shutdown.append(self._on_shutdown)
 
     async def start(self) -> None:
-        self._closing = asyncio.get_running_loop().create_future()
+        self._waiters.open()
         self._on_snapshot(self._catalog.snapshot)
         self._unlisten = self._catalog.add_listener(self._on_snapshot)
 
@@ -161,9 +159,7 @@ class ConsulApi:
         self._shut()
 
     def _shut(self) -> None:
-        if self._closing is not None and not self._closing.done():
-            self._closing.set_result(None)
-        self._waiters.wake_all()
+        self._waiters.close()
 
     @property
     def parked(self) -> int:
@@ -241,18 +237,12 @@ class ConsulApi:
             return
         if self._waiters.parked >= MAX_PARKED:
             raise ConsulError(429, f"Too many blocking queries ({MAX_PARKED} parked); retry later")
-        closing = self._closing
-        if closing is None or closing.done():
+        if self._waiters.closed:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + blocking_timeout(opts.wait, self._rand)
+        index = opts.index
         PARKED.inc()
         try:
-            while tracker.view_index(key) <= opts.index and not closing.done():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                await self._waiters.wait(key, remaining)
+            await self._waiters.until(key, lambda: tracker.view_index(key) > index, blocking_timeout(opts.wait, self._rand))
         finally:
             PARKED.dec()
 
