@@ -19,11 +19,13 @@ from beacon.api import ApiServer
 from beacon.api.consul import ConsulApi, store_leader
 from beacon.api.promsd import PrometheusSd
 from beacon.api.status import Connections, StatusView
+from beacon.api.traffic import TrafficWindow
 from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
 from beacon.metrics import DOCKER_CONNECTION
 from beacon.proxy import ProxyServer
+from beacon.proxy.metrics import LATENCY_BUCKETS
 from beacon.registry import Catalog, ClusterSource, DockerSource, HealthChecker, ManualRegistry
 from beacon.registry.store import EtcdStore, GatewaySettings
 
@@ -74,6 +76,7 @@ class App:
                         StatusView(self.catalog, self.status_json)],
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
+            traffic=TrafficWindow(self.proxy.metrics_json, LATENCY_BUCKETS),
         )
         self._started: list[Component] = []
         docker = self.docker

@@ -316,6 +316,38 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json({"type": "object"}, "Nodes and store state", index=True)},
         }
     },
+    "/v1/traffic": {
+        "get": {
+            "operationId": "traffic",
+            "summary": "Proxy traffic per service over the last ~10 s, computed from the proxy's counters "
+            "(what the dashboard shows): only catalog services that had requests in the window are listed, "
+            "as [requests, errors (5xx), p99_seconds]; `window_seconds` is 0 until a second sample exists "
+            "(samples are taken at most once a second, only while someone asks)",
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["window_seconds", "fields", "services"],
+                        "properties": {
+                            "window_seconds": {"type": "number", "description": "Seconds the figures cover"},
+                            "fields": {"type": "array", "items": {"type": "string"},
+                                       "description": "The columns: requests, errors, p99_seconds"},
+                            "services": {
+                                "type": "object",
+                                "additionalProperties": {
+                                    "type": "array",
+                                    "prefixItems": [{"type": "integer"}, {"type": "integer"},
+                                                    {"type": ["number", "null"]}],
+                                },
+                            },
+                        },
+                    },
+                    "Per-service figures",
+                    index=True,
+                )
+            },
+        }
+    },
     "/v1/openapi.json": {
         "get": {
             "operationId": "openapi",

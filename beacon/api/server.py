@@ -28,8 +28,17 @@ from prometheus_client import Counter
 from beacon import __version__
 from beacon.api.blocking import ANY, Blocker, WatcherSlots, service_key
 from beacon.api.openapi import openapi_document
-from beacon.api.responses import MAX_BODY, ApiError, error_response, json_response, jsonable, parse_json_body
+from beacon.api.responses import (
+    INDEX_HEADER,
+    MAX_BODY,
+    ApiError,
+    error_response,
+    json_response,
+    jsonable,
+    parse_json_body,
+)
 from beacon.api.status import Connections
+from beacon.api.traffic import TrafficWindow, no_traffic
 from beacon.api.watch import WatchStreams
 from beacon.config import Config
 from beacon.grammar import HostPort
@@ -141,6 +150,7 @@ class ApiServer:
         extensions: Iterable[ApiExtension] = (),  # mounted after Beacon's own routes (Consul API, Prometheus SD)
         nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
         store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
+        traffic: TrafficWindow | None = None,  # the proxy's per-service figures (/v1/traffic)
     ) -> None:
         self._extensions = list(extensions)
         self._config = config
@@ -153,6 +163,7 @@ class ApiServer:
         self._allowed_hosts = frozenset((*config.api_allowed_hosts, listen_host))
         self._nodes = nodes
         self._store = store
+        self._traffic = traffic if traffic is not None else TrafficWindow(no_traffic, ())
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
         token = config.api_token.encode("utf-8", "surrogateescape")
         self._token_digest = hashlib.sha256(token).digest() if config.api_token else None
@@ -177,6 +188,7 @@ class ApiServer:
         r.add_get("/v1/autoheal", self._autoheal)
         r.add_get("/v1/routes", self._routes_table)
         r.add_get("/v1/nodes", self._nodes_table)
+        r.add_get("/v1/traffic", self._traffic_figures)
         r.add_get("/v1/openapi.json", self._openapi)
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
@@ -398,6 +410,11 @@ class ApiServer:
     async def _routes_table(self, request: web.Request) -> web.Response:
         table = self._routes() if self._routes is not None else {"routes": [], "conflicts": []}
         return json_response(table, self._catalog.snapshot)
+
+    async def _traffic_figures(self, request: web.Request) -> web.Response:
+        snap = self._catalog.snapshot
+        body = self._traffic.render(snap.services, snap.index)
+        return web.Response(body=body, content_type="application/json", headers={INDEX_HEADER: str(snap.index)})
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document(__version__))

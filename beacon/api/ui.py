@@ -4,8 +4,9 @@ one read-only JSON view the REST API does not have, recent health transitions.
 Everything else the page shows it reads from the public API, like any client:
 the `/v1/watch` event stream (services, endpoints, states), `/v1/routes`
 (the proxy's table and conflicts), `/healthz` (Docker connection) and
-`/metrics` (request and error rates and p99 per service, computed in the
-browser from the proxy's counters and latency histogram between two scrapes).
+`/v1/traffic` (requests, 5xx and p99 per service over the last ~10 s, computed
+by the server from the proxy's counters: a few bytes a service instead of all
+of `/metrics`).
 
 The page only reads, so no route here needs `--api-token`.
 

@@ -837,3 +837,81 @@ async def test_status_and_healthz_of_a_running_app_agree() -> None:
             health = await resp.json()
     assert status["docker"] == health["docker"] == "disabled"
     assert status["store"] == {"kind": "memory", "connected": True} and "store" not in health
+
+
+# ------------------------------------------------------------------ traffic
+def report(**services: tuple[list[int], int]) -> dict[str, Any]:
+    """A proxy process's report as `metrics_json()` gives it: per service its latency buckets and 5xx count."""
+    return {"services": {name: {"buckets": buckets, "classes": [0, 0, sum(buckets) - errors, 0, 0, errors]}
+                         for name, (buckets, errors) in services.items()}}  # fmt: skip
+
+
+def test_traffic_window_counts_requests_errors_and_p99_between_samples() -> None:
+    from beacon.api.traffic import TrafficWindow
+
+    now = [100.0]
+    reports: list[dict[str, Any]] = []
+    window = TrafficWindow(lambda: reports, (0.01, 0.1, 1.0), clock=lambda: now[0])
+    reports[:] = [report(web=([10, 0, 0, 0], 0), gone=([1, 0, 0, 0], 0))]
+    assert window.figures({"web"}) == {"window_seconds": 0, "fields": ["requests", "errors", "p99_seconds"],
+                                       "services": {}}  # one sample: no window yet
+    # Two processes (a worker and the parent) add up; 100 requests, 99 fast, 1 slow, 4 errors.
+    now[0] += 2.0
+    reports[:] = [report(web=([60, 0, 1, 0], 3), gone=([5, 0, 0, 0], 0)), report(web=([49, 0, 0, 0], 1))]
+    figures = window.figures({"web", "idle"})
+    assert figures["window_seconds"] == 2.0
+    assert set(figures["services"]) == {"web"}  # not in the catalog: left out; no requests: left out
+    requests, errors, p99 = figures["services"]["web"]
+    assert (requests, errors) == (100, 4)
+    assert 0.0 < p99 <= 0.01  # rank 99 of 100 falls in the first bucket
+    # Asked again within a second: the same sample (and the same bytes), no new scrape of the proxy.
+    reports[:] = [report(web=([1000, 0, 0, 0], 0))]
+    assert window.figures({"web"}) == figures
+    assert window.render({"web"}, 7) is window.render({"web"}, 7)
+    # A counter that went down was reset (the service left and came back): the newest value is all of it.
+    now[0] += 1.0
+    reports[:] = [report(web=([3, 0, 0, 2], 0))]
+    requests, errors, p99 = window.figures({"web"})["services"]["web"]
+    assert (requests, errors, p99) == (5, 0, 1.0)  # past the highest bound: that bound, as Prometheus does
+
+
+def test_traffic_window_drops_samples_older_than_the_window() -> None:
+    from beacon.api.traffic import TrafficWindow
+
+    now = [0.0]
+    total = [0]
+    window = TrafficWindow(lambda: [report(web=([total[0]], 0))], (), window=10.0, every=1.0, clock=lambda: now[0])
+    for _ in range(60):  # a dashboard polling every 2 s for 2 minutes, 10 requests a second
+        now[0] += 2.0
+        total[0] += 20
+        figures = window.figures({"web"})
+    assert figures["window_seconds"] == 10.0 and figures["services"]["web"][0] == 100
+    assert len(window._samples) <= 7
+    now[0] += 60.0  # nobody asked for a minute: the old samples cover no window
+    assert window.figures({"web"})["window_seconds"] == 0
+
+
+async def test_traffic_route_shows_the_proxys_requests_and_5xx_without_a_token() -> None:
+    async with running_app(docker=False, api_token="s3cret") as app, aiohttp.ClientSession() as session:
+        ep = Endpoint(id="t1", service="web", address="127.0.0.1", port=9, source=Source("manual"))
+        app.catalog.set_source("manual:t1", [ep])
+        app.catalog.publish()
+
+        async def traffic() -> dict[str, Any]:
+            async with session.get(f"http://{app.api.address}/v1/traffic") as resp:
+                assert resp.status == 200 and resp.content_type == "application/json"
+                assert int(resp.headers["X-Beacon-Index"]) == app.catalog.snapshot.index
+                body: dict[str, Any] = await resp.json()
+                return body
+
+        assert (await traffic())["services"] == {}
+        for _ in range(5):
+            async with session.get(f"http://{app.proxy.address}/", headers={"Host": "web.localhost"}) as resp:
+                assert resp.status in (502, 503)  # nothing listens on port 9
+        deadline = time.monotonic() + 10
+        body = await traffic()
+        while "web" not in body["services"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            body = await traffic()
+        requests, errors, p99 = body["services"]["web"]
+        assert (requests, errors) == (5, 5) and p99 is not None and body["window_seconds"] > 0

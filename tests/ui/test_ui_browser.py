@@ -142,6 +142,11 @@ def test_dashboard_shows_a_container_appear_turn_red_with_the_reason_and_go(
     WebDriverWait(browser, 15, poll_frequency=0.2).until(
         lambda d: measured.search(text_of(d, f"{card} .stats").replace("\n", " "))
     )
+    assert "0.0% 5xx" in text_of(browser, f"{card} .stats")
+    # The figures come from the server's compact per-service view, never from all of /metrics.
+    fetched = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    assert any(u.endswith("/v1/traffic") for u in fetched), fetched
+    assert not any(u.split("?")[0].endswith("/metrics") for u in fetched), fetched
     browser.save_screenshot(str(tmp_path / "1-passing.png"))
 
     # Its check starts failing: the row and the card turn red, with the check's output.

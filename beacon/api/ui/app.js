@@ -7,8 +7,9 @@
 //   ../v1/routes       the proxy's routing table and its conflicts
 //   ../healthz         Docker connection
 //   ../v1/nodes        the nodes (several with a shared store) and the store connection
-//   ../metrics         proxy counters: request/error rate and p99 per service,
-//                      computed here between two scrapes
+//   ../v1/traffic      requests, 5xx and p99 per service over the last ~10 s,
+//                      computed by the server from the proxy's counters (not
+//                      all of /metrics: megabytes at thousands of services)
 //   history.json       recent endpoint state changes (kept by the server)
 //
 // Everything shown comes from outside (container names, check output): it is
@@ -18,8 +19,7 @@
 (() => {
   const API = new URL("../", location.href);
   const url = (path) => new URL(path, API).toString();
-  const RATE_WINDOW = 10; // seconds of metric samples a rate is computed over
-  const METRICS_EVERY = 2000; // ms
+  const TRAFFIC_EVERY = 2000; // ms
   const HEALTH_EVERY = 5000; // ms
   const MAX_ENDPOINTS_SHOWN = 100; // per service
   const MAX_HISTORY_SHOWN = 60;
@@ -32,7 +32,7 @@
     docker: null, // {status, docker} from /healthz, or null when unknown
     nodes: null, // the body of /v1/nodes, or null when unknown
     live: "connecting",
-    samples: [], // [{t, per: Map(service -> {total, errors, buckets: Map(le -> count)})}]
+    traffic: null, // the body of /v1/traffic, or null before the first answer
   };
 
   // ------------------------------------------------------------------ DOM
@@ -69,109 +69,37 @@
     return "";
   }
 
-  // --------------------------------------------------------------- metrics
-  function parseLabels(text) {
-    const out = {};
-    const re = /([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g;
-    let m;
-    while ((m = re.exec(text)) !== null) {
-      out[m[1]] = m[2].replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
-    }
-    return out;
-  }
-
-  // Per service: total responses, 5xx responses, latency buckets (cumulative),
-  // summed over any other labels (method, code) the proxy adds.
-  function parseMetrics(text) {
-    const per = new Map();
-    const of = (service) => {
-      let s = per.get(service);
-      if (!s) per.set(service, (s = { total: 0, errors: 0, buckets: new Map() }));
-      return s;
-    };
-    for (const line of text.split("\n")) {
-      if (!line.startsWith("beacon_proxy_request")) continue;
-      const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}\s+(\S+)/.exec(line);
-      if (!m) continue;
-      const [, name, labelText, raw] = m;
-      const labels = parseLabels(labelText);
-      const value = Number(raw);
-      if (!labels.service || !Number.isFinite(value)) continue;
-      if (name === "beacon_proxy_requests_total") {
-        const s = of(labels.service);
-        s.total += value;
-        if (String(labels.code || labels.code_class || "").startsWith("5")) s.errors += value;
-      } else if (name === "beacon_proxy_request_duration_seconds_bucket") {
-        const le = labels.le === "+Inf" ? Infinity : Number(labels.le);
-        const s = of(labels.service);
-        s.buckets.set(le, (s.buckets.get(le) || 0) + value);
-      }
-    }
-    return per;
-  }
-
-  // histogram_quantile over cumulative [le, count] pairs, as Prometheus does it.
-  function quantile(q, pairs) {
-    if (!pairs.length) return null;
-    const total = pairs[pairs.length - 1][1];
-    if (total <= 0) return null;
-    const rank = q * total;
-    let lower = 0;
-    let below = 0;
-    for (const [le, count] of pairs) {
-      if (count >= rank) {
-        if (le === Infinity) return lower; // beyond the highest bound
-        const inside = count - below;
-        return lower + (le - lower) * (inside > 0 ? (rank - below) / inside : 0);
-      }
-      lower = le;
-      below = count;
-    }
-    return lower;
-  }
-
-  // Rate, error ratio and p99 of one service between the oldest sample in
-  // the window and the newest. A counter that went down was reset (the
-  // service left and came back): the newest value is the whole increase.
+  // --------------------------------------------------------------- traffic
+  // Rate, error ratio and p99 of one service over the server's window. A
+  // service it does not list had no request in the window; null: no window yet.
   function serviceStats(name) {
-    const n = state.samples.length;
-    if (n < 2) return null;
-    const newest = state.samples[n - 1];
-    const oldest = state.samples[0];
-    const now = newest.per.get(name);
-    if (!now) return null;
-    const then = oldest.per.get(name) || { total: 0, errors: 0, buckets: new Map() };
-    const seconds = newest.t - oldest.t;
-    const reset = now.total < then.total;
-    const base = reset ? { total: 0, errors: 0, buckets: new Map() } : then;
-    const requests = now.total - base.total;
-    const errors = now.errors - base.errors;
-    const pairs = [...now.buckets.keys()]
-      .sort((a, b) => a - b)
-      .map((le) => [le, now.buckets.get(le) - (base.buckets.get(le) || 0)]);
+    const t = state.traffic;
+    if (!t || !(t.window_seconds > 0)) return null;
+    const row = t.services[name];
+    if (!row) return { rate: 0, errorRatio: 0, p99: null };
+    const col = (field) => row[t.fields.indexOf(field)];
+    const requests = col("requests");
     return {
-      rate: seconds > 0 ? requests / seconds : 0,
-      errorRatio: requests > 0 ? errors / requests : 0,
-      p99: requests > 0 ? quantile(0.99, pairs) : null,
+      rate: requests / t.window_seconds,
+      errorRatio: requests > 0 ? col("errors") / requests : 0,
+      p99: col("p99_seconds") ?? null,
     };
   }
 
   const fmtRate = (r) => (r >= 100 ? r.toFixed(0) : r >= 10 ? r.toFixed(1) : r.toFixed(2));
   const fmtSeconds = (s) => (s === null ? "–" : s < 1 ? `${(s * 1000).toFixed(s < 0.01 ? 2 : 0)} ms` : `${s.toFixed(2)} s`);
 
-  async function pollMetrics() {
+  async function pollTraffic() {
     try {
-      const resp = await fetch(url("metrics"), { cache: "no-store" });
+      const resp = await fetch(url("v1/traffic"), { cache: "no-store" });
       if (resp.ok) {
-        const t = performance.now() / 1000;
-        state.samples.push({ t, per: parseMetrics(await resp.text()) });
-        while (state.samples.length > 2 && t - state.samples[1].t >= RATE_WINDOW) state.samples.shift();
+        state.traffic = await resp.json();
         scheduleRender();
       }
     } catch (err) {
       /* the API is down: the live indicator says so */
     }
-    setTimeout(pollMetrics, METRICS_EVERY);
+    setTimeout(pollTraffic, TRAFFIC_EVERY);
   }
 
   // -------------------------------------------------------- other fetches
@@ -516,7 +444,7 @@
   }
 
   connect();
-  pollMetrics();
+  pollTraffic();
   pollHealth();
   render();
 })();
