@@ -7,7 +7,7 @@ and histogram: megabytes at thousands of services) every 2 s.
 most one per `every` seconds, taken only when someone asks: no dashboard open,
 no work) and answers the difference between the oldest sample in the window
 and the newest. It reads the proxy's plain-data reports (`metrics_json()`: per
-service the latency `buckets` and the responses per status `classes`), not the
+service the latency `buckets` and the responses by method and status `codes`), not the
 metric families' label names, so renaming a label changes nothing here.
 
 The answer lists only services in the catalog that had requests in the window
@@ -38,13 +38,13 @@ def fold_reports(reports: Iterable[Mapping[str, Any]]) -> dict[str, Counts]:
     """Per service, the counts summed over every proxy process's report.
 
     Requests are the latency observations (every response has exactly one),
-    errors the responses of status class 5 (`classes[5]`)."""
+    errors the responses with a 5xx status (whatever the method)."""
     out: dict[str, Counts] = {}
     for report in reports:
         for name, stats in report.get("services", {}).items():
             buckets = tuple(stats.get("buckets", ()))
-            classes = stats.get("classes", ())
-            errors = int(classes[5]) if len(classes) > 5 else 0
+            # `codes`: responses by `method index * 1000 + status` (beacon.proxy.metrics._response_key).
+            errors = sum(n for key, n in stats.get("codes", {}).items() if 500 <= int(key) % 1000 <= 599)
             had = out.get(name)
             if had is None:
                 out[name] = (sum(buckets), errors, buckets)

@@ -842,7 +842,9 @@ async def test_status_and_healthz_of_a_running_app_agree() -> None:
 # ------------------------------------------------------------------ traffic
 def report(**services: tuple[list[int], int]) -> dict[str, Any]:
     """A proxy process's report as `metrics_json()` gives it: per service its latency buckets and 5xx count."""
-    return {"services": {name: {"buckets": buckets, "classes": [0, 0, sum(buckets) - errors, 0, 0, errors]}
+    # codes: method index * 1000 + status (GET is 1, POST 3), as beacon.proxy.metrics counts them.
+    return {"services": {name: {"buckets": buckets, "codes": {"1200": sum(buckets) - errors - errors // 2,
+                                                              "1503": errors - errors // 2, "3502": errors // 2}}
                          for name, (buckets, errors) in services.items()}}  # fmt: skip
 
 
