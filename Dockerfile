@@ -18,8 +18,9 @@ COPY deploy/wheels/ /wheels/
 # its build/ must not shadow the real sources), so this layer is reused until
 # pyproject.toml changes; a code change reinstalls only Beacon.
 # (Python, not mkdir/touch: a minimal base may have no coreutils.)
-COPY pyproject.toml README.md /stub/
-RUN python3 -c "import pathlib; p = pathlib.Path('/stub/beacon'); p.mkdir(); (p / '__init__.py').touch()" \
+# Not README.md (pyproject's readme gets an empty stand-in): editing it must not reinstall every dependency.
+COPY pyproject.toml /stub/
+RUN python3 -c "import pathlib; p = pathlib.Path('/stub/beacon'); p.mkdir(); (p / '__init__.py').touch(); (p.parent / 'README.md').touch()" \
  && /opt/beacon/bin/pip install -q $PIP_INSTALL_ARGS --find-links /wheels /stub "setuptools>=68" \
  && /opt/beacon/bin/pip uninstall -q -y beacon
 COPY pyproject.toml README.md /src/

@@ -13,42 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import dns.asyncquery
 import dns.message
 import dns.rdatatype
-import docker
 import pytest
 from docker.models.containers import Container
 from docker.models.networks import Network
 
-from tests.conftest import ROOT
-
 pytestmark = pytest.mark.docker
 
-IMAGE = "beacon-test/beacon:latest"
 SOCKET = "/var/run/docker.sock"
-
-
-@pytest.fixture(scope="session")
-def beacon_image(docker_client: docker.DockerClient) -> str:
-    """Build (or reuse from Docker's cache) the image exactly as a user would offline."""
-    env = dict(os.environ)
-    pip = Path(sys.executable).with_name("pip")
-    if pip.exists():
-        env["PIP"] = str(pip)
-    result = subprocess.run(
-        ["bash", str(ROOT / "deploy/build-image.sh"), IMAGE],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return IMAGE
 
 
 def ip_on(container: Container, network: Network) -> str:
