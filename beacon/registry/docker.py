@@ -243,6 +243,12 @@ class DockerSource:
             await asyncio.wait_for(self._first_attempt.wait(), self._start_timeout)
         except TimeoutError:
             log.warning("failed: docker not synced within %.0fs; still trying", self._start_timeout)
+        except BaseException:
+            # Cancelled (a SIGTERM during start-up): the app does not stop a
+            # component whose start did not return, so end the watcher here.
+            # A Docker call hung in a worker is abandoned (daemon threads).
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         self._stopping = True
