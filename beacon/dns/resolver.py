@@ -171,10 +171,10 @@ class Zone:
         # asked, qtype): a second query for the same name (another EDNS size,
         # other flags) reuses them instead of walking every endpoint again.
         self.service_records: dict[tuple[tuple[bytes, ...], int, View], _ServiceRecords] = {}
-        # Container addresses and PTR targets by (name, view), built on first
+        # Container addresses and PTR records by (name, view), built on first
         # use: each view is told only what it can reach.
         self.container_records: dict[tuple[str, View], tuple[IPAddress, ...]] = {}
-        self.ptr_records: dict[tuple[tuple[bytes, ...], View], tuple[str, ...]] = {}
+        self.ptr_memo: dict[tuple[tuple[bytes, ...], View], tuple[RR, ...]] = {}
 
     @functools.cached_property
     def subnets(self) -> tuple[str, ...]:
@@ -215,7 +215,7 @@ class Zone:
     def reverse(self) -> dict[tuple[bytes, ...], tuple[IPAddress, tuple[Endpoint, ...]]]:
         """Reverse name -> (its address, the endpoints that some view reaches
         at it): the endpoint address and each of its Docker network addresses.
-        Which of them a querier is told is decided per view (`ptr_targets`)."""
+        Which of them a querier is told is decided per view (`ptr_records`)."""
         out: dict[tuple[bytes, ...], tuple[IPAddress, list[Endpoint]]] = {}
         for ep in self.snapshot.endpoints.values():
             for text in (ep.address, *(na.address for na in ep.networks)):
@@ -242,16 +242,18 @@ class Zone:
                 self.container_records[name, view] = memo
         return memo
 
-    def ptr_targets(self, labels: tuple[bytes, ...], view: View) -> tuple[str, ...] | None:
-        """PTR targets of a reverse name for the querier of `view`: the names
-        of the containers it is told this address for (the addr name for
-        manual endpoints). None when this view is told no endpoint at that
+    def ptr_records(self, qname: DNSLabel, labels: tuple[bytes, ...], view: View) -> tuple[RR, ...] | None:
+        """The PTR records of a reverse name for the querier of `view`: the
+        names of the containers it is told this address for (the addr name
+        for manual endpoints). None when this view is told no endpoint at that
         address: the name is then handled like an unknown address (forwarded),
-        so names on networks the querier is not on never leak."""
+        so names on networks the querier is not on never leak. Memoized as
+        records (the host address in host mode may name every container)."""
         found = self.reverse.get(labels)
         if found is None:
             return None
-        memo = self.ptr_records.get((labels, view))
+        key = (tuple(qname.label), view)
+        memo = self.ptr_memo.get(key)
         if memo is None:
             ip, eps = found
             targets: set[str] = set()
@@ -261,9 +263,10 @@ class Zone:
                     continue
                 cname = (ep.source.container_name or "").lstrip("/").lower()
                 targets.add(f"{cname}.container.{self.domain}" if cname else f"{addr_label(ip)}.addr.{self.domain}")
-            memo = tuple(sorted(targets))
-            if len(self.ptr_records) < MAX_SERVICE_RECORDS:
-                self.ptr_records[labels, view] = memo
+            ttl = self.settings.ttl
+            memo = tuple(RR(qname, T_PTR, ttl=ttl, rdata=PTR(t)) for t in sorted(targets))
+            if len(self.ptr_memo) < MAX_SERVICE_RECORDS:
+                self.ptr_memo[key] = memo
         return memo or None
 
     def usable(self, ep: Endpoint) -> bool:
@@ -368,12 +371,12 @@ def resolve(request: DNSRecord, zone: Zone, view: View | None = None) -> Answer 
         out.record.header.aa = 1
         _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)], view or HOST_VIEW)
         return out.finish()
-    targets = zone.ptr_targets(labels, view or HOST_VIEW) if labels[-2:] in _REVERSE_ZONES else None
-    if targets is not None:
+    ptrs = zone.ptr_records(q.qname, labels, view or HOST_VIEW) if labels[-2:] in _REVERSE_ZONES else None
+    if ptrs is not None:
         out.record.header.aa = 1
         if q.qtype in (T_PTR, T_ANY):
-            out.record.add_answer(*(RR(q.qname, T_PTR, ttl=settings.ttl, rdata=PTR(t)) for t in targets))
-            out.rotate = len(targets) > 1
+            out.record.add_answer(*ptrs)
+            out.rotate = len(ptrs) > 1
         else:
             out.negative(NOERROR)
         return out.finish()

@@ -379,3 +379,27 @@ async def test_container_and_ptr_answers_are_cached_per_view() -> None:
                 inside = await ask(srv, ptr, "PTR", source="127.0.0.2")
                 assert [rd.target.to_text() for rr in inside.answer for rd in rr] == ["web-1.container.beacon."]
         assert [q for _, q in up.queries] == [ptr.rstrip(".")] * 2  # the host's two: each view keeps its own decision
+
+
+def test_a_ptr_naming_many_containers_is_built_once_per_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In host mode the host address names every container published on it:
+    queries of that reverse name in other EDNS sizes (each its own cache key)
+    reuse the zone's records instead of building 1,000 again."""
+    built: list[str] = []
+    real_ptr = dns_resolver.PTR
+
+    def counting(target: str) -> Any:
+        built.append(target)
+        return real_ptr(target)
+
+    monkeypatch.setattr(dns_resolver, "PTR", counting)
+    cat = Catalog()
+    put(cat, "h", *(ep(f"h{i}", "192.0.2.10", f"s{i}", port=20000 + i, container=f"web-{i}") for i in range(1000)))
+    zone = Zone(cat.snapshot, ZoneSettings())
+    reverse = ipaddress.ip_address("192.0.2.10").reverse_pointer
+    for size in range(1232, 1252):
+        query = DNSRecord.question(reverse, "PTR")
+        query.add_ar(dns_resolver.EDNS0(udp_len=size))
+        answer = resolve(query, zone, zone.view_of("127.0.0.1"))
+        assert answer is not None and len(answer.reply.rr) == 1000
+    assert len(built) == 1000
