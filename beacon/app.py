@@ -77,8 +77,10 @@ class App:
             nodes=self.cluster.nodes_json if self.cluster is not None else None,
             store=self.cluster.store if self.cluster is not None else None,
             traffic=TrafficWindow(self.proxy.metrics_json, LATENCY_BUCKETS),
+            started=lambda: self.started,
         )
         self._started: list[Component] = []
+        self.started = False  # every component started (/healthz answers 503 starting before)
         docker = self.docker
         DOCKER_CONNECTION.attach(lambda: docker is not None and docker.connected)
 
@@ -134,6 +136,7 @@ class App:
                     raise ListenerError(f"{where}: {reason}") from exc
                 raise
             self._started.append(component)
+        self.started = True
         log.info("started: beacon node=%s", self.node)
 
     async def stop(self) -> None:

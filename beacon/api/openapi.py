@@ -375,11 +375,13 @@ _PATHS: dict[str, Any] = {
                     {
                         "type": "object",
                         "properties": {
-                            "status": {"type": "string", "enum": ["degraded"]},
-                            "docker": {"type": "string", "enum": ["disconnected"]},
+                            "status": {"type": "string", "enum": ["degraded", "starting"]},
+                            "docker": {"type": "string", "enum": ["connected", "disabled", "disconnected"]},
+                            "store": {"type": "string", "enum": ["disconnected"]},
                         },
                     },
-                    "The Docker connection is down",
+                    "The Docker connection (or the shared store) is down, or Beacon is still starting "
+                    "(the API listens before DNS and the proxy)",
                     index=True,
                 ),
             },

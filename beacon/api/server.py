@@ -151,6 +151,7 @@ class ApiServer:
         nodes: Callable[[], Mapping[str, object]] | None = None,  # the cluster source's node table
         store: object | None = None,  # the cluster store (its `connected` goes into /healthz)
         traffic: TrafficWindow | None = None,  # the proxy's per-service figures (/v1/traffic)
+        started: Callable[[], bool] | None = None,  # every component is up (else /healthz says starting)
     ) -> None:
         self._extensions = list(extensions)
         self._config = config
@@ -163,6 +164,7 @@ class ApiServer:
         self._allowed_hosts = frozenset((*config.api_allowed_hosts, listen_host))
         self._nodes = nodes
         self._store = store
+        self._started = started or (lambda: True)
         self._traffic = traffic if traffic is not None else TrafficWindow(no_traffic, ())
         # surrogateescape: a token read from argv/env with non-UTF-8 bytes stays those bytes.
         token = config.api_token.encode("utf-8", "surrogateescape")
@@ -429,7 +431,7 @@ class ApiServer:
         return json_response(table, snap)
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        status, body = Connections.of(self._docker, self._store).healthz()
+        status, body = Connections.of(self._docker, self._store).healthz(self._started())
         return json_response(body, self._catalog.snapshot, status=status)
 
     async def _metrics(self, request: web.Request) -> web.Response:

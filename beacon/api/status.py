@@ -43,13 +43,16 @@ class Connections:
     def healthy(self) -> bool:
         return self.docker != "disconnected" and self.store_connected
 
-    def healthz(self) -> tuple[int, dict[str, str]]:
-        """`/healthz`'s status and body: 503 `degraded` when Docker or the store is disconnected.
+    def healthz(self, started: bool = True) -> tuple[int, dict[str, str]]:
+        """`/healthz`'s status and body: 503 `degraded` when Docker or the store is disconnected,
+        503 `starting` until every listener is up (the API listens before DNS and the proxy:
+        a HEALTHCHECK must not call Beacon healthy while its proxy port still refuses).
         A store named only when it is down (degraded, not dead: the last catalog is served)."""
-        body = {"status": "ok" if self.healthy else "degraded", "docker": self.docker}
+        status = "starting" if not started else "ok" if self.healthy else "degraded"
+        body = {"status": status, "docker": self.docker}
         if not self.store_connected:
             body["store"] = "disconnected"
-        return (200 if self.healthy else 503), body
+        return (200 if status == "ok" else 503), body
 
     def status_json(self) -> dict[str, object]:
         """The `docker` and `store` members of `/v1/status`."""

@@ -917,3 +917,20 @@ async def test_traffic_route_shows_the_proxys_requests_and_5xx_without_a_token()
             body = await traffic()
         requests, errors, p99 = body["services"]["web"]
         assert (requests, errors) == (5, 5) and p99 is not None and body["window_seconds"] > 0
+
+
+async def test_healthz_says_starting_until_every_listener_is_up() -> None:
+    """The API listens before DNS and the proxy: until those are up, /healthz is no 'ok' (a Docker
+    HEALTHCHECK or a load balancer would send traffic to a proxy port that still refuses)."""
+    from beacon.app import App
+
+    app = App(make_config(docker=False))
+    await app.api.start()  # as App.start does first of the listeners
+    try:
+        async with aiohttp.ClientSession(f"http://{app.api.address}") as http, http.get("/healthz") as resp:
+            assert resp.status == 503 and await resp.json() == {"status": "starting", "docker": "disabled"}
+    finally:
+        await app.api.stop()
+    async with running_app(docker=False) as running, aiohttp.ClientSession(f"http://{running.api.address}") as http:
+        async with http.get("/healthz") as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ok", "docker": "disabled"}

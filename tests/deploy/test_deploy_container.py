@@ -107,7 +107,9 @@ async def test_beacon_in_a_container_discovers_and_serves_a_labelled_container(
         endpoints = await eventually_async(web_endpoints, timeout=30)
         assert [(e["address"], e["port"], e["state"]) for e in endpoints] == [(app_ip, 80, "passing")]
         assert endpoints[0]["source"]["container_id"] == app.id
-        assert await get_json(session, f"{api}/healthz") == {"status": "ok", "docker": "connected"}
+        # 503 "starting" until DNS and the proxy listen too (the proxy's worker process starts last).
+        healthz = await eventually_async(lambda: get_json(session, f"{api}/healthz"), timeout=15)
+        assert healthz == {"status": "ok", "docker": "connected"}
 
         def docker_health() -> str | None:
             beacon.reload()
