@@ -158,7 +158,23 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_requested.set)
-        await self.start()
+        # A signal during start-up (e.g. while the Docker watcher waits up to
+        # 10 s for an engine that does not answer) must not wait for start to
+        # finish: start is cancelled, stops what it had started and re-raises.
+        starting = asyncio.ensure_future(self.start())
+        signalled = asyncio.ensure_future(stop_requested.wait())
+        try:
+            await asyncio.wait((starting, signalled), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+            if not starting.done():
+                if stop_requested.is_set():
+                    log.info("stopping: signal received while starting")
+                starting.cancel()
+                await asyncio.wait((starting,))
+        if starting.cancelled():
+            return
+        starting.result()  # a failed start stopped what it had started: raise its error
         try:
             await stop_requested.wait()
             log.info("stopping: signal received")

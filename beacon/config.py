@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from beacon.grammar import (
@@ -50,6 +50,11 @@ def _whole_number(text: str, what: str = "a whole number") -> int:
     if not (t.isascii() and t.lstrip("-").isdigit()) or len(t) > 19:
         raise ValueError(f"expected {what}, got {text!r}")
     return int(t)
+
+
+def _auto_bool(text: str) -> bool | None:
+    """parse_bool, or None for 'auto' (validate() decides from other options)."""
+    return None if text.strip().lower() == "auto" else parse_bool(text)
 
 
 def _positive_int(text: str) -> int:
@@ -178,7 +183,7 @@ class Option:
     @property
     def is_switch(self) -> bool:
         """A boolean: `--explicit` alone means true; `--explicit false` is allowed too."""
-        return self.parse is parse_bool
+        return self.parse is parse_bool or self.parse is _auto_bool
 
 
 # Parsers whose values are durations: `beacon run --help` says so and prints
@@ -233,7 +238,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("proxy_expose_by_default", "--proxy-expose-by-default", parse_bool, True, "route every service at <service>.<proxy-domain> (false: only services with beacon.http.host or beacon.http.path_prefix labels)"),
     Option("lb", "--lb", _choice("round_robin", "least_conn", "random"), "round_robin", "default balancing policy (label beacon.lb overrides)"),
     Option("proxy_workers", "--proxy-workers", _positive_int, 1, "proxy processes sharing the port (SO_REUSEPORT)"),
-    Option("proxy_isolated", "--proxy-isolated", parse_bool, False, "forward only in worker processes (--proxy-workers of them), never in the process that runs the API, DNS and Docker watch"),
+    Option("proxy_isolated", "--proxy-isolated", _auto_bool, None, "forward only in worker processes (--proxy-workers of them), never in the process that runs the API, DNS and Docker watch: true, false or auto (default: auto - true, false with --proxy-tls-listen, whose TLS and ACME answers run in the control process)"),
     Option("trusted_proxies", "--trusted-proxies", _network, (), "networks whose X-Forwarded-* headers are trusted", repeated=True, metavar="CIDR"),
     Option("proxy_attempts", "--proxy-attempts", _positive_int, 3, "tries per request (first + retries)"),
     Option("proxy_try_timeout", "--proxy-try-timeout", _positive_duration, 30.0, "timeout of one upstream try (until the response header)"),
@@ -305,7 +310,7 @@ class Config:
     proxy_expose_by_default: bool = True
     lb: str = "round_robin"
     proxy_workers: int = 1
-    proxy_isolated: bool = False
+    proxy_isolated: bool | None = None  # None: auto, resolved by validate()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_attempts: int = 3
     proxy_try_timeout: float = 30.0
@@ -352,6 +357,12 @@ class Config:
             raise ConfigError("--tls-cert-dir and --acme-storage need --proxy-tls-listen")
         if self.proxy_tls_listen is not None and self.proxy_workers > 1:
             raise ConfigError("--proxy-tls-listen runs in the main process only: use --proxy-workers 1")
+        if self.proxy_tls_listen is not None and self.proxy_isolated:
+            # The TLS frontend, its HTTP-01 answers and the https redirect live
+            # in the control process; worker processes know none of them.
+            raise ConfigError("--proxy-tls-listen terminates TLS in the control process: use --proxy-isolated false (or auto)")
+        if self.proxy_isolated is None:
+            return replace(self, proxy_isolated=self.proxy_tls_listen is None).validate()
         if not self.acme_storage and (self.acme_email or self.acme_ca_bundle or self.acme_allow):
             raise ConfigError("--acme-email, --acme-ca-bundle and --acme-allow need --acme-storage")
         if self.acme_storage and not self.acme_directory.startswith(("https://", "http://")):

@@ -101,6 +101,26 @@ def test_boolean_flags_work_bare_or_with_a_value(argv: list[str], expected: tupl
     assert (cfg.explicit, cfg.dns_only_passing) == expected
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "isolated"),
+    [
+        (["run"], {}, True),  # the data path stays out of the control process by default
+        (["run", "--proxy-isolated", "false"], {}, False),
+        (["run", "--proxy-isolated"], {}, True),
+        (["run"], {"BEACON_PROXY_ISOLATED": "auto"}, True),
+        (["run", "--proxy-tls-listen", "127.0.0.1:0"], {}, False),  # TLS terminates in the control process
+        (["run", "--proxy-tls-listen", "127.0.0.1:0", "--proxy-isolated", "auto"], {}, False),
+    ],
+)
+def test_proxy_isolation_is_on_unless_tls_needs_the_control_process(argv: list[str], env: dict[str, str], isolated: bool) -> None:
+    assert build_config(vars(build_parser().parse_args(argv)), env).proxy_isolated is isolated
+
+
+def test_explicit_isolation_with_a_tls_listener_is_refused_naming_both() -> None:
+    with pytest.raises(ConfigError, match="--proxy-tls-listen terminates TLS in the control process: use --proxy-isolated false"):
+        build_config({"proxy_tls_listen": "127.0.0.1:0", "proxy_isolated": "true"}, {})
+
+
 def test_config_is_frozen() -> None:
     cfg = build_config({}, {})
     with pytest.raises(dataclasses.FrozenInstanceError):

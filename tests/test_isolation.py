@@ -59,6 +59,7 @@ def metric(name: str, **labels: str) -> float:
 async def beacon_with_site(port: int, *, watch_write_timeout: float | None = None, **overrides: Any) -> AsyncIterator[App]:
     """A running Beacon with `big` (1,000 endpoints) and `site` (the local backend)."""
     app = App(make_config(docker=False, **overrides))
+    assert app.config.proxy_isolated, "measured in the default topology: forwarding in a worker process"
     if watch_write_timeout is not None:
         # The App always builds its ApiServer with the default 10 s; a 3 s test
         # needs slow readers dropped sooner. (Test-only poke at the one knob.)
@@ -70,9 +71,32 @@ async def beacon_with_site(port: int, *, watch_write_timeout: float | None = Non
             *[ep(f"b{i}", f"10.{i // 250}.{i % 250}.1", "big", port=8000 + i) for i in range(1000)],
         )  # fmt: skip
         put(app.catalog, "manual:site", Endpoint(id="site", service="site", address="127.0.0.1", port=port, source=Source("manual")))
+        # The proxy's worker process learns of `site` through its snapshot pipe:
+        # wait until it routes before any flood starts.
+        assert app.proxy.address is not None
+        await routed(app.proxy.address)
         yield app
     finally:
         await app.stop()
+
+
+async def routed(proxy: HostPort, timeout: float = 10.0) -> None:
+    """Until a proxied GET for site.localhost answers 200 (bounded)."""
+    def status() -> int:
+        conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=5)
+        try:
+            conn.request("GET", "/", headers={"Host": "site.localhost"})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    deadline = time.monotonic() + timeout
+    last = 0
+    while time.monotonic() < deadline:
+        if (last := await asyncio.to_thread(status)) == 200:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"site not routed by the proxy within {timeout}s (last status {last})")
 
 
 async def measured(app: App, flood_seconds: float = FLOOD_SECONDS) -> dict[str, list[float]]:

@@ -123,11 +123,17 @@ class AnswerCache:
 
 
 class ViewCaches:
-    """The UDP and TCP caches of one view: answers differ by what the querier can reach."""
+    """The UDP and TCP caches of one view: answers differ by what the querier can reach.
 
-    __slots__ = ("tcp", "udp", "view")
+    So do forward decisions: the reverse name of a container's address on a
+    network is answered to a querier on that network and forwarded for any
+    other, like an unknown address (never shared across views).
+    """
+
+    __slots__ = ("fwd", "tcp", "udp", "view")
 
     def __init__(self, view: View) -> None:
         self.view = view
         self.udp = AnswerCache()
         self.tcp = AnswerCache()
+        self.fwd: dict[bytes, Forward] = {}

@@ -10,11 +10,13 @@ Names under the domain (default `beacon.`):
   <service>.service.D             A / AAAA / SRV of the service's usable endpoints
   <tag>.<service>.service.D       the same, filtered by tag
   _<service>._tcp.service.D       RFC 2782 (also _udp, or _<tag> for a tag filter)
-  <container>.container.D         A / AAAA of one container, whatever its health
+  <container>.container.D         A / AAAA of one container, whatever its health,
+                                  as the querier reaches it (see `reach`)
   <hex-address>.addr.D            A / AAAA spelled in hex: the target of every SRV
   ns.D                            the server's own non-wildcard listen addresses
   D                               SOA, NS
-and PTR for the reverse name of any endpoint address.
+and PTR for the reverse name of an address the querier is told for some
+endpoint (its own view's addresses only; others are forwarded like unknown ones).
 """
 
 from __future__ import annotations
@@ -169,6 +171,10 @@ class Zone:
         # asked, qtype): a second query for the same name (another EDNS size,
         # other flags) reuses them instead of walking every endpoint again.
         self.service_records: dict[tuple[tuple[bytes, ...], int, View], _ServiceRecords] = {}
+        # Container addresses and PTR records by (name, view), built on first
+        # use: each view is told only what it can reach.
+        self.container_records: dict[tuple[str, View], tuple[IPAddress, ...]] = {}
+        self.ptr_memo: dict[tuple[tuple[bytes, ...], View], tuple[RR, ...]] = {}
 
     @functools.cached_property
     def subnets(self) -> tuple[str, ...]:
@@ -195,29 +201,73 @@ class Zone:
         return _ip(ep.address)
 
     @functools.cached_property
-    def containers(self) -> dict[str, list[IPAddress]]:
-        out: dict[str, list[IPAddress]] = {}
+    def containers(self) -> dict[str, tuple[Endpoint, ...]]:
+        """Container name -> its endpoints (view-less; each query picks its
+        view's addresses from these few)."""
+        out: dict[str, list[Endpoint]] = {}
         for ep in self.snapshot.endpoints.values():
             cname = (ep.source.container_name or "").lstrip("/").lower()
-            ip = _ip(ep.address)
-            if cname and ip is not None:
-                addrs = out.setdefault(cname, [])
-                if ip not in addrs:
-                    addrs.append(ip)
-        return {k: sorted(v, key=_ip_sort_key) for k, v in out.items()}
+            if cname:
+                out.setdefault(cname, []).append(ep)
+        return {k: tuple(v) for k, v in out.items()}
 
     @functools.cached_property
-    def reverse(self) -> dict[tuple[bytes, ...], list[str]]:
-        """Reverse name -> PTR targets: the container name, else the addr name."""
-        out: dict[tuple[bytes, ...], set[str]] = {}
+    def reverse(self) -> dict[tuple[bytes, ...], tuple[IPAddress, tuple[Endpoint, ...]]]:
+        """Reverse name -> (its address, the endpoints that some view reaches
+        at it): the endpoint address and each of its Docker network addresses.
+        Which of them a querier is told is decided per view (`ptr_records`)."""
+        out: dict[tuple[bytes, ...], tuple[IPAddress, list[Endpoint]]] = {}
         for ep in self.snapshot.endpoints.values():
-            ip = _ip(ep.address)
-            if ip is None:
-                continue
-            cname = (ep.source.container_name or "").lstrip("/").lower()
-            target = f"{cname}.container.{self.domain}" if cname else f"{addr_label(ip)}.addr.{self.domain}"
-            out.setdefault(_reverse_labels(ip), set()).add(target)
-        return {k: sorted(v) for k, v in out.items()}
+            for text in (ep.address, *(na.address for na in ep.networks)):
+                ip = _ip(text)
+                if ip is None:
+                    continue
+                found = out.setdefault(_reverse_labels(ip), (ip, []))[1]
+                if not found or found[-1] is not ep:
+                    found.append(ep)
+        return {k: (ip, tuple(eps)) for k, (ip, eps) in out.items()}
+
+    def container_ips(self, name: str, view: View) -> tuple[IPAddress, ...] | None:
+        """The addresses of container `name` as the querier of `view` reaches
+        them (the rule of service answers, whatever the health); None: no
+        such container; empty: it exists, but nothing of it is reachable."""
+        memo = self.container_records.get((name, view))
+        if memo is None:
+            eps = self.containers.get(name)
+            if eps is None:
+                return None
+            ips = dict.fromkeys(at[0] for ep in eps if (at := reach(ep, view)) is not None)
+            memo = tuple(sorted(ips, key=_ip_sort_key))
+            if len(self.container_records) < MAX_SERVICE_RECORDS:
+                self.container_records[name, view] = memo
+        return memo
+
+    def ptr_records(self, qname: DNSLabel, labels: tuple[bytes, ...], view: View) -> tuple[RR, ...] | None:
+        """The PTR records of a reverse name for the querier of `view`: the
+        names of the containers it is told this address for (the addr name
+        for manual endpoints). None when this view is told no endpoint at that
+        address: the name is then handled like an unknown address (forwarded),
+        so names on networks the querier is not on never leak. Memoized as
+        records (the host address in host mode may name every container)."""
+        found = self.reverse.get(labels)
+        if found is None:
+            return None
+        key = (tuple(qname.label), view)
+        memo = self.ptr_memo.get(key)
+        if memo is None:
+            ip, eps = found
+            targets: set[str] = set()
+            for ep in eps:
+                at = reach(ep, view)
+                if at is None or at[0] != ip:
+                    continue
+                cname = (ep.source.container_name or "").lstrip("/").lower()
+                targets.add(f"{cname}.container.{self.domain}" if cname else f"{addr_label(ip)}.addr.{self.domain}")
+            ttl = self.settings.ttl
+            memo = tuple(RR(qname, T_PTR, ttl=ttl, rdata=PTR(t)) for t in sorted(targets))
+            if len(self.ptr_memo) < MAX_SERVICE_RECORDS:
+                self.ptr_memo[key] = memo
+        return memo or None
 
     def usable(self, ep: Endpoint) -> bool:
         return ep.state is State.PASSING or (ep.state is State.WARNING and not self.settings.only_passing)
@@ -321,12 +371,12 @@ def resolve(request: DNSRecord, zone: Zone, view: View | None = None) -> Answer 
         out.record.header.aa = 1
         _answer_local(out, zone, q.qname, q.qtype, labels[: len(labels) - len(dl)], view or HOST_VIEW)
         return out.finish()
-    targets = zone.reverse.get(labels) if labels[-2:] in _REVERSE_ZONES else None
-    if targets is not None:
+    ptrs = zone.ptr_records(q.qname, labels, view or HOST_VIEW) if labels[-2:] in _REVERSE_ZONES else None
+    if ptrs is not None:
         out.record.header.aa = 1
         if q.qtype in (T_PTR, T_ANY):
-            out.record.add_answer(*(RR(q.qname, T_PTR, ttl=settings.ttl, rdata=PTR(t)) for t in targets))
-            out.rotate = len(targets) > 1
+            out.record.add_answer(*ptrs)
+            out.rotate = len(ptrs) > 1
         else:
             out.negative(NOERROR)
         return out.finish()
@@ -360,7 +410,7 @@ def _answer_local(
         return
     if kind == b"container":
         name = b".".join(rel[:-1]).decode("utf-8", "replace")
-        ips = zone.containers.get(name)
+        ips = zone.container_ips(name, view)
         if ips is None:
             out.negative(NXDOMAIN)
         else:

@@ -97,7 +97,6 @@ class DnsServer:
         # the subnets that tell views apart may change.
         self._udp_by_source: dict[str, dict[bytes, CachedAnswer]] = {}
         self._source_caches: dict[str, ViewCaches] = {}
-        self._fwd: dict[bytes, Forward] = {}
         self._udp: list[socket.socket] = []
         self._tcp_servers: list[asyncio.Server] = []
         self._throttle = Throttle(log, clock=clock)
@@ -241,7 +240,8 @@ class DnsServer:
         self._udp_by_source.clear()  # in place: the UDP read loop holds it
         self._source_caches.clear()
         # A reverse name becomes ours when an endpoint takes its address.
-        self._fwd = {}
+        for vc in self._views.values():
+            vc.fwd = {}
 
     def _live_hits(self) -> Iterator[tuple[int, int, int]]:
         for cache in self._all_caches():
@@ -411,10 +411,10 @@ class DnsServer:
         cache = caches.tcp if tcp else caches.udp
         entry = cache.entries.get(key)
         if entry is None:
-            fwd = self._fwd.get(key)
+            fwd = caches.fwd.get(key)
             if fwd is not None:
                 return fwd
-            found = self._resolve(data, key, cache, caches.view, tcp=tcp)
+            found = self._resolve(data, key, caches, tcp=tcp)
             if not isinstance(found, CachedAnswer):
                 return found
             entry = found
@@ -426,23 +426,24 @@ class DnsServer:
             reply = reply[:12] + data[12:nend] + reply[nend:]
         return reply
 
-    def _resolve(self, data: bytes, key: bytes, cache: AnswerCache, view: View, *, tcp: bool) -> CachedAnswer | _Miss:
+    def _resolve(self, data: bytes, key: bytes, caches: ViewCaches, *, tcp: bool) -> CachedAnswer | _Miss:
         """Parse, resolve and pack one query (its case-folded form); cache what can be cached."""
+        cache = caches.tcp if tcp else caches.udp
         try:
             request = DNSRecord.parse(data[:2] + key)
         except Exception:  # dnslib raises several types for malformed input
             return self._invalid(data)
         try:
-            answer = resolve(request, self.zone, view)
+            answer = resolve(request, self.zone, caches.view)
             if answer is None:
                 qend = wire.question_end(data)
                 if qend is None:
                     return self._invalid(data)
                 fwd = Forward(qend, wire.qtype_at(data, qend))
                 # Read through the module: the answer cache's one bound covers these decisions too.
-                if len(self._fwd) >= answer_cache.MAX_CACHE_ENTRIES:
-                    self._fwd.clear()  # random names cannot grow it without bound
-                self._fwd[key] = fwd
+                if len(caches.fwd) >= answer_cache.MAX_CACHE_ENTRIES:
+                    caches.fwd.clear()  # random names cannot grow it without bound
+                caches.fwd[key] = fwd
                 return fwd
             limit = 65535 if tcp else answer.udp_limit
             count = rotation_count(answer, MAX_ROTATIONS)
@@ -470,7 +471,7 @@ class DnsServer:
         if cache.full(entry):
             cache.fold(self.metrics.count)
             cache.clear()
-            self._fwd.clear()
+            caches.fwd.clear()
         cache.add(key, entry, answer.service)
         return entry
 

@@ -47,7 +47,13 @@ from beacon.clock import SYSTEM_CLOCK, Clock
 from beacon.config import Config
 from beacon.registry.catalog import Catalog, EndpointConflict
 from beacon.registry.daemon_executor import DaemonExecutor
-from beacon.registry.labels import ContainerEndpoints, LabelOptions, container_endpoints, container_reason
+from beacon.registry.labels import (
+    MAX_PROBLEMS,
+    ContainerEndpoints,
+    LabelOptions,
+    container_endpoints,
+    container_reason,
+)
 from beacon.registry.model import Endpoint, State
 
 log = logging.getLogger("beacon.registry.docker")
@@ -66,6 +72,7 @@ EVENT_FILTERS: dict[str, list[str]] = {
 TERM_SIGNALS = frozenset({"15", "SIGTERM", "TERM"})
 # Docker's grace between SIGTERM and SIGKILL when the container sets no StopTimeout.
 DEFAULT_STOP_TIMEOUT = 10.0
+LOGGED_PROBLEMS = 5  # label problems logged at warning per container verdict; then one line with the count
 # Where the "UDP connect" probe points to find the primary interface. connect()
 # on a UDP socket only asks the kernel for a route; no packet is sent.
 _ROUTE_PROBES = (("198.51.100.1", socket.AF_INET),)
@@ -162,7 +169,7 @@ class _Container:
     drain: _Drain | None = None
     stop_timeout: float = DEFAULT_STOP_TIMEOUT  # its StopTimeout, seconds
     name: str = ""  # for log lines
-    reported: tuple[str | None, tuple[str, ...], tuple[str, ...]] | None = None  # last logged verdict
+    reported: tuple[str | None, tuple[str, ...], tuple[str, ...], int] | None = None  # last logged verdict
 
 
 class DockerSource:
@@ -236,6 +243,12 @@ class DockerSource:
             await asyncio.wait_for(self._first_attempt.wait(), self._start_timeout)
         except TimeoutError:
             log.warning("failed: docker not synced within %.0fs; still trying", self._start_timeout)
+        except BaseException:
+            # Cancelled (a SIGTERM during start-up): the app does not stop a
+            # component whose start did not return, so end the watcher here.
+            # A Docker call hung in a worker is abandoned (daemon threads).
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         self._stopping = True
@@ -538,9 +551,13 @@ class DockerSource:
         if attrs is not None and not result.endpoints and (attrs.get("State") or {}).get("Restarting"):
             # Between two runs of a restart loop its published ports are gone:
             # keep what it offered, critical, with the exit code and restart count.
+            # Its label problems stay (they are the same): a verdict without them
+            # would log them all again at every turn of the loop.
             kept = self._catalog.source_endpoints(key).values()
-            result = ContainerEndpoints(
-                tuple(replace(e, state=State.CRITICAL, reason=container_reason(attrs)) for e in kept)
+            result = replace(
+                result,
+                endpoints=tuple(replace(e, state=State.CRITICAL, reason=container_reason(attrs)) for e in kept),
+                ignored=None,
             )
         record = self._containers.get(cid) if attrs is None else self._record(cid)
         if attrs is not None and record is not None:
@@ -610,7 +627,7 @@ class DockerSource:
 
     def _report(self, cid: str, record: _Container, result: ContainerEndpoints) -> None:
         """Log why a container is ignored and its bad labels - once, not every resync."""
-        summary = (result.ignored, result.problems, result.notes)
+        summary = (result.ignored, result.problems, result.notes, result.more_problems)
         if record.reported == summary:
             return
         record.reported = summary
@@ -624,8 +641,18 @@ class DockerSource:
                 log.debug("ignored: %s %s: %s (%s)", cid[:12], name, result.ignored, hint)
             else:
                 log.info("ignored: %s %s: %s", cid[:12], name, result.ignored)
-        for problem in result.problems:
+        # A container may carry hundreds of bad labels: a few lines at warning,
+        # the count, and the rest (up to MAX_PROBLEMS kept) at debug.
+        for problem in result.problems[:LOGGED_PROBLEMS]:
             log.warning("invalid: %s", problem)
+        more = len(result.problems) + result.more_problems - LOGGED_PROBLEMS
+        if more > 0:
+            log.warning(
+                "invalid: container %s (%s): and %d more label problems (--log-level debug lists up to %d)",
+                cid[:12], name or cid[:12], more, MAX_PROBLEMS,
+            )  # fmt: skip
+            for problem in result.problems[LOGGED_PROBLEMS:]:
+                log.debug("invalid: %s", problem)
         for note in result.notes:
             log.info("chose: %s", note)
 

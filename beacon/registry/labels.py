@@ -33,6 +33,9 @@ MAX_WEIGHT = 65535  # an SRV weight is 16 bits
 # (the manual API's limits: 64 tags or meta entries, 4 KB values).
 MAX_VALUE = 4096  # characters in one beacon.* label or SERVICE_* variable
 MAX_ITEMS = 64  # hosts or tags in one list label; beacon.meta.* labels per container
+# Problem messages kept per container (each ~200 bytes; a container may carry
+# thousands of bad labels): the rest are only counted (`more_problems`).
+MAX_PROBLEMS = 64
 
 _TAG = re.compile(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -63,12 +66,13 @@ class ContainerEndpoints:
     """The parser's verdict on one container."""
 
     endpoints: tuple[Endpoint, ...] = ()
-    # Invalid label values, each naming the container and the label.
+    # Invalid label values, each naming the container and the label (the first MAX_PROBLEMS).
     problems: tuple[str, ...] = ()
     # Why a running container has no endpoints (None: it has some, or is not running).
     ignored: str | None = None
     # Decisions worth logging once, e.g. which of several networks was chosen.
     notes: tuple[str, ...] = ()
+    more_problems: int = 0  # problems found beyond `problems`, counted only
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +90,20 @@ class _Port:
 class _Problems:
     who: str
     items: list[str] = field(default_factory=list)
+    more: int = 0
 
     def add(self, label: str, value: str, why: str, action: str = "ignored") -> None:
+        if len(self.items) >= MAX_PROBLEMS:
+            self.more += 1  # not even formatted: a bound on memory and time
+            return
         self.items.append(f"container {self.who}: label {_escaped(label)}={_shown(value)}: {why}; {action}")
+
+    def extend(self, messages: Iterable[str]) -> None:
+        for message in messages:
+            if len(self.items) >= MAX_PROBLEMS:
+                self.more += 1
+            else:
+                self.items.append(f"container {self.who}: {_one_line(message)}")
 
 
 def _escaped(key: str, limit: int = 128) -> str:
@@ -486,7 +501,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
     notes: list[str] = []
 
     def verdict(ignored: str | None, endpoints: tuple[Endpoint, ...] = ()) -> ContainerEndpoints:
-        return ContainerEndpoints(endpoints, tuple(problems.items), ignored, tuple(notes))
+        return ContainerEndpoints(endpoints, tuple(problems.items), ignored, tuple(notes), problems.more)
 
     state = _container_state(attrs)
     if state is None:
@@ -580,7 +595,7 @@ def container_endpoints(attrs: Mapping[str, Any], options: LabelOptions) -> Cont
 
     check, autoheal, check_problems = parse_check_labels(labels)
     # Check labels are reported by their own parser: escape what came from outside.
-    problems.items.extend(f"container {who}: {_one_line(p)}" for p in check_problems)
+    problems.extend(check_problems)
 
     source = Source("container", container_id=cid, container_name=cname)
     address_override = _address_label(labels, problems)

@@ -176,9 +176,11 @@ async def test_a_container_is_told_the_address_it_can_reach_not_the_hosts_loopba
         [endpoint] = snap.services[service].endpoints
         assert (endpoint.address, endpoint.port) == ("127.0.0.1", host_port)
         assert [(n.address, n.port) for n in endpoint.networks] == [(backend_ip, 80)]
+        hidden_ip = ip_on(hidden, other)
         host = app.dns.addresses[0]
         assert addresses(await udp(host, f"{service}.service.beacon")) == ["127.0.0.1"]
         assert [rd.port for rd in (await udp(host, f"{service}.service.beacon", "SRV")).answer[0]] == [host_port]
+        assert addresses(await udp(host, f"{backend.name}.container.beacon")) == ["127.0.0.1"]
         _, out = await run_to_completion(
             run_container,
             f"nslookup {service}.service.beacon && wget -q -O- http://{service}.service.beacon/ && "
@@ -186,6 +188,21 @@ async def test_a_container_is_told_the_address_it_can_reach_not_the_hosts_loopba
             network=net.name,
             dns=[gateway],
         )
+        # Container names and PTR, asked of Beacon directly (Docker's embedded
+        # DNS would answer a peer's PTR itself): a peer on the backend's network
+        # gets its address there and its name back from that address; the
+        # container on the other network is neither offered at 127.0.0.1 nor
+        # named from its address (not ours for this querier: forwarded, and
+        # forwarding is off here).
+        _, names = await run_to_completion(
+            run_container,
+            f"nslookup {backend.name}.container.beacon {gateway}; nslookup {backend_ip} {gateway}; "
+            f"nslookup {hidden.name}.container.beacon {gateway}; nslookup {hidden_ip} {gateway}; true",
+            network=net.name,
+        )
     assert backend_ip in out and backend.attrs["Config"]["Hostname"] in out, out  # resolved and reached
     assert "Address: 127.0.0.1\n" not in out and hidden.attrs["Config"]["Hostname"] not in out, out
     assert f"service = 1 1 80 {ipaddress.ip_address(backend_ip).packed.hex()}.addr.beacon" in out, out  # SRV: container port
+    assert f"Address: {backend_ip}\n" in names and f"name = {backend.name}.container.beacon" in names, names
+    assert "Address: 127.0.0.1\n" not in names and f"Address: {hidden_ip}\n" not in names, names
+    assert f"name = {hidden.name}" not in names and "REFUSED" in names, names  # the PTR: forwarded, refused

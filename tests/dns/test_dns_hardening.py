@@ -5,6 +5,7 @@ case, what a miss may cost, and the cache's bound in bytes. Real sockets on
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ from beacon.dns.logs import Throttle, escape
 from beacon.dns.resolver import Zone, ZoneSettings, resolve
 from beacon.registry import Catalog, Endpoint
 from beacon.registry.model import NetworkAddress
-from tests.dns.dnstest import addresses, dns_server, ep, put, raw_udp, tcp, udp
+from tests.dns.dnstest import FakeUpstream, addresses, dns_server, ep, put, raw_udp, tcp, udp, upstreams
 from tests.helpers import eventually, test_config
 
 
@@ -290,3 +291,115 @@ async def test_the_server_answers_each_source_from_its_own_view() -> None:
         assert [rd.port for rd in srv_reply.answer[0]] == [80]
         put(cat, "w", ep("w", "127.0.0.1", port=18080))
         assert addresses(await udp(srv, "web.service.beacon", source="127.0.0.2")) == ["127.0.0.1"]
+
+
+def view_catalog() -> Catalog:
+    """web-1: host address 192.0.2.10, on networks A and B; lo-1: published on
+    127.0.0.1 only, on A; a manual endpoint (no container, no network)."""
+    cat = Catalog()
+    put(
+        cat, "w",
+        ep("w", "192.0.2.10", port=18080, container="web-1",
+           networks=(NetworkAddress(NET_A, "172.30.0.5", 80), NetworkAddress(NET_B, "172.31.0.5", 80))),
+        ep("l", "127.0.0.1", "lo", port=18081, container="/lo-1", networks=(NetworkAddress(NET_A, "172.30.0.6", 80),)),
+        ep("m", "192.0.2.20", "manual", port=81),
+    )  # fmt: skip
+    return cat
+
+
+HOST, ON_A, ON_B, OUTSIDE = "127.0.0.1", "172.30.0.9", "172.31.0.9", "198.51.100.7"
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "want"),
+    [
+        (HOST, "web-1", ["192.0.2.10"]),  # the host: the advertised host address
+        (ON_A, "web-1", ["172.30.0.5"]),  # on network A: its address there
+        (ON_B, "web-1", ["172.31.0.5"]),
+        (OUTSIDE, "web-1", ["192.0.2.10"]),  # anyone else: the host address
+        (HOST, "lo-1", ["127.0.0.1"]),  # published on loopback: the host may use it
+        (ON_A, "lo-1", ["172.30.0.6"]),  # a peer on A reaches it on A
+        (ON_B, "lo-1", []),  # NODATA: never told 127.0.0.1, its own loopback
+        (OUTSIDE, "lo-1", []),
+        (ON_A, "ghost", None),  # NXDOMAIN in every view
+    ],
+)
+def test_a_container_name_answers_what_the_querier_can_reach(source: str, name: str, want: list[str] | None) -> None:
+    zone = Zone(view_catalog().snapshot, ZoneSettings())
+    answer = resolve(DNSRecord.question(f"{name}.container.beacon", "A"), zone, zone.view_of(source))
+    assert answer is not None
+    rcode = answer.reply.header.rcode
+    assert (rcode, [str(rr.rdata) for rr in answer.reply.rr]) == ((3, []) if want is None else (0, want))
+
+
+@pytest.mark.parametrize(
+    ("source", "address", "want"),
+    [
+        (ON_A, "172.30.0.5", ["web-1.container.beacon."]),  # a peer on A looks up web-1's address there
+        (ON_A, "172.30.0.6", ["lo-1.container.beacon."]),
+        (ON_B, "172.31.0.5", ["web-1.container.beacon."]),
+        (ON_B, "172.30.0.5", None),  # A's addresses are not B's to know: like an unknown address
+        (ON_B, "172.30.0.6", None),
+        (OUTSIDE, "172.30.0.5", None),
+        (HOST, "172.31.0.5", None),  # the host is told the host address, not network ones
+        (HOST, "192.0.2.10", ["web-1.container.beacon."]),
+        (OUTSIDE, "192.0.2.10", ["web-1.container.beacon."]),
+        (ON_A, "192.0.2.10", None),  # web-1 is told to A at 172.30.0.5, not here
+        (HOST, "127.0.0.1", ["lo-1.container.beacon."]),
+        (OUTSIDE, "127.0.0.1", None),  # loopback-only is the host's alone
+        (ON_A, "192.0.2.20", ["c0000214.addr.beacon."]),  # a manual endpoint: the same in every view
+        (OUTSIDE, "192.0.2.20", ["c0000214.addr.beacon."]),
+    ],
+)
+def test_ptr_answers_only_addresses_of_the_queriers_view(source: str, address: str, want: list[str] | None) -> None:
+    """None: not ours for this querier, so `resolve` returns None and the name is
+    forwarded, exactly as the reverse name of an address Beacon does not know."""
+    zone = Zone(view_catalog().snapshot, ZoneSettings())
+    reverse = ipaddress.ip_address(address).reverse_pointer
+    answer = resolve(DNSRecord.question(reverse, "PTR"), zone, zone.view_of(source))
+    assert (None if answer is None else [str(rr.rdata) for rr in answer.reply.rr]) == want
+
+
+async def test_container_and_ptr_answers_are_cached_per_view() -> None:
+    """Over real sockets, 127.0.0.2 standing for a container network: the same
+    query bytes from two views, each first asked by the other view, get each
+    view's own answer (a forward decision of one view is not another's)."""
+    cat = Catalog()
+    put(cat, "w", ep("w", "127.0.0.1", port=18080, container="web-1", networks=(NetworkAddress("127.0.0.2/32", "10.9.0.5", 80),)))
+    up = FakeUpstream()  # NXDOMAIN for every name: what an unknown address gets
+    ptr = ipaddress.ip_address("10.9.0.5").reverse_pointer
+    async with upstreams(up) as ups, dns_server(cat, dns_recursors=ups) as srv:
+        for _ in range(2):  # a miss, then a hit, for each source
+            assert addresses(await udp(srv, "web-1.container.beacon", source="127.0.0.1")) == ["127.0.0.1"]
+            assert addresses(await udp(srv, "web-1.container.beacon", source="127.0.0.2")) == ["10.9.0.5"]
+            assert addresses(await tcp(srv, "web-1.container.beacon", source="127.0.0.2")) == ["10.9.0.5"]
+            outside = await udp(srv, ptr, "PTR", source="127.0.0.1")
+            assert outside.rcode() == dns.rcode.NXDOMAIN and not outside.answer
+            for ask in (udp, tcp):
+                inside = await ask(srv, ptr, "PTR", source="127.0.0.2")
+                assert [rd.target.to_text() for rr in inside.answer for rd in rr] == ["web-1.container.beacon."]
+        assert [q for _, q in up.queries] == [ptr.rstrip(".")] * 2  # the host's two: each view keeps its own decision
+
+
+def test_a_ptr_naming_many_containers_is_built_once_per_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In host mode the host address names every container published on it:
+    queries of that reverse name in other EDNS sizes (each its own cache key)
+    reuse the zone's records instead of building 1,000 again."""
+    built: list[str] = []
+    real_ptr = dns_resolver.PTR
+
+    def counting(target: str) -> Any:
+        built.append(target)
+        return real_ptr(target)
+
+    monkeypatch.setattr(dns_resolver, "PTR", counting)
+    cat = Catalog()
+    put(cat, "h", *(ep(f"h{i}", "192.0.2.10", f"s{i}", port=20000 + i, container=f"web-{i}") for i in range(1000)))
+    zone = Zone(cat.snapshot, ZoneSettings())
+    reverse = ipaddress.ip_address("192.0.2.10").reverse_pointer
+    for size in range(1232, 1252):
+        query = DNSRecord.question(reverse, "PTR")
+        query.add_ar(dns_resolver.EDNS0(udp_len=size))
+        answer = resolve(query, zone, zone.view_of("127.0.0.1"))
+        assert answer is not None and len(answer.reply.rr) == 1000
+    assert len(built) == 1000

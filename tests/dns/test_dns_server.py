@@ -362,7 +362,7 @@ async def test_the_answer_cache_is_bounded_and_keeps_counting(monkeypatch: pytes
         for i in range(30):
             assert (await udp(server, f"n{i}.service.beacon")).rcode() == dns.rcode.NXDOMAIN
             assert (await udp(server, f"n{i}.example.test")).rcode() == dns.rcode.REFUSED
-        assert len(server._cache.entries) <= 10 and len(server._fwd) <= 10
+        assert len(server._cache.entries) <= 10 and len(server._caches_of("127.0.0.1").fwd) <= 10
         assert registry.get_sample_value("beacon_dns_queries_total", {"type": "A", "rcode": "NXDOMAIN"}) == 30
         assert registry.get_sample_value("beacon_dns_queries_total", {"type": "A", "rcode": "REFUSED"}) == 30
     finally:

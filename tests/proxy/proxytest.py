@@ -31,6 +31,9 @@ def put(catalog: Catalog, key: str, *endpoints: Endpoint) -> None:
 @asynccontextmanager
 async def proxy_server(catalog: Catalog, clock: Callable[[], float] | None = None,
                        **overrides: Any) -> AsyncIterator[ProxyServer]:  # fmt: skip
+    # These tests drive the data path in this process to read its state at
+    # once; the isolated topology (the default) is tests/proxy/test_proxy_workers.py's.
+    overrides.setdefault("proxy_isolated", False)
     server = ProxyServer(test_config(**overrides), catalog, clock)
     await server.start()
     try:

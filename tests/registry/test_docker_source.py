@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -457,3 +458,56 @@ async def test_event_stream_cut_mid_run_loses_nothing(
         await eventually(lambda: mine(cat, after))
     finally:
         await relay.stop()
+
+
+# 300 over-long beacon.meta.* labels (~1.2 MB): each one a problem.
+HOSTILE_META = {f"beacon.meta.k{j}": "v" * 4100 for j in range(300)}
+
+
+def invalid_lines(caplog: pytest.LogCaptureFixture, container: Container) -> list[str]:
+    return [
+        m for r in caplog.records
+        if r.levelno >= logging.WARNING and (m := r.getMessage()).startswith("invalid:") and container.id[:12] in m
+    ]  # fmt: skip
+
+
+async def test_hostile_labels_log_a_few_lines_once_not_one_per_problem_per_resync(
+    run_container: ContainerFactory, watch: Watch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="beacon.registry.docker")
+    c = run_container(ports=LOOPBACK_PORT, labels={"beacon.service": unique("hostile"), **HOSTILE_META})
+    cat, source = await watch(resync_interval=1.0)
+    await eventually(lambda: mine(cat, c))
+    lines = invalid_lines(caplog, c)
+    assert len(lines) == 6, lines[:8]  # the first 5 problems, then how many more
+    assert all("beacon.meta.k" in m and "longer than 4096" in m for m in lines[:5]), lines
+    assert "and 295 more label problems" in lines[5] and "--log-level debug" in lines[5], lines[5]
+    syncs = source.syncs
+    await eventually(lambda: source.syncs >= syncs + 2, timeout=10)
+    assert len(invalid_lines(caplog, c)) == 6  # an unchanged container: nothing logged again
+
+
+async def test_a_crash_looping_container_logs_its_label_problems_once(
+    run_container: ContainerFactory, watch: Watch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Between two runs Docker reports it restarting (no ports): it is kept,
+    critical, and its verdict keeps the label problems, so running again
+    does not log them all anew at every turn of the loop."""
+    caplog.set_level(logging.WARNING, logger="beacon.registry.docker")
+    cat, _ = await watch()
+    states: list[str] = []
+    c = run_container(
+        ports=LOOPBACK_PORT, labels={"beacon.service": unique("crashy"), **HOSTILE_META},
+        command=["sh", "-c", "sleep 0.5; exit 3"], restart_policy={"Name": "always"},
+    )  # fmt: skip
+
+    def turns() -> int:
+        """Runs seen after a restarting phase (critical, then running again)."""
+        eps = mine(cat, c)
+        state = "absent" if not eps else "restarting" if eps[0].reason.startswith("restarting") else "running"
+        if not states or states[-1] != state:
+            states.append(state)
+        return sum(1 for a, b in itertools.pairwise(states) if (a, b) == ("restarting", "running"))
+
+    await eventually(lambda: turns() >= 2, timeout=30, interval=0.02)
+    assert len(invalid_lines(caplog, c)) == 6, (states, len(invalid_lines(caplog, c)))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from beacon.registry.labels import (
+    MAX_PROBLEMS,
     ContainerEndpoints,
     LabelOptions,
     container_endpoints,
@@ -627,3 +628,15 @@ def test_a_label_key_cannot_forge_a_log_line() -> None:
     for problem in result.problems:
         assert "\n" not in problem and "\r" not in problem
     assert any("\\n2026-01-01" in p for p in result.problems)
+
+
+def test_problems_are_kept_up_to_a_bound_and_the_rest_counted() -> None:
+    """Thousands of bad labels cost a bounded list of messages (the logger
+    shows a few of them and the count)."""
+    labels = {"beacon.service": "web", **{f"beacon.meta.bad key {j}": "x" for j in range(1000)}}
+    result = container_endpoints(container(labels=labels), HOST)
+    assert len(result.problems) == MAX_PROBLEMS and result.more_problems == 1000 - MAX_PROBLEMS
+    assert all("metadata key must be" in p for p in result.problems), result.problems[:3]
+    assert [e.service for e in result.endpoints] == ["web"]  # still registered
+    few = container_endpoints(container(labels={"beacon.service": "web", "beacon.weight": "heavy"}), HOST)
+    assert len(few.problems) == 1 and few.more_problems == 0
