@@ -400,3 +400,27 @@ async def test_the_refusal_line_in_json_and_at_stop(tmp_path: Path) -> None:
         "time": "", "client": "10.0.0.2", "status": 503, "bytes": 300, "refused": 3, "clients": 2, "cap": 7,
         "method": None, "path": None, "request_id": None,
     }  # fmt: skip
+
+
+async def test_a_worker_process_sums_up_its_refusals_too(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    cat = Catalog()
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, access_log=str(log_file), proxy_max_connections=2, proxy_isolated=True,
+                                proxy_workers=1) as proxy:  # fmt: skip
+            assert proxy.address is not None and len(proxy._workers) == 1  # the data path is in the worker
+            busy = [await asyncio.open_connection(proxy.address.host, proxy.address.port) for _ in range(2)]
+            for _, w in busy:
+                w.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n")
+            await eventually(lambda: sum(r["client_connections"] for r in proxy.metrics_json()) == 2)
+            answers = await asyncio.gather(*(raw_request(proxy.address, b"") for _ in range(20)))
+            assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers)
+
+            def summed() -> int | None:
+                n = sum(int(m["refused"]) for m in map(REFUSED.match, lines_of(log_file)) if m)
+                return n if n >= 20 else None
+
+            assert await eventually(summed, timeout=5) == 20
+            for _, w in busy:
+                w.close()
