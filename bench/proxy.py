@@ -22,7 +22,16 @@ logs every request's latency (`--log-file`); it loads direct, Beacon and
 nginx at the same rate, and the p99 Beacon adds over direct is printed with
 nginx's as a reference.
 
+Backends that close keep-alive connections: Beacon and nginx-as-proxy again,
+in front of backends at nginx `keepalive_requests` unlimited, 1000 (nginx's
+default) and 100, all six interleaved in each repeat (so "vs unlimited"
+compares runs of the same minutes), with the proxy process's CPU time per
+request read from /proc - steadier than req/s on a shared machine, where a
+proxy gets whatever share of a core the others leave it.
+`--keepalive-only` runs just these rows.
+
     python -m bench.proxy [--duration 8] [--repeats 3] [--connections 64] [--only beacon,nginx,direct]
+                          [--keepalive-only]
 """
 
 from __future__ import annotations
@@ -69,6 +78,24 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live children (Beacon's proxy
+    workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(entry) == pid or int(fields[1]) == pid:  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def free_port() -> int:
@@ -233,6 +260,7 @@ def run_wrk(url: str, host: str | None, duration: float, connections: int, scrip
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
         errors=data["errors"] + data["non2xx"],
+        requests=data["requests"],
     )
 
 
@@ -263,6 +291,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--only", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    parser.add_argument("--keepalive-only", action="store_true",
+                        help="only the rows with backends that close keep-alive connections (beacon, nginx)")
     args = parser.parse_args()
     only = [p for p in args.only.split(",") if p]
     if bad := sorted(set(only) - set(PEERS)):
@@ -294,12 +324,12 @@ def main() -> int:
                      "-e", str(tmp / "ka1-error.log")]),
             process([nginx, "-c", str(nginx_conf(tmp, ports["nginx"], backends,
                                                  {ka_nginx_ports[n]: ka_backends[n] for n in KEEPALIVE_ROWS})),
-                     "-e", str(tmp / "nginx-error.log")]),
+                     "-e", str(tmp / "nginx-error.log")]) as nginx_proxy,
             process([haproxy, "-f", str(haproxy_conf(tmp, ports["haproxy"], backends))], log=tmp / "haproxy.log"),
             process(["caddy", "run", "--config", str(caddy_conf(tmp, ports["caddy"], backends)), "--adapter", "caddyfile"],
                     env={"GOMAXPROCS": "1", "HOME": str(tmp), "XDG_DATA_HOME": str(tmp), "XDG_CONFIG_HOME": str(tmp)},
                     log=tmp / "caddy.log"),
-            process(beacon_args, log=tmp / "beacon.log"),
+            process(beacon_args, log=tmp / "beacon.log") as beacon,
         ):  # fmt: skip
             for port, what, log in [
                 (backends[0], "backend nginx", tmp / "backend-error.log"),
@@ -320,6 +350,15 @@ def main() -> int:
                 wait_routed(p, int(urls[p].rsplit(":", 1)[1].strip("/")), hosts[p] or "localhost")
             print(f"wrk: 1 thread, {args.connections} connections, {args.duration:g}s x {args.repeats} per target; "
                   f"backends: nginx (1 worker) on 127.0.0.1:{backends[0]},{backends[1]}", file=sys.stderr)  # fmt: skip
+            pids = {"beacon": beacon.pid, "nginx": nginx_proxy.pid}
+            where = {n: {"beacon": (urls["beacon"], f"bench{n}.localhost"),
+                         "nginx": (f"http://127.0.0.1:{ka_nginx_ports[n]}/", None)}
+                     for n in KEEPALIVE_ROWS}  # fmt: skip
+            where = {UNLIMITED: {"beacon": (urls["beacon"], hosts["beacon"]), "nginx": (urls["nginx"], None)}, **where}
+            if args.keepalive_only:
+                keepalive_rows(args, [p for p in ("beacon", "nginx") if p in only] or ["beacon", "nginx"], report,
+                               where, pids)  # fmt: skip
+                return 0
             results: dict[str, list[Result]] = {p: [] for p in only}
             for p in only:  # warm-up: connections, pools, caches
                 run_wrk(urls[p], hosts[p], 1.0, args.connections, report)
@@ -370,40 +409,50 @@ def main() -> int:
                         ref = median(x.p99_ms for x in at_half["nginx"]) - direct_p99
                         print(f"p99 added by nginx over direct at the same rate: {ref:.3f} ms")
             if {"beacon", "nginx"} & set(summary):
-                keepalive_rows(args, [p for p in ("beacon", "nginx") if p in summary], summary, report,
-                               {n: {"beacon": (urls["beacon"], f"bench{n}.localhost"),
-                                    "nginx": (f"http://127.0.0.1:{ka_nginx_ports[n]}/", None)}
-                                for n in KEEPALIVE_ROWS})  # fmt: skip
+                keepalive_rows(args, [p for p in ("beacon", "nginx") if p in summary], report, where, pids)
     return 0
 
 
-def keepalive_rows(args: argparse.Namespace, targets: list[str], unlimited: dict[str, Result], report: Path,
-                   where: dict[int, dict[str, tuple[str, str | None]]]) -> None:  # fmt: skip
+def keepalive_rows(args: argparse.Namespace, targets: list[str], report: Path,
+                   where: dict[int, dict[str, tuple[str, str | None]]], pids: dict[str, int]) -> None:  # fmt: skip
     """The same load with backends that close their keep-alive connections
-    after N requests (nginx `keepalive_requests`): each proxy must reconnect."""
+    after N requests (nginx `keepalive_requests`): each proxy must reconnect.
+    Every (N, proxy) pair runs once per repeat, interleaved with the
+    unlimited case, so that machine noise spreads over all of them."""
     for n, urls in where.items():
         for p in targets:
             wait_routed(f"{p} (keepalive_requests {n})", int(urls[p][0].rsplit(":", 1)[1].strip("/")),
                         urls[p][1] or "localhost")  # fmt: skip
             run_wrk(urls[p][0], urls[p][1], 1.0, args.connections, report)  # warm-up
     results: dict[tuple[int, str], list[Result]] = {(n, p): [] for n in where for p in targets}
+    cpu: dict[tuple[int, str], list[float]] = {key: [] for key in results}
     for r in range(args.repeats):
         for n, urls in where.items():
             for p in targets:
+                before = cpu_seconds(pids[p])
                 res = run_wrk(urls[p][0], urls[p][1], args.duration, args.connections, report)
+                per_request = (cpu_seconds(pids[p]) - before) / max(1, res.requests) * 1e6
                 results[(n, p)].append(res)
-                print(f"  keepalive_requests {n} run {r + 1}: {p:8s} {res.rps:9,.0f} req/s  p50 {res.p50_ms:.3f} ms  "
-                      f"p99 {res.p99_ms:.3f} ms  errors {res.errors}", file=sys.stderr)  # fmt: skip
+                cpu[(n, p)].append(per_request)
+                print(f"  keepalive_requests {n if n != UNLIMITED else 'unlimited'} run {r + 1}: {p:8s} "
+                      f"{res.rps:9,.0f} req/s  p50 {res.p50_ms:.3f} ms  p99 {res.p99_ms:.3f} ms  "
+                      f"cpu {per_request:.1f} us/req  errors {res.errors}", file=sys.stderr)  # fmt: skip
     rows = []
     for (n, p), rs in results.items():
         rps = median(x.rps for x in rs)
         nginx_rps = median(x.rps for x in results[(n, "nginx")]) if (n, "nginx") in results else None
-        rows.append([f"{p} (backend keepalive_requests {n})", rps, f"{median(x.p50_ms for x in rs):.3f}",
-                     f"{median(x.p99_ms for x in rs):.3f}", f"{rps / nginx_rps:.2f}x" if nginx_rps else "-",
-                     f"{rps / unlimited[p].rps:.2f}x", sum(x.errors for x in rs)])  # fmt: skip
-    print(f"\nBackends closing keep-alive connections, median of {args.repeats} x {args.duration:g}s "
-          f"(same load; 'vs unlimited': the same proxy against keep-alive-friendly backends above)")  # fmt: skip
-    print_table(["target", "req/s", "p50 ms", "p99 ms", "vs nginx", "vs unlimited", "errors"], rows)
+        unlimited = median(x.rps for x in results[(UNLIMITED, p)])
+        cpu_us = median(cpu[(n, p)])
+        rows.append([f"{p} (backend keepalive_requests {n if n != UNLIMITED else 'unlimited'})", rps,
+                     f"{median(x.p50_ms for x in rs):.3f}", f"{median(x.p99_ms for x in rs):.3f}",
+                     f"{rps / nginx_rps:.2f}x" if nginx_rps else "-", f"{rps / unlimited:.2f}x",
+                     f"{cpu_us:.1f}", f"{cpu_us / median(cpu[(UNLIMITED, p)]):.2f}x",
+                     sum(x.errors for x in rs)])  # fmt: skip
+    print(f"\nBackends closing keep-alive connections, median of {args.repeats} x {args.duration:g}s, "
+          f"interleaved ('vs unlimited': the same proxy, backend keepalive_requests unlimited, same repeats; "
+          f"cpu: the proxy process's user+system time per request)")  # fmt: skip
+    print_table(["target", "req/s", "p50 ms", "p99 ms", "vs nginx", "vs unlimited", "cpu us/req", "cpu vs unl.",
+                 "errors"], rows)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ async def test_docs_metrics_md_lists_every_metric_beacon_exports() -> None:
             text = await resp.text()
     exported = set(_TYPE_LINE.findall(text))
     declared = declared_metrics()
-    assert {"beacon_proxy_responses_total", "beacon_registry_checks_total", "beacon_build_info"} <= exported
+    assert {"beacon_proxy_requests_total", "beacon_registry_checks_total", "beacon_build_info"} <= exported
     assert len(declared) > 40, declared  # the source scan finds what it should
     documented = documented_metrics()
     assert sorted(exported - documented) == [], "exported on /metrics but missing from docs/METRICS.md"
@@ -95,6 +95,6 @@ async def test_docs_metrics_md_lists_every_metric_beacon_exports() -> None:
 def test_the_completeness_check_sees_a_missing_row() -> None:
     """The doc check compares names, not prose: a row dropped is a name missing."""
     documented = documented_metrics()
-    assert "beacon_proxy_responses_total" in documented and "process_open_fds" in documented
-    text = METRICS_DOC.read_text().replace("| `beacon_proxy_responses_total` |", "| beacon_proxy_responses |")
-    assert "beacon_proxy_responses_total" not in set(_DOC_ROW.findall(text))
+    assert "beacon_proxy_requests_total" in documented and "process_open_fds" in documented
+    text = METRICS_DOC.read_text().replace("| `beacon_proxy_requests_total` |", "| beacon_proxy_requests |")
+    assert "beacon_proxy_requests_total" not in set(_DOC_ROW.findall(text))

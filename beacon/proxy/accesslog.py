@@ -50,6 +50,11 @@ BATCH_LINES = 256  # write at least this often within one loop turn
 WRITE_CHUNK = 1024 * 1024  # most bytes in one write to a file or socket
 MAX_BACKLOG = 8 * 1024 * 1024  # bytes the sink has not taken yet; above it lines are dropped
 MAX_FIELD = 768  # characters of one escaped field (path, User-Agent, ...); longer ones end in "..."
+# Connections refused at --proxy-max-connections get no line each (a flood would
+# fill the disk): one line per REFUSED_WINDOW seconds sums them up, naming the
+# address refused most; at most REFUSED_CLIENTS addresses are told apart.
+REFUSED_WINDOW = 1.0
+REFUSED_CLIENTS = 1024
 
 _UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")  # not printable ASCII, or " or \
 
@@ -108,6 +113,12 @@ class AccessLog:
         self._stamp_second = -1
         self._stamp = ""
         self._format_line = {"common": self._common, "combined": self._combined, "json": self._json}[fmt]
+        # Refusals of the current window: by client address, and in all.
+        self._refused: dict[bytes, int] = {}
+        self._refused_total = 0
+        self._refused_bytes = 0
+        self._refused_cap = 0
+        self._refused_timer: asyncio.TimerHandle | None = None
 
     @property
     def backlog(self) -> int:
@@ -145,6 +156,7 @@ class AccessLog:
 
     def stop(self) -> None:
         """Write what is buffered (what the sink does not take now is lost), close the sink."""
+        self._sum_up_refused()
         self._flush()
         if self._pending:
             self.dropped += self._pending.count(b"\n")
@@ -171,6 +183,51 @@ class AccessLog:
         lines.append(self._format_line(ex, status, sent))
         if len(lines) >= BATCH_LINES:
             self._flush()
+
+    def refused(self, peer: bytes, sent: int, cap: int) -> None:
+        """A connection refused at the cap (`sent`: the 503's bytes), summed up
+        with the others of its second in one line (`_sum_up_refused`)."""
+        counts = self._refused
+        if not self._refused_total:
+            self._refused_timer = self.loop.call_later(REFUSED_WINDOW, self._sum_up_refused)
+        self._refused_total += 1
+        self._refused_bytes += sent
+        self._refused_cap = cap
+        if peer in counts or len(counts) < REFUSED_CLIENTS:
+            counts[peer] = counts.get(peer, 0) + 1
+
+    def _sum_up_refused(self) -> None:
+        """The line of this window's refusals: `refused=N clients=K cap=X`, with
+        the address refused most as the client (status 503, no request)."""
+        if self._refused_timer is not None:
+            self._refused_timer.cancel()
+            self._refused_timer = None
+        total = self._refused_total
+        if not total:
+            return
+        counts = self._refused
+        top = max(counts, key=counts.__getitem__).decode("ascii", "replace") if counts else ""
+        total_bytes, clients, cap = self._refused_bytes, len(counts), self._refused_cap
+        self._refused = {}
+        self._refused_total = self._refused_bytes = 0
+        if len(self._pending) > self._max_backlog:
+            self.dropped += 1
+            return
+        if self.format == "json":
+            wall = self.wall()
+            line = json.dumps({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z",
+                "request_id": None, "client": top, "method": None, "path": None, "protocol": None, "status": 503,
+                "service": None, "endpoint": None, "upstream": None, "duration_ms": 0.0, "bytes": total_bytes,
+                "retries": 0, "referer": None, "user_agent": None, "refused": total, "clients": clients, "cap": cap,
+            }, separators=(",", ":")) + "\n"  # fmt: skip
+        else:
+            extra = ' "-" "-"' if self.format == "combined" else ""
+            line = (f'{top or "-"} - - {self._clf_time()} "-" 503 {total_bytes}{extra} rid=- service=- endpoint=- '
+                    f"upstream=- duration_ms=0.000 retries=0 refused={total} clients={clients} cap={cap}\n")  # fmt: skip
+        if not self._lines:
+            self.loop.call_soon(self._flush)
+        self._lines.append(line)
 
     def _flush(self) -> None:
         lines = self._lines

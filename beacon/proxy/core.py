@@ -529,6 +529,16 @@ class ProxyCore:
         elif self.access_log is not None:
             self.log_access(ex, ex.status)
 
+    def cut_off(self, ex: Exchange, status: int) -> None:
+        """A request answered `status` before its head was whole (a header
+        timeout): counted as unrouted and logged, as a 400 for a malformed one is."""
+        ex.done = True
+        ex.status = status
+        ex.stats = self.metrics.service(UNROUTED)
+        ex.stats.observe(status, time.perf_counter() - ex.t0, ex.method)
+        if self.access_log is not None:
+            self.log_access(ex, status)
+
     def log_access(self, ex: Exchange, status: int) -> None:
         """Write the access log line of a finished exchange (only with --access-log)."""
         assert self.access_log is not None

@@ -106,7 +106,10 @@ class ClientConnection(asyncio.Protocol):
         if refused is not None:
             self.mode = MODE_CLOSING
             if refused:
-                self.transport.write(error_response(503, refused, core.next_request_id(), True))
+                answer = error_response(503, refused, core.next_request_id(), True)
+                self.transport.write(answer)
+                if core.access_log is not None:
+                    core.access_log.refused(self.peer, len(answer), core.max_connections)
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -514,9 +517,19 @@ class ClientConnection(asyncio.Protocol):
         ex = self.active
         if self.in_head:
             # Slowloris: the header did not arrive in time.
+            core = self.core
             if ex is not None:
-                self.core.abandon(ex, 408)
-            self.buffer(error_response(408, "request header timeout", self.core.next_request_id(), True))
+                core.abandon(ex, 408)
+            cut, self.cur = self.cur, None
+            self.in_head = False
+            reqid = core.next_request_id()
+            self.buffer(error_response(408, "request header timeout", reqid, True))
+            self.flush()  # before the line is logged (with these bytes)
+            if cut is not None:
+                cut.reqid = reqid
+                if cut.url:  # the method came before it (the parser names it only at the head's end)
+                    cut.method = self.parser.get_method()
+                core.cut_off(cut, 408)
             self.close()
             return
         if ex is None:

@@ -30,7 +30,6 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 UNROUTED = "unrouted"
-CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 # Request methods counted by name; any other (a client may send any token) is
@@ -49,16 +48,6 @@ def response_labels(key: int) -> tuple[str, str]:
     """(method, code) of a `_response_key`."""
     status = key % 1000
     return METHODS[key // 1000], str(status) if status else OTHER_CODE
-
-
-def code_classes(codes: Mapping[int, int]) -> list[int]:
-    """Responses per status class, index status // 100 (0 unused, as before codes were kept)."""
-    classes = [0] * 6
-    for key, n in codes.items():
-        status = key % 1000
-        if status:
-            classes[status // 100] += n
-    return classes
 
 
 class EndpointStats:
@@ -113,7 +102,6 @@ class ServiceStats:
     def to_json(self) -> dict[str, Any]:
         return {
             "codes": {str(key): n for key, n in self.codes.items()},
-            "classes": code_classes(self.codes),
             "buckets": self.buckets,
             "total_seconds": self.total_seconds,
             "attempts": self.attempts,
@@ -197,11 +185,10 @@ def fold_counters(into: dict[str, dict[str, Any]], services: dict[str, dict[str,
     """Add per-service counters (`ServiceStats.to_json()` form) into `into`."""
     for name, s in services.items():
         m = into.setdefault(name, {
-            "codes": {}, "classes": [0] * 6, "buckets": [0] * (len(LATENCY_BUCKETS) + 1),
+            "codes": {}, "buckets": [0] * (len(LATENCY_BUCKETS) + 1),
             "total_seconds": 0.0, "attempts": 0, "retries": 0, "ejections": 0, "endpoints": {},
         })  # fmt: skip
         _add_counts(m["codes"], s["codes"])
-        m["classes"] = [a + b for a, b in zip(m["classes"], s["classes"], strict=True)]
         m["buckets"] = [a + b for a, b in zip(m["buckets"], s["buckets"], strict=True)]
         for key in ("total_seconds", "attempts", "retries", "ejections"):
             m[key] += s[key]
@@ -249,11 +236,10 @@ class ProxyCollector(Collector):
             fold_counters(merged, report["services"])
             for name, n in report.get("in_flight", {}).items():
                 in_flight[name] = in_flight.get(name, 0) + n
+        # One counter, as Traefik's traefik_service_requests_total{code,method,...}:
+        # a class (5xx) is a query away (code=~"5.."), not a second counter.
         requests = CounterMetricFamily(
-            "beacon_proxy_requests", "HTTP responses sent by the proxy", labels=["service", "code_class"]
-        )
-        responses = CounterMetricFamily(
-            "beacon_proxy_responses", "HTTP responses sent by the proxy, by request method and status code",
+            "beacon_proxy_requests", "HTTP responses sent by the proxy, by request method and status code",
             labels=["service", "method", "code"],
         )
         duration = HistogramMetricFamily(
@@ -281,11 +267,8 @@ class ProxyCollector(Collector):
             "beacon_proxy_endpoint_ejections", "Passive-health ejections of one endpoint", labels=["service", "endpoint"]
         )
         for name, m in sorted(merged.items()):
-            for cls, label in enumerate(CODE_CLASSES, start=1):
-                if m["classes"][cls]:
-                    requests.add_metric([name, label], m["classes"][cls])
             for key, n in sorted((int(k), n) for k, n in m["codes"].items()):
-                responses.add_metric([name, *response_labels(key)], n)
+                requests.add_metric([name, *response_labels(key)], n)
             for eid, e in sorted(m["endpoints"].items()):
                 endpoint_attempts.add_metric([name, eid], e["attempts"])
                 endpoint_ejections.add_metric([name, eid], e["ejections"])
@@ -301,7 +284,6 @@ class ProxyCollector(Collector):
             retries.add_metric([name], m["retries"])
             ejections.add_metric([name], m["ejections"])
         yield requests
-        yield responses
         yield duration
         yield attempts
         yield retries
@@ -342,8 +324,7 @@ class ProxyCollector(Collector):
         yield dropped_counter
 
     def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "code_class"])
-        yield CounterMetricFamily("beacon_proxy_responses", "", labels=["service", "method", "code"])
+        yield CounterMetricFamily("beacon_proxy_requests", "", labels=["service", "method", "code"])
         yield HistogramMetricFamily("beacon_proxy_request_duration_seconds", "", labels=["service"])
         yield CounterMetricFamily("beacon_proxy_upstream_attempts", "", labels=["service"])
         yield CounterMetricFamily("beacon_proxy_retries", "", labels=["service"])

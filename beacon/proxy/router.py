@@ -12,7 +12,7 @@ import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from beacon.registry.model import Service, Snapshot, SnapshotDelta
+from beacon.registry.model import Endpoint, RouteSpec, Service, Snapshot, SnapshotDelta
 
 ANY_HOST = b"*"
 # Endpoint protocols an HTTP proxy can talk to (a udp port never gets a request).
@@ -216,29 +216,43 @@ def service_routes(service: Service, domain: bytes, expose_by_default: bool = Tr
     implicit and no label route - and true gives it the implicit route;
     unset, `expose_by_default` (--proxy-expose-by-default) decides whether
     the implicit `<service>.<domain>` route exists. Label routes
-    (beacon.http.host / beacon.http.path_prefix) exist unless it is false."""
-    expose = service.settings.expose
-    if expose is False:
+    (beacon.http.host / beacon.http.path_prefix) exist unless it is false.
+
+    This walks every endpoint (to leave out the labels of non-HTTP ones);
+    `RouteIndex` counts endpoints per service instead and usually reads the
+    labels the catalog already folded (`service.settings.routes`)."""
+    if service.settings.expose is False:
         return []
     endpoints = [ep for ep in service.endpoints if ep.protocol in HTTP_PROTOCOLS]
     if not endpoints:
+        return []
+    specs = dict.fromkeys(RouteSpec(ep.http_hosts, ep.http_path_prefix, ep.http_strip_prefix)
+                          for ep in endpoints if ep.http_hosts or ep.http_path_prefix is not None)  # fmt: skip
+    return routes_from_specs(service, specs, domain, expose_by_default)
+
+
+def routes_from_specs(service: Service, specs: Iterable[RouteSpec], domain: bytes,
+                      expose_by_default: bool = True) -> list[Route]:  # fmt: skip
+    """`service_routes` of a service with at least one HTTP endpoint, from the
+    route labels of its HTTP endpoints (distinct, in the order of the first
+    endpoint by id asking for each: the first one decides strip_prefix)."""
+    expose = service.settings.expose
+    if expose is False:
         return []
     implicit = Route(host=service.name.lower().encode("ascii", "replace") + b"." + domain, prefix=b"/",
                      service=service.name, explicit=False)  # fmt: skip
     routes = [implicit] if expose or (expose is None and expose_by_default) else []
     seen: set[tuple[bytes, bytes]] = set()
-    for ep in endpoints:
-        if not ep.http_hosts and ep.http_path_prefix is None:
-            continue
-        prefix = normalise_prefix(ep.http_path_prefix) if ep.http_path_prefix is not None else b"/"
-        strip = ep.http_strip_prefix and prefix != b"/"
-        hosts = [h for h in (encode_host(h) for h in ep.http_hosts) if h]
+    for spec in specs:
+        prefix = normalise_prefix(spec.path_prefix) if spec.path_prefix is not None else b"/"
+        strip = spec.strip_prefix and prefix != b"/"
+        hosts = [h for h in (encode_host(h) for h in spec.hosts) if h]
         if not hosts:
             # A path prefix without a host label: the service's own name and any host.
             hosts = [implicit.host, ANY_HOST]
         for host in hosts:
             if (host, prefix) in seen:
-                continue  # endpoints of one service usually repeat the same labels
+                continue  # two label sets may name the same host and prefix
             seen.add((host, prefix))
             routes.append(Route(host=host, prefix=prefix, service=service.name, strip=strip))
     return routes
@@ -323,6 +337,11 @@ class RouteIndex:
         self.table = RoutingTable(exact={}, wildcard={}, any_host=None)
         self._services: dict[str, tuple[Service, list[Route]]] = {}  # name → (Service, its routes)
         self._claims: dict[tuple[bytes, bytes], list[Route]] = {}  # every service's claim on a key
+        # What of a service's endpoints its routes depend on, counted from each
+        # snapshot's endpoint delta so that a change costs O(endpoints changed),
+        # not a walk of the service: [HTTP endpoints, non-HTTP ones with route labels].
+        self._counts: dict[str, list[int]] = {}
+        self._kinds: dict[str, tuple[str, int]] = {}  # endpoint id → (its service, index into _counts)
 
     def routes_of(self, name: str) -> list[Route] | None:
         hit = self._services.get(name)
@@ -336,6 +355,7 @@ class RouteIndex:
         """
         services = snapshot.services
         memo = self._services
+        self._count(snapshot.endpoints, delta)
         if delta is not None:
             gone: Iterable[str] = [name for name in delta.services_removed if name in memo]
             candidates: Iterable[str] = [name for name in delta.services_changed if name in services]
@@ -350,7 +370,7 @@ class RouteIndex:
             hit = memo.get(name)
             if hit is not None and hit[0] is svc:
                 continue
-            routes = service_routes(svc, self.domain, self.expose_by_default)
+            routes = self._routes(svc)
             if hit is not None and hit[1] == routes:
                 memo[name] = (svc, hit[1])  # endpoints came, went or changed state: no route did
                 continue
@@ -364,6 +384,47 @@ class RouteIndex:
         if not touched:
             return None
         return self._settle(touched)
+
+    def _count(self, endpoints: Mapping[str, Endpoint], delta: SnapshotDelta | None) -> None:
+        """Bring `_counts` to `endpoints`: from the delta, or (None) all again."""
+        counts, kinds = self._counts, self._kinds
+        if delta is None:
+            counts.clear()
+            kinds.clear()
+            changed: Iterable[str] = endpoints
+            removed: Iterable[str] = ()
+        else:
+            changed, removed = delta.endpoints_changed, delta.endpoints_removed
+        for ids in (changed, removed):
+            for eid in ids:
+                old = kinds.pop(eid, None)
+                if old is not None:
+                    mine = counts[old[0]]
+                    mine[old[1]] -= 1
+                    if not mine[0] and not mine[1]:
+                        del counts[old[0]]
+                ep = endpoints.get(eid)
+                if ep is None:
+                    continue
+                if ep.protocol in HTTP_PROTOCOLS:
+                    kind = 0
+                elif ep.http_hosts or ep.http_path_prefix is not None:
+                    kind = 1
+                else:
+                    continue  # a non-HTTP endpoint without route labels changes nothing
+                kinds[eid] = (ep.service, kind)
+                counts.setdefault(ep.service, [0, 0])[kind] += 1
+
+    def _routes(self, svc: Service) -> list[Route]:
+        """`service_routes(svc)`, without walking its endpoints when it can."""
+        counts = self._counts.get(svc.name)
+        if counts is None or not counts[0]:
+            return []  # no HTTP endpoint
+        if counts[1]:
+            # Route labels on a non-HTTP endpoint route nothing, but the catalog
+            # folded them into `settings.routes` too: walk the endpoints (rare).
+            return service_routes(svc, self.domain, self.expose_by_default)
+        return routes_from_specs(svc, svc.settings.routes, self.domain, self.expose_by_default)
 
     def _unclaim(self, routes: list[Route], touched: set[tuple[bytes, bytes]]) -> None:
         for route in routes:

@@ -58,6 +58,12 @@ def stat(server: ProxyServer, service: str, key: str) -> int:
     return sum(int(r["services"].get(service, {}).get(key, 0)) for r in server.metrics_json())
 
 
+def ok_responses(report: dict[str, Any], service: str = "web") -> int:
+    """2xx responses of `service` in one process's metrics report (`ProxyMetrics.to_json`)."""
+    codes = report["services"].get(service, {}).get("codes", {})
+    return sum(n for key, n in codes.items() if 200 <= int(key) % 1000 < 300)
+
+
 def in_flight(server: ProxyServer, service: str) -> int:
     return sum(int(r.get("in_flight", {}).get(service, 0)) for r in server.metrics_json())
 

@@ -307,3 +307,120 @@ async def test_a_client_that_leaves_before_the_answer_is_logged_as_499(tmp_path:
             (line,) = await at_least(log_file, 1)
     m = COMBINED.match(line)
     assert m is not None and m["status"] == "499" and m["endpoint"] == "web1" and m["bytes"] == "0", line
+
+
+# ------------------------------------ connections that never make a whole request
+REFUSED = re.compile(
+    r'^(?P<client>\S+) - - \[[^\]]+\] "-" 503 (?P<bytes>\d+) "-" "-" rid=- service=- endpoint=- upstream=- '
+    r"duration_ms=0\.000 retries=0 refused=(?P<refused>\d+) clients=(?P<clients>\d+) cap=(?P<cap>\d+)$"
+)
+
+
+async def test_header_timeouts_and_unparsable_requests_are_logged(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    cat = Catalog()
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, access_log=str(log_file), proxy_header_timeout=0.5) as proxy:
+            assert proxy.address is not None
+            # Slowloris: half a request line, then a whole line and one header: both cut with a 408.
+            cut = await asyncio.gather(
+                raw_request(proxy.address, b"GET /half"),
+                raw_request(proxy.address, b"GET /lines HTTP/1.1\r\nHost: web.localhost\r\nX-A: 1"),
+            )
+            assert all(a.startswith(b"HTTP/1.1 408 ") for a in cut), cut
+            # Not HTTP at all (a TLS ClientHello on the plain port), and a header over the limit.
+            garbage = await raw_request(proxy.address, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32)
+            big = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: web.localhost\r\nX-Big: "
+                                    + b"a" * 70_000 + b"\r\n\r\n")  # fmt: skip
+            assert garbage.startswith(b"HTTP/1.1 400 ") and big.startswith(b"HTTP/1.1 431 ")
+            # A connection that sends nothing is closed at the timeout without a line (as nginx does).
+            silent = await raw_request(proxy.address, b"")
+            assert silent == b""
+            ok = await raw_request(proxy.address, get("/after", "web.localhost"))
+            assert ok.startswith(b"HTTP/1.1 200 ")
+            lines = await at_least(log_file, 5)
+    parsed = [COMBINED.match(line) for line in lines]
+    assert all(parsed), lines
+    fields = [m.groupdict() for m in parsed if m]
+    assert len(fields) == 5 and fields[-1]["request"] == "GET /after HTTP/1.1", lines
+    timeouts = sorted((f for f in fields if f["status"] == "408"), key=lambda f: f["request"])
+    assert [f["request"] for f in timeouts] == ["GET /half HTTP/1.1", "GET /lines HTTP/1.1"], lines
+    for f in timeouts:  # the client, and how long it held the connection
+        assert f["client"] == "127.0.0.1" and f["service"] == "-" and float(f["ms"]) >= 400, f
+    assert sorted(int(f["bytes"]) for f in timeouts) == sorted(len(a) for a in cut)
+    assert {f["status"] for f in fields[:-1]} == {"408", "400", "431"}, lines
+    for f in fields:
+        rid = f["rid"]
+        assert rid != "-" and any(rid.encode() in a for a in (*cut, garbage, big, ok)), f  # the X-Request-Id sent
+
+
+async def test_refused_connections_are_summed_up_once_a_second_not_one_line_each(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    cat = Catalog()
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, access_log=str(log_file), proxy_max_connections=2) as proxy:
+            assert proxy.address is not None
+            busy = [await asyncio.open_connection(proxy.address.host, proxy.address.port) for _ in range(2)]
+            for _, w in busy:
+                w.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n")  # a head in progress: not idle
+            await eventually(lambda: proxy.core is not None and len(proxy.core.clients) == 2)
+            # A flood of 300 connections over the cap (bounded: 50 at a time).
+            answers: list[bytes] = []
+            for _ in range(6):
+                answers += await asyncio.gather(*(raw_request(proxy.address, b"") for _ in range(50)))
+            assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers)
+
+            def summed() -> list[re.Match[str]] | None:
+                hits = [m for m in map(REFUSED.match, lines_of(log_file)) if m]
+                return hits if sum(int(m["refused"]) for m in hits) >= 300 else None
+
+            hits = await eventually(summed, timeout=5)
+            for _, w in busy:
+                w.close()
+    assert sum(int(m["refused"]) for m in hits) == 300
+    assert len(hits) <= 3, [m.group() for m in hits]  # a line a second, whatever the flood
+    assert all(m["client"] == "127.0.0.1" and m["clients"] == "1" and m["cap"] == "2" for m in hits)
+    assert sum(int(m["bytes"]) for m in hits) == sum(len(a) for a in answers)
+    assert len(lines_of(log_file)) == len(hits)  # nothing else was logged for them
+
+
+async def test_the_refusal_line_in_json_and_at_stop(tmp_path: Path) -> None:
+    target = tmp_path / "access.json"
+    log = AccessLog(str(target), "json", asyncio.get_running_loop(), wall=lambda: 1_780_000_000.25)
+    log.start()
+    for peer in (b"10.0.0.1", b"10.0.0.2", b"10.0.0.2"):
+        log.refused(peer, 100, 7)
+    log.stop()  # before the window ends: the refusals so far are written, not lost
+    (line,) = lines_of(target)
+    record = json.loads(line)
+    assert set(record) == JSON_KEYS | {"refused", "clients", "cap"}
+    assert record | {"time": ""} == record | {
+        "time": "", "client": "10.0.0.2", "status": 503, "bytes": 300, "refused": 3, "clients": 2, "cap": 7,
+        "method": None, "path": None, "request_id": None,
+    }  # fmt: skip
+
+
+async def test_a_worker_process_sums_up_its_refusals_too(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    cat = Catalog()
+    async with backends("web") as (web,):
+        put(cat, "m:web", ep("web1", web.port))
+        async with proxy_server(cat, access_log=str(log_file), proxy_max_connections=2, proxy_isolated=True,
+                                proxy_workers=1) as proxy:  # fmt: skip
+            assert proxy.address is not None and len(proxy._workers) == 1  # the data path is in the worker
+            busy = [await asyncio.open_connection(proxy.address.host, proxy.address.port) for _ in range(2)]
+            for _, w in busy:
+                w.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n")
+            await eventually(lambda: sum(r["client_connections"] for r in proxy.metrics_json()) == 2)
+            answers = await asyncio.gather(*(raw_request(proxy.address, b"") for _ in range(20)))
+            assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers)
+
+            def summed() -> int | None:
+                n = sum(int(m["refused"]) for m in map(REFUSED.match, lines_of(log_file)) if m)
+                return n if n >= 20 else None
+
+            assert await eventually(summed, timeout=5) == 20
+            for _, w in busy:
+                w.close()

@@ -339,8 +339,8 @@ async def test_metrics_count_requests_retries_and_latency() -> None:
             async with s.get(url(proxy), headers={"Host": "unknown.localhost"}) as r:
                 assert r.status == 404
         text = exposition()[0].decode()
-    assert 'beacon_proxy_requests_total{code_class="2xx",service="metered"} 3.0' in text
-    assert 'beacon_proxy_requests_total{code_class="4xx",service="unrouted"}' in text
+    assert 'beacon_proxy_requests_total{code="200",method="GET",service="metered"} 3.0' in text
+    assert 'beacon_proxy_requests_total{code="404",method="GET",service="unrouted"}' in text
     assert 'beacon_proxy_upstream_attempts_total{service="metered"} 3.0' in text
     assert 'beacon_proxy_request_duration_seconds_count{service="metered"} 3.0' in text
     assert 'beacon_proxy_open_connections{side="upstream"}' in text
@@ -362,7 +362,7 @@ async def test_metrics_of_a_service_that_left_the_catalog_are_dropped() -> None:
         assert all("gone" not in r["services"] for r in proxy.metrics_json())
         text = exposition()[0].decode()
     assert 'service="gone"' not in text
-    assert 'beacon_proxy_requests_total{code_class="2xx",service="kept"} 1.0' in text
+    assert 'beacon_proxy_requests_total{code="200",method="GET",service="kept"} 1.0' in text
 
 
 async def test_the_app_wires_the_proxy_to_its_catalog() -> None:

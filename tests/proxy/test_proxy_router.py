@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beacon.proxy.router import RouteIndex, RoutingTable, build_table, normalise_host, strip_prefix
-from beacon.registry import Catalog, Endpoint, Snapshot, State
+from beacon.registry import Catalog, Endpoint, Service, ServiceSettings, Snapshot, SnapshotDelta, State
 from tests.conftest import RUN_ID, ContainerFactory
 from tests.helpers import eventually, running_app
 from tests.proxy.proxytest import ep
@@ -250,6 +250,55 @@ async def test_the_expose_label_on_real_containers(run_container: ContainerFacto
         assert await status(f"{names['plain']}.localhost") == 404  # the flag decides
         assert await status(f"{names['hidden']}.localhost") == 404  # false: no implicit route...
         assert await status(f"{names['hidden']}.test") == 404  # ...and its host label routes nothing
+
+
+class CountedEndpoints(tuple[Endpoint, ...]):
+    """A service's endpoints that count every walk over them."""
+
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        CountedEndpoints.walks += 1
+        return super().__iter__()
+
+
+def big_service(eps: list[Endpoint]) -> Service:
+    # The settings as the catalog keeps them (folded here from a plain list: not a walk we count).
+    return Service("big", CountedEndpoints(eps), settings=ServiceSettings.fold(eps))
+
+
+@pytest.mark.parametrize("size", [100, 10_000])
+def test_a_change_to_one_endpoint_of_a_big_service_does_not_walk_the_service(size: int) -> None:
+    eps = [ep(f"e{i:05d}", 1000 + i, "big", http_hosts=("big.test",)) for i in range(size)]
+    first = Snapshot(1, {"big": big_service(eps)}, {e.id: e for e in eps})
+    index = RouteIndex("localhost.")
+    index.update(first)
+    assert index.table.match("big.test").service == "big"  # type: ignore[union-attr]
+    previous = first
+    # A label change (routes change), a state change (they do not), a new
+    # endpoint and a removed one: each O(what changed), whatever the size.
+    changes = [
+        (ep("e00007", 1007, "big", http_hosts=("big.test", "extra.test")), None),
+        (ep("e00008", 1008, "big", http_hosts=("big.test",), state=State.CRITICAL), None),
+        (ep("new", 9, "big", http_hosts=("big.test",)), None),
+        (None, "e00009"),
+    ]
+    for n, (changed, removed) in enumerate(changes, start=2):
+        if changed is not None:
+            eps = sorted([e for e in eps if e.id != changed.id] + [changed], key=lambda e: e.id)
+        else:
+            eps = [e for e in eps if e.id != removed]
+        snap = previous.followed_by(n, {"big": big_service(eps)}, {e.id: e for e in eps}, SnapshotDelta(
+            services_changed=frozenset({"big"}),
+            endpoints_changed=frozenset({changed.id} if changed is not None else ()),
+            endpoints_removed=frozenset({removed} if removed is not None else ()),
+        ))  # fmt: skip
+        CountedEndpoints.walks = 0
+        index.update(snap, snap.changed_since(previous))
+        assert CountedEndpoints.walks == 0, f"change {n - 1} walked the service's {len(eps)} endpoints"
+        previous = snap
+    assert index.table.match("extra.test").service == "big"  # type: ignore[union-attr]
+    assert_same_table(index, previous, True)
 
 
 # ------------------------------------------------ incremental == from scratch

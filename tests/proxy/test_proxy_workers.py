@@ -15,7 +15,7 @@ from beacon.metrics import exposition
 from beacon.proxy.wire import snapshot_from_wire, snapshot_to_wire
 from beacon.registry import Catalog, State
 from tests.helpers import eventually
-from tests.proxy.proxytest import backends, ep, proxy_server, put, raw_request
+from tests.proxy.proxytest import backends, ep, ok_responses, proxy_server, put, raw_request
 
 
 def test_snapshot_wire_round_trip_keeps_what_routing_needs() -> None:
@@ -62,7 +62,7 @@ async def test_two_workers_share_the_port_and_follow_snapshots() -> None:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 reports = proxy.metrics_json()
-                per_process = [r["services"].get("web", {}).get("classes", [0, 0, 0])[2] for r in reports]
+                per_process = [ok_responses(r) for r in reports]
                 if len(reports) == 2 and all(per_process):
                     break
                 await asyncio.sleep(0.2)
@@ -70,7 +70,7 @@ async def test_two_workers_share_the_port_and_follow_snapshots() -> None:
             assert all(per_process), per_process  # the kernel spread connections over both
             assert sum(per_process) == 60
             text = exposition()[0].decode()
-            assert 'beacon_proxy_requests_total{code_class="2xx",service="web"} 60.0' in text
+            assert 'beacon_proxy_requests_total{code="200",method="GET",service="web"} 60.0' in text
     assert len(web.requests) == 60
 
 
@@ -157,7 +157,7 @@ def _exec_counter(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 def _web_2xx(proxy: Any) -> int:
     """2xx responses of service web summed over every report /metrics reads."""
-    return sum(r["services"].get("web", {}).get("classes", [0, 0, 0])[2] for r in proxy.metrics_json())
+    return sum(ok_responses(r) for r in proxy.metrics_json())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -207,13 +207,13 @@ async def test_a_killed_worker_is_restarted_with_the_current_snapshot_and_counte
             # The replacement serves its share too (its own metrics report).
             def served_by_replacement() -> int:
                 m = first.metrics or {}
-                return sum(s["classes"][2] for s in m.get("services", {}).values())
+                return sum(ok_responses(m, name) for name in m.get("services", {}))
 
             await eventually(served_by_replacement, timeout=5)
             assert "beacon_proxy_worker_restarts_total 1.0" in exposition()[0].decode()
             # The dead process's counts are kept: the totals never went backwards.
             await eventually(lambda: _web_2xx(proxy) == 75, timeout=5)
-            assert 'beacon_proxy_requests_total{code_class="2xx",service="web"} 75.0' in exposition()[0].decode()
+            assert 'beacon_proxy_requests_total{code="200",method="GET",service="web"} 75.0' in exposition()[0].decode()
         # Nothing was restarted by the shutdown itself, and every process is gone.
         assert len(spawned) == 3
         assert not _pid_alive(new_pid) and not _pid_alive(other_pid)
@@ -251,7 +251,7 @@ async def test_isolated_the_process_with_the_control_plane_forwards_nothing() ->
         assert proxy.routes_json()["routes"]  # the API still sees the routing table
 
         def per_process() -> list[int] | None:
-            counts = [r["services"].get("web", {}).get("classes", [0, 0, 0])[2] for r in proxy.metrics_json()]
+            counts = [ok_responses(r) for r in proxy.metrics_json()]
             return counts if sum(counts) == 10 else None
 
         counts = await eventually(per_process)
