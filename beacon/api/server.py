@@ -235,6 +235,12 @@ class ApiServer:
             log.info("stopped: api on %s", self.address)
         self._detach()
 
+    @property
+    def open_connections(self) -> int:
+        """HTTP connections the API holds open now (aiohttp's live request handlers)."""
+        runner = self._runner
+        return len(runner.server.connections) if runner is not None and runner.server is not None else 0
+
     def _current_snapshot(self) -> Snapshot:
         return self._catalog.snapshot
 
