@@ -403,9 +403,12 @@ async def test_removed_endpoint_stops_being_checked_and_changed_spec_reschedules
         catalog.publish()
         await tick_until(clock, 1.0, lambda: upstream.hits["/new"] >= 2)
         old = upstream.hits["/old"]
-        await tick(clock, 10.5, times=4)
+        # Steps of 1 s: each probe runs within 1 s of its due time, so intervals of
+        # 9-11 s (jitter) give at least 3 more probes in 42 s. (Steps of 10.5 s let
+        # two draws above 10.5 s run a probe only at 21 s and 42 s: 2 more.)
+        await tick(clock, 1.0, times=42)
         assert upstream.hits["/old"] == old  # the old spec is never probed again
-        assert upstream.hits["/new"] >= 5  # every 9-11 s (jitter): 3 or 4 more in 42 s
+        assert upstream.hits["/new"] >= 5
         assert state_of(catalog, "a") is P
         catalog.remove_source("manual:a")
         catalog.publish()
