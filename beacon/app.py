@@ -24,8 +24,7 @@ from beacon.api.ui import Dashboard
 from beacon.config import Config, etcd_endpoints
 from beacon.dns import DnsServer
 from beacon.metrics import DOCKER_CONNECTION
-from beacon.proxy import ProxyServer
-from beacon.proxy.metrics import LATENCY_BUCKETS
+from beacon.proxy import LATENCY_BUCKETS, ProxyServer
 from beacon.registry import Catalog, ClusterSource, DockerSource, HealthChecker, ManualRegistry
 from beacon.registry.store import EtcdStore, GatewaySettings
 

@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from beacon.proxy import response_status
+
 WINDOW = 10.0  # seconds the figures cover (at most; less right after the first poll)
 SAMPLE_EVERY = 1.0  # seconds between two samples of the proxy's counters
 FIELDS = ("requests", "errors", "p99_seconds")
@@ -43,8 +45,8 @@ def fold_reports(reports: Iterable[Mapping[str, Any]]) -> dict[str, Counts]:
     for report in reports:
         for name, stats in report.get("services", {}).items():
             buckets = tuple(stats.get("buckets", ()))
-            # `codes`: responses by `method index * 1000 + status` (beacon.proxy.metrics._response_key).
-            errors = sum(n for key, n in stats.get("codes", {}).items() if 500 <= int(key) % 1000 <= 599)
+            # `codes`: responses by the proxy's method-and-status key.
+            errors = sum(n for key, n in stats.get("codes", {}).items() if 500 <= response_status(int(key)) <= 599)
             had = out.get(name)
             if had is None:
                 out[name] = (sum(buckets), errors, buckets)

@@ -44,9 +44,14 @@ def _response_key(method: bytes, status: int) -> int:
     return _METHOD_INDEX.get(method, 0) + (status if 100 <= status <= 599 else 0)
 
 
+def response_status(key: int) -> int:
+    """The status of a `_response_key` (0: out of range)."""
+    return key % 1000
+
+
 def response_labels(key: int) -> tuple[str, str]:
     """(method, code) of a `_response_key`."""
-    status = key % 1000
+    status = response_status(key)
     return METHODS[key // 1000], str(status) if status else OTHER_CODE
 
 
